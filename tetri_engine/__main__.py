@@ -1,0 +1,3 @@
+from tetri_engine.cli import main
+
+raise SystemExit(main())
