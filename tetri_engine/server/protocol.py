@@ -1,0 +1,385 @@
+"""The wire format of the images API: request validation, response and stream-event bodies, errors.
+
+Pure functions over plain dicts: no aiohttp, no engine, so every rule here is unit-tested directly
+(tests/test_server_protocol.py). Shapes follow OpenAI's images API as the official `openai` Python
+client parses it (`openai.types.ImagesResponse`, `ImageGenPartialImageEvent`,
+`ImageGenCompletedEvent`); what we add is under names OpenAI does not use (`metrics`, `tetri.*`
+events, the request extensions listed in GENERATION_EXTENSIONS).
+"""
+from __future__ import annotations
+
+import base64
+import json
+import math
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+from tetri_engine.request import GenerationOutput, GenerationRequest
+
+# The latent of FLUX / SD3 is the image / 8, patchified 2x2: a side must be a multiple of 16 pixels.
+SIZE_MULTIPLE = 16
+MAX_PROMPT_CHARS = 32000  # OpenAI's limit for image prompts
+MAX_SEED = 2**63 - 1
+MAX_PARTIAL_IMAGES = 3  # OpenAI's limit
+
+# OpenAI parameters we accept. Those in IGNORED_OPENAI change nothing here (a DiT has no quality
+# knob or moderation pass); they are accepted so that clients written for OpenAI work unchanged.
+OPENAI_PARAMS = {"prompt", "n", "size", "response_format", "model", "user", "output_format",
+                 "stream", "partial_images", "background", "quality", "moderation", "style",
+                 "safety_identifier", "output_compression"}
+IGNORED_OPENAI = {"quality", "moderation", "style", "safety_identifier", "output_compression"}
+GENERATION_EXTENSIONS = {"num_inference_steps", "guidance_scale", "negative_prompt", "seed",
+                         "deadline_ms", "slo_scale", "priority", "preview_every"}
+
+
+class APIError(Exception):
+    """An error answered in OpenAI's envelope: {"error": {"message", "type", "param", "code"}}."""
+
+    def __init__(self, status: int, message: str, *, type: str = "invalid_request_error",
+                 param: str | None = None, code: str | None = None,
+                 headers: dict[str, str] | None = None):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.type = type
+        self.param = param
+        self.code = code
+        self.headers = headers or {}
+
+    def body(self) -> dict[str, Any]:
+        return error_body(self.message, self.type, self.param, self.code)
+
+
+def error_body(message: str, type: str, param: str | None = None,
+               code: str | None = None) -> dict[str, Any]:
+    return {"error": {"message": message, "type": type, "param": param, "code": code}}
+
+
+def bad_request(message: str, param: str | None = None, code: str = "invalid_value") -> APIError:
+    return APIError(400, message, param=param, code=code)
+
+
+# --- request ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What the server accepts; from ServerConfig."""
+
+    model_name: str
+    max_width: int = 2048
+    max_height: int = 2048
+    max_steps: int = 100
+    max_n: int = 4
+    default_size: str = "512x512"
+
+
+@dataclass(frozen=True)
+class ImageGenerationParams:
+    """A validated `POST /v1/images/generations` body."""
+
+    prompt: str
+    n: int
+    width: int
+    height: int
+    stream: bool = False
+    num_inference_steps: int | None = None
+    guidance_scale: float | None = None
+    negative_prompt: str | None = None
+    seed: int | None = None
+    deadline_ms: float | None = None
+    slo_scale: float | None = None
+    priority: int = 0
+    partial_images: int | None = None  # OpenAI: previews wanted over the whole generation
+    preview_every: int | None = None  # ours: a preview every K steps
+    user: str | None = None
+
+    @property
+    def size(self) -> str:
+        return f"{self.width}x{self.height}"
+
+    def to_requests(self, default_steps: int, request_id: str | None = None) -> list[GenerationRequest]:
+        """One engine request per image; image i gets seed + i when a seed was given."""
+        base_id = request_id or new_request_id()
+        steps = self.num_inference_steps or default_steps
+        previews = self.preview_interval(steps)
+        requests = []
+        for i in range(self.n):
+            requests.append(GenerationRequest(
+                prompt=self.prompt,
+                width=self.width,
+                height=self.height,
+                num_inference_steps=self.num_inference_steps,
+                guidance_scale=self.guidance_scale,
+                negative_prompt=self.negative_prompt,
+                seed=None if self.seed is None else self.seed + i,
+                deadline_s=None if self.deadline_ms is None else self.deadline_ms / 1000.0,
+                slo_scale=self.slo_scale,
+                priority=self.priority,
+                request_id=base_id if self.n == 1 else f"{base_id}-{i}",
+                preview_every=previews,
+            ))
+        return requests
+
+    def preview_interval(self, num_steps: int) -> int:
+        """Steps between previews: preview_every as given, else partial_images spread evenly."""
+        if not self.stream:
+            return 0  # previews only travel on a stream
+        if self.preview_every:
+            return self.preview_every
+        if self.partial_images:
+            # p previews over N steps: one every N // (p + 1) steps lands p of them before the end.
+            return max(1, num_steps // (self.partial_images + 1))
+        return 0
+
+
+def new_request_id() -> str:
+    return "img-" + uuid.uuid4().hex[:20]
+
+
+def parse_json_body(raw: bytes) -> Any:
+    """JSON text -> value; NaN / Infinity (which Python's json accepts) are malformed here."""
+    def reject_constant(name: str):
+        raise ValueError(f"{name} is not valid JSON")
+
+    try:
+        return json.loads(raw.decode("utf-8"), parse_constant=reject_constant)
+    except (UnicodeDecodeError, ValueError) as exc:  # json.JSONDecodeError is a ValueError
+        raise bad_request(f"The request body is not valid JSON: {exc}", code="invalid_json") from None
+
+
+def parse_size(text: Any, default_size: str, limits: Limits | None = None,
+               param: str = "size") -> tuple[int, int]:
+    """'WxH' (or 'auto' / None: the default size) -> (width, height), checked against the limits."""
+    if text is None or text == "auto":
+        text = default_size
+    if not isinstance(text, str):
+        raise bad_request(f"'{param}' must be a string like '512x512'.", param)
+    parts = text.lower().split("x")
+    if len(parts) != 2 or not all(p.strip().isdigit() for p in parts):
+        raise bad_request(f"'{param}' must look like '512x512' (WIDTHxHEIGHT) or 'auto', "
+                          f"got {text!r}.", param)
+    width, height = int(parts[0]), int(parts[1])
+    if width <= 0 or height <= 0 or width % SIZE_MULTIPLE or height % SIZE_MULTIPLE:
+        raise bad_request(f"'{param}' {width}x{height}: width and height must be positive multiples "
+                          f"of {SIZE_MULTIPLE} pixels.", param)
+    if limits is not None and (width > limits.max_width or height > limits.max_height):
+        raise bad_request(f"'{param}' {width}x{height} is larger than this server accepts "
+                          f"({limits.max_width}x{limits.max_height} at most).", param)
+    return width, height
+
+
+def parse_generation_request(body: Any, limits: Limits) -> ImageGenerationParams:
+    """Validate a decoded JSON body; raise APIError(400) naming the first bad parameter."""
+    if not isinstance(body, dict):
+        raise bad_request("The request body must be a JSON object.", code="invalid_json")
+    unknown = sorted(set(body) - OPENAI_PARAMS - GENERATION_EXTENSIONS)
+    if unknown:
+        raise bad_request(f"Unknown parameter: '{unknown[0]}'. Supported extensions: "
+                          f"{', '.join(sorted(GENERATION_EXTENSIONS))}.", unknown[0],
+                          code="unknown_parameter")
+
+    prompt = body.get("prompt")
+    if prompt is None:
+        raise bad_request("Missing required parameter: 'prompt'.", "prompt",
+                          code="missing_required_parameter")
+    if not isinstance(prompt, str) or not prompt.strip():
+        raise bad_request("'prompt' must be a non-empty string.", "prompt")
+    if len(prompt) > MAX_PROMPT_CHARS:
+        raise bad_request(f"'prompt' is {len(prompt)} characters; at most {MAX_PROMPT_CHARS}.",
+                          "prompt")
+
+    model = body.get("model")
+    if model is not None and model != limits.model_name:
+        raise bad_request(f"The model '{model}' is not served here; this server serves "
+                          f"'{limits.model_name}' (GET /v1/models).", "model",
+                          code="model_not_found")
+
+    response_format = body.get("response_format")
+    if response_format == "url":
+        raise bad_request("response_format 'url' is not supported: this server does not host "
+                          "image files. Use 'b64_json' (the default).", "response_format",
+                          code="unsupported_value")
+    if response_format not in (None, "b64_json"):
+        raise bad_request(f"'response_format' must be 'b64_json', got {response_format!r}.",
+                          "response_format")
+    output_format = body.get("output_format")
+    if output_format not in (None, "png"):
+        raise bad_request(f"'output_format' {output_format!r} is not supported; only 'png'.",
+                          "output_format", code="unsupported_value")
+    background = body.get("background")
+    if background not in (None, "auto", "opaque"):
+        raise bad_request(f"'background' {background!r} is not supported; images are opaque.",
+                          "background", code="unsupported_value")
+
+    n = _int(body, "n", 1, 1, limits.max_n)
+    width, height = parse_size(body.get("size"), limits.default_size, limits)
+    stream = _bool(body, "stream")
+    if stream and n != 1:
+        raise bad_request("Streaming returns one image: send n=1 with stream=true (or several "
+                          "requests).", "n")
+    steps = _int(body, "num_inference_steps", None, 1, limits.max_steps)
+    guidance = _float(body, "guidance_scale", 0.0, 100.0)
+    negative = body.get("negative_prompt")
+    if negative is not None and not isinstance(negative, str):
+        raise bad_request("'negative_prompt' must be a string.", "negative_prompt")
+    n_seed_max = MAX_SEED - (n - 1)  # image i gets seed + i
+    seed = _int(body, "seed", None, 0, n_seed_max)
+    deadline_ms = _float(body, "deadline_ms", 0.0, None, positive=True)
+    slo_scale = _float(body, "slo_scale", 0.0, None, positive=True)
+    if deadline_ms is not None and slo_scale is not None:
+        raise bad_request("Send either 'deadline_ms' or 'slo_scale', not both.", "slo_scale")
+    priority = _int(body, "priority", 0, -1000, 1000)
+    partial_images = _int(body, "partial_images", None, 0, MAX_PARTIAL_IMAGES)
+    preview_every = _int(body, "preview_every", None, 0, limits.max_steps)
+    user = body.get("user")
+    if user is not None and not isinstance(user, str):
+        raise bad_request("'user' must be a string.", "user")
+
+    return ImageGenerationParams(
+        prompt=prompt, n=n, width=width, height=height, stream=stream,
+        num_inference_steps=steps, guidance_scale=guidance, negative_prompt=negative, seed=seed,
+        deadline_ms=deadline_ms, slo_scale=slo_scale, priority=priority,
+        partial_images=partial_images, preview_every=preview_every, user=user)
+
+
+def _int(body: dict, name: str, default, low: int, high: int):
+    value = body.get(name)
+    if value is None:
+        return default
+    # JSON true/false are ints to Python; 4.0 is accepted as 4 (some clients send floats).
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise bad_request(f"'{name}' must be an integer.", name)
+    if not low <= value <= high:
+        raise bad_request(f"'{name}' must be between {low} and {high}, got {value}.", name)
+    return value
+
+
+def _float(body: dict, name: str, low: float, high: float | None, positive: bool = False):
+    value = body.get(name)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise bad_request(f"'{name}' must be a number.", name)
+    if (positive and value <= low) or value < low or (high is not None and value > high):
+        bound = f"greater than {low:g}" if positive else f"at least {low:g}"
+        if high is not None:
+            bound += f" and at most {high:g}"
+        raise bad_request(f"'{name}' must be {bound}, got {value}.", name)
+    return float(value)
+
+
+def _bool(body: dict, name: str) -> bool:
+    value = body.get(name, False)
+    if value is None:
+        return False
+    if not isinstance(value, bool):
+        raise bad_request(f"'{name}' must be true or false.", name)
+    return value
+
+
+# --- response ---------------------------------------------------------------------------------
+
+
+def b64(png: bytes) -> str:
+    return base64.b64encode(png).decode("ascii")
+
+
+def usage(params: ImageGenerationParams, num_images: int) -> dict[str, Any]:
+    """OpenAI's `usage` block. There is no tokenizer in the server: text tokens are the prompt's
+    whitespace-separated words; an image's tokens are its DiT sequence length, (W/16)*(H/16)."""
+    text_tokens = len(params.prompt.split()) + len((params.negative_prompt or "").split())
+    image_tokens = num_images * (params.width // SIZE_MULTIPLE) * (params.height // SIZE_MULTIPLE)
+    return {
+        "input_tokens": text_tokens,
+        "input_tokens_details": {"text_tokens": text_tokens, "image_tokens": 0},
+        "output_tokens": image_tokens,
+        "output_tokens_details": {"text_tokens": 0, "image_tokens": image_tokens},
+        "total_tokens": text_tokens + image_tokens,
+    }
+
+
+def request_metrics(final: GenerationOutput) -> dict[str, Any]:
+    """Our per-image metrics block: ids, seed, state, and the engine's RequestMetrics."""
+    block = {"request_id": final.request_id, "seed": final.seed, "state": final.state.value}
+    if final.metrics is not None:
+        block.update(final.metrics.to_dict())
+    return block
+
+
+def images_response(params: ImageGenerationParams, finals: list[GenerationOutput],
+                    created: int | None = None) -> dict[str, Any]:
+    """The non-streaming answer; `metrics[i]` describes `data[i]`."""
+    return {
+        "created": int(time.time()) if created is None else created,
+        "data": [{"b64_json": b64(f.png)} for f in finals],
+        "background": "opaque",
+        "output_format": "png",
+        "size": params.size,
+        "usage": usage(params, len(finals)),
+        "metrics": [request_metrics(f) for f in finals],
+    }
+
+
+# --- server-sent events -------------------------------------------------------------------------
+
+
+def sse(event_type: str, data: dict[str, Any]) -> bytes:
+    """One SSE frame; `data` carries its own "type" too, as OpenAI's events do."""
+    payload = json.dumps({"type": event_type, **data}, separators=(",", ":"))
+    return f"event: {event_type}\ndata: {payload}\n\n".encode()
+
+
+def _image_event_fields(params: ImageGenerationParams) -> dict[str, Any]:
+    return {"background": "opaque", "output_format": "png", "quality": "auto",
+            "size": params.size, "created_at": int(time.time())}
+
+
+def queued_event(out: GenerationOutput) -> bytes:
+    return sse("tetri.queued", {"request_id": out.request_id, "queue_position": out.queue_position,
+                                "created_at": int(time.time())})
+
+
+def round_event(out: GenerationOutput) -> bytes:
+    return sse("tetri.round", {"request_id": out.request_id, "degree": out.degree,
+                               "devices": list(out.devices), "step": out.step,
+                               "total_steps": out.total_steps})
+
+
+def step_event(out: GenerationOutput) -> bytes:
+    return sse("tetri.step", {"request_id": out.request_id, "step": out.step,
+                              "total_steps": out.total_steps})
+
+
+def partial_image_event(params: ImageGenerationParams, png: bytes, index: int,
+                        out: GenerationOutput) -> bytes:
+    return sse("image_generation.partial_image",
+               {"b64_json": b64(png), "partial_image_index": index, **_image_event_fields(params),
+                "request_id": out.request_id, "step": out.step, "total_steps": out.total_steps})
+
+
+def completed_event(params: ImageGenerationParams, final: GenerationOutput) -> bytes:
+    return sse("image_generation.completed",
+               {"b64_json": b64(final.png), **_image_event_fields(params),
+                "usage": usage(params, 1), "metrics": request_metrics(final)})
+
+
+def error_event(error: APIError) -> bytes:
+    """An error after the stream began (the status line is already sent). The `openai` client
+    raises APIError on a data object with an "error" key."""
+    return sse("error", error.body())
+
+
+def final_error(final: GenerationOutput, draining: bool) -> APIError:
+    """The APIError for a final output that is not `completed`."""
+    state = final.state.value
+    if state == "cancelled" and draining:
+        return APIError(503, f"Request {final.request_id} was cancelled: the server is shutting down.",
+                        type="server_error", code="server_shutting_down")
+    reason = final.error or state
+    return APIError(500, f"Request {final.request_id} {state}: {reason}", type="server_error",
+                    code=f"request_{state}")
