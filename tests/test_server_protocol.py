@@ -70,6 +70,7 @@ def test_openai_client_fields_are_accepted():
     ({"prompt": "x", "deadline_ms": 100, "slo_scale": 1.2}, "slo_scale"),
     ({"prompt": "x", "guidance_scale": "high"}, "guidance_scale"),
     ({"prompt": "x", "stream": "yes"}, "stream"),
+    ({"prompt": "x", "progress_events": 1}, "progress_events"),
     ({"prompt": "x", "stream": True, "n": 2}, "n"),
     ({"prompt": "x", "partial_images": 4}, "partial_images"),
     ({"prompt": "x", "num_steps": 4}, "num_steps"),     # a typo of an extension is not ignored
@@ -103,6 +104,11 @@ def test_n_images_get_consecutive_seeds_and_distinct_ids():
     assert {r.deadline_s for r in requests} == {2.5}
     assert {r.num_inference_steps for r in requests} == {4}
     assert parse(prompt="a cat").to_requests(default_steps=10)[0].seed is None
+
+
+def test_progress_events_are_on_unless_turned_off():
+    assert parse(prompt="x", stream=True).progress_events is True
+    assert parse(prompt="x", stream=True, progress_events=False).progress_events is False
 
 
 def test_previews_only_on_streams():

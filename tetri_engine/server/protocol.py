@@ -31,7 +31,7 @@ OPENAI_PARAMS = {"prompt", "n", "size", "response_format", "model", "user", "out
                  "safety_identifier", "output_compression"}
 IGNORED_OPENAI = {"quality", "moderation", "style", "safety_identifier", "output_compression"}
 GENERATION_EXTENSIONS = {"num_inference_steps", "guidance_scale", "negative_prompt", "seed",
-                         "deadline_ms", "slo_scale", "priority", "preview_every"}
+                         "deadline_ms", "slo_scale", "priority", "preview_every", "progress_events"}
 
 
 class APIError(Exception):
@@ -94,6 +94,7 @@ class ImageGenerationParams:
     priority: int = 0
     partial_images: int | None = None  # OpenAI: previews wanted over the whole generation
     preview_every: int | None = None  # ours: a preview every K steps
+    progress_events: bool = True  # stream tetri.queued / tetri.round / tetri.step events too
     user: str | None = None
 
     @property
@@ -217,6 +218,7 @@ def parse_generation_request(body: Any, limits: Limits) -> ImageGenerationParams
     n = _int(body, "n", 1, 1, limits.max_n)
     width, height = parse_size(body.get("size"), limits.default_size, limits)
     stream = _bool(body, "stream")
+    progress_events = _bool(body, "progress_events", default=True)
     if stream and n != 1:
         raise bad_request("Streaming returns one image: send n=1 with stream=true (or several "
                           "requests).", "n")
@@ -242,7 +244,8 @@ def parse_generation_request(body: Any, limits: Limits) -> ImageGenerationParams
         prompt=prompt, n=n, width=width, height=height, stream=stream,
         num_inference_steps=steps, guidance_scale=guidance, negative_prompt=negative, seed=seed,
         deadline_ms=deadline_ms, slo_scale=slo_scale, priority=priority,
-        partial_images=partial_images, preview_every=preview_every, user=user)
+        partial_images=partial_images, preview_every=preview_every,
+        progress_events=progress_events, user=user)
 
 
 def _int(body: dict, name: str, default, low: int, high: int):
@@ -273,10 +276,10 @@ def _float(body: dict, name: str, low: float, high: float | None, positive: bool
     return float(value)
 
 
-def _bool(body: dict, name: str) -> bool:
-    value = body.get(name, False)
+def _bool(body: dict, name: str, default: bool = False) -> bool:
+    value = body.get(name)
     if value is None:
-        return False
+        return default
     if not isinstance(value, bool):
         raise bad_request(f"'{name}' must be true or false.", name)
     return value
