@@ -1,0 +1,126 @@
+"""The scheduler's data: the tracked request, the round plan handed to the executor, its result.
+
+`SchedRequest` is mutable and owned by the policy once added (the tracker: steps done, devices its
+latent is on, state). `RoundPlan`, `GroupAssignment`, `LatentMove` and `RoundResult` are frozen:
+a plan is a value the engine hands to worker threads, never edited after `schedule()` returns it.
+Device ids are indices 0..N-1 into the engine's device list.
+"""
+from __future__ import annotations
+
+import enum
+import math
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Mapping
+
+from tetri_engine.sched.cost import num_tokens
+
+
+
+class SchedState(str, enum.Enum):
+    WAITING = "waiting"  # not in flight (may have steps done already)
+    RUNNING = "running"  # part of a plan in flight
+    COMPLETED = "completed"
+    FAILED = "failed"
+    ABORTED = "aborted"
+
+    @property
+    def is_terminal(self) -> bool:
+        return self in (SchedState.COMPLETED, SchedState.FAILED, SchedState.ABORTED)
+
+
+@dataclass(eq=False)
+class SchedRequest:
+    """One request as the scheduler tracks it. deadline_s is absolute, on the clock of `now_s`
+    (None: no deadline; it is then scheduled best effort, after every request with one)."""
+
+    request_id: str
+    width: int
+    height: int
+    num_steps: int
+    arrival_s: float
+    deadline_s: float | None = None
+    # ---- tracked by the policy ----
+    steps_done: int = 0
+    device_ids: tuple[int, ...] = ()  # devices holding its latent (empty: not placed yet)
+    state: SchedState = SchedState.WAITING
+    finish_s: float | None = None
+    error: str | None = None
+    steps_at_degree: dict[int, int] = field(default_factory=dict)  # degree -> steps run at it
+    rounds: int = 0
+    regroups: int = 0  # rounds whose group differed from the devices its latent was on
+
+    @property
+    def remaining_steps(self) -> int:
+        return self.num_steps - self.steps_done
+
+    @property
+    def tokens(self) -> int:
+        return num_tokens(self.width, self.height)
+
+    @property
+    def deadline(self) -> float:
+        return math.inf if self.deadline_s is None else self.deadline_s
+
+    @property
+    def deadline_met(self) -> bool | None:
+        if self.state is not SchedState.COMPLETED or self.finish_s is None:
+            return None
+        return self.finish_s <= self.deadline + 1e-9
+
+
+@dataclass(frozen=True)
+class GroupAssignment:
+    """One device group for one round: `request_ids` (one, or several same-shape requests run as
+    one batched forward) run `num_steps` sequence-parallel steps on `device_ids`. With decode_after,
+    each request that finishes its steps is VAE-decoded on device_ids[0] right after (sequentially).
+    """
+
+    device_ids: tuple[int, ...]
+    request_ids: tuple[str, ...]
+    num_steps: int
+    decode_after: bool
+    expected_s: float  # planned seconds for the steps plus any decodes
+
+    @property
+    def degree(self) -> int:
+        return len(self.device_ids)
+
+
+@dataclass(frozen=True)
+class LatentMove:
+    """A latent that must be regrouped before its group runs (src: where it is now)."""
+
+    request_id: str
+    src_device_ids: tuple[int, ...]
+    dst_device_ids: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class RoundPlan:
+    round_index: int
+    start_s: float
+    groups: tuple[GroupAssignment, ...] = ()
+    moves: tuple[LatentMove, ...] = ()
+    expected_s: float = 0.0  # the longest group's expected_s
+    degrees: Mapping[str, int] = field(default_factory=lambda: MappingProxyType({}))  # request_id -> degree this round
+    late: frozenset[str] = frozenset()  # requests in this plan that can no longer meet their deadline
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.groups
+
+    @property
+    def request_ids(self) -> tuple[str, ...]:
+        return tuple(rid for g in self.groups for rid in g.request_ids)
+
+
+@dataclass(frozen=True)
+class RoundResult:
+    """What the executor did with (part of) a plan. A group counts as finished when each of its
+    requests appears in steps_done or failed; its devices are then free for the next plan. One
+    result may cover the whole plan or only the groups that have finished so far."""
+
+    end_s: float
+    steps_done: Mapping[str, int] = field(default_factory=dict)  # request_id -> steps completed this round
+    failed: frozenset[str] | set[str] = frozenset()  # request ids that failed (the engine holds the reason)

@@ -1,0 +1,260 @@
+"""Policy base class: the request tracker and the plan/result protocol every policy shares.
+
+The engine and the simulator drive a policy the same way (vLLM v1 style, time passed in):
+
+    policy.add_request(SchedRequest(...))
+    plan = policy.schedule(now_s)            # groups for the devices that are idle now
+    ... run the plan's groups ...
+    policy.update_from_output(plan, RoundResult(end_s, steps_done={...}))
+
+`schedule()` plans only devices that are not in flight and requests that are not in flight, and
+may return an empty plan (nothing to do, or, for round-synchronous policies such as TetriServe, a
+round still running). Call it again after the next arrival or result. A result may cover a whole
+plan or just the groups that finished; a group's devices are free once all of its requests are
+reported. Subclasses implement one method, `_plan(now_s, idle_devices, ready_requests)`, returning
+`GroupSpec`s; this class validates them (a policy bug raises instead of corrupting a run), works out
+decodes, expected durations and latent moves, and keeps the books.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from types import MappingProxyType
+from typing import Sequence
+
+from tetri_engine.sched.cost import CostModel
+from tetri_engine.sched.placement import all_groups
+from tetri_engine.sched.plan import GroupAssignment, LatentMove, RoundPlan, RoundResult, SchedRequest, SchedState
+
+
+@dataclass(frozen=True)
+class GroupSpec:
+    """What a policy decides for one group; the base class turns it into a GroupAssignment."""
+
+    device_ids: tuple[int, ...]
+    request_ids: tuple[str, ...]
+    num_steps: int
+
+
+class Policy:
+    name = "policy"
+    # True: schedule() plans a new round only when the previous one has fully finished (TetriServe's
+    # rounds). False: idle devices are planned whenever schedule() is called (FCFS/EDF baselines).
+    synchronous_rounds = False
+
+    def __init__(self, num_devices: int, cost: CostModel, *, round_steps: int = 5, round_s: float | None = None):
+        if num_devices < 1:
+            raise ValueError("num_devices must be >= 1")
+        self.num_devices = num_devices
+        self.cost = cost
+        self.degrees = cost.degrees_upto(num_devices)
+        if not self.degrees:
+            raise ValueError(f"profile {cost.name} has no degree <= {num_devices} devices: {cost.degrees}")
+        self.max_degree = max(self.degrees)
+        if round_s is not None and round_s <= 0:
+            raise ValueError("round_s must be > 0")
+        if round_steps < 1:
+            raise ValueError("round_steps must be >= 1")
+        # Round length tau: fixed seconds, or round_steps steps of a typical request.
+        self.round_s = float(round_s) if round_s is not None else round_steps * cost.typical_step_s()
+        self._requests: dict[str, SchedRequest] = {}  # request_id -> active request, arrival order
+        self._busy: dict[int, int] = {}  # device id -> round_index of the plan it is in flight for
+        self._in_flight: dict[int, tuple[RoundPlan, set[int]]] = {}  # round_index -> (plan, unfinished group indices)
+        self._aborted_in_flight: set[str] = set()
+        self._next_round = 0
+        # Device tuples used by some group so far: their communicators exist in the engine's cache.
+        self.known_groups: set[tuple[int, ...]] = set()
+
+    # ---- request tracker -----------------------------------------------------------------------
+
+    def add_request(self, request: SchedRequest) -> None:
+        if request.request_id in self._requests:
+            raise ValueError(f"request {request.request_id!r} is already scheduled")
+        if request.num_steps < 1:
+            raise ValueError(f"request {request.request_id!r}: num_steps must be >= 1")
+        self.cost.check(request.width, request.height)  # ValueError naming the profiled range
+        request.state = SchedState.WAITING
+        self._requests[request.request_id] = request
+
+    def abort(self, request_id: str) -> bool:
+        """Forget a request. If it is in flight its devices stay busy until its group is reported.
+        Returns False when the request is unknown (already finished or never added)."""
+        req = self._requests.pop(request_id, None)
+        if req is None:
+            return False
+        if req.state is SchedState.RUNNING:
+            self._aborted_in_flight.add(request_id)
+        req.state = SchedState.ABORTED
+        return True
+
+    def get(self, request_id: str) -> SchedRequest | None:
+        return self._requests.get(request_id)
+
+    def requests(self) -> list[SchedRequest]:
+        return list(self._requests.values())
+
+    def has_work(self) -> bool:
+        return bool(self._requests) or bool(self._in_flight)
+
+    @property
+    def queue_depth(self) -> int:
+        return len(self._requests)
+
+    @property
+    def busy_devices(self) -> frozenset[int]:
+        return frozenset(self._busy)
+
+    def placement(self, request_id: str) -> tuple[int, ...]:
+        req = self._requests.get(request_id)
+        return req.device_ids if req else ()
+
+    # ---- admission helpers ---------------------------------------------------------------------
+
+    def min_finish_s(self, width: int, height: int, num_steps: int, now_s: float, include_encode: bool = True) -> float:
+        """Earliest possible completion of a new request: alone, at its fastest degree on this
+        machine, starting now. A deadline before this cannot be met by any schedule."""
+        t = now_s + self.cost.isolated_s(width, height, num_steps, self.max_degree)
+        return t + (self.cost.encode_s() if include_encode else 0.0)
+
+    def candidate_groups(self) -> list[tuple[int, ...]]:
+        """Every multi-device group this policy may ask for (to create communicators up front)."""
+        return all_groups(self.num_devices, self.degrees)
+
+    # ---- the two hot methods -------------------------------------------------------------------
+
+    def schedule(self, now_s: float) -> RoundPlan:
+        if self.synchronous_rounds and self._in_flight:
+            return RoundPlan(round_index=-1, start_s=now_s)
+        idle = [d for d in range(self.num_devices) if d not in self._busy]
+        ready = [r for r in self._requests.values() if r.state is SchedState.WAITING]
+        if not idle or not ready:
+            return RoundPlan(round_index=-1, start_s=now_s)
+        specs = self._plan(now_s, idle, ready)
+        if not specs:
+            return RoundPlan(round_index=-1, start_s=now_s)
+        return self._commit(now_s, specs, idle)
+
+    def update_from_output(self, plan: RoundPlan, result: RoundResult) -> list[SchedRequest]:
+        """Apply what the executor did. Returns the requests that reached COMPLETED or FAILED
+        (the policy forgets them); aborted requests are dropped silently."""
+        entry = self._in_flight.get(plan.round_index)
+        if entry is None or entry[0] is not plan:
+            raise ValueError(f"round {plan.round_index} is not in flight")
+        _, pending = entry
+        failed = set(result.failed)
+        finished: list[SchedRequest] = []
+        for gi in sorted(pending):
+            group = plan.groups[gi]
+            if not all(rid in result.steps_done or rid in failed for rid in group.request_ids):
+                continue  # not (fully) reported yet
+            pending.discard(gi)
+            for d in group.device_ids:
+                self._busy.pop(d, None)
+            for rid in group.request_ids:
+                if rid in self._aborted_in_flight:
+                    self._aborted_in_flight.discard(rid)
+                    continue
+                req = self._requests.get(rid)
+                if req is None:
+                    continue
+                if rid in failed:
+                    req.state = SchedState.FAILED
+                    req.finish_s = result.end_s
+                    req.error = req.error or "failed in the executor"
+                    finished.append(self._requests.pop(rid))
+                    continue
+                n = int(result.steps_done[rid])
+                if n < 0 or n > group.num_steps:
+                    raise ValueError(f"{rid}: {n} steps done in a group of {group.num_steps} steps")
+                req.steps_done += n
+                if n:
+                    req.steps_at_degree[group.degree] = req.steps_at_degree.get(group.degree, 0) + n
+                req.device_ids = group.device_ids
+                if req.remaining_steps <= 0:
+                    req.state = SchedState.COMPLETED
+                    req.finish_s = result.end_s
+                    finished.append(self._requests.pop(rid))
+                else:
+                    req.state = SchedState.WAITING
+        if not pending:
+            del self._in_flight[plan.round_index]
+        return finished
+
+    # ---- for subclasses ------------------------------------------------------------------------
+
+    def _plan(self, now_s: float, idle: list[int], ready: list[SchedRequest]) -> list[GroupSpec]:
+        raise NotImplementedError
+
+    def group_s(self, reqs: Sequence[SchedRequest], degree: int, num_steps: int) -> float:
+        """Expected seconds of a group: the batched steps, then a decode per request finishing."""
+        first = reqs[0]
+        t = num_steps * self.cost.step_s(first.width, first.height, degree, len(reqs))
+        for r in reqs:
+            if num_steps >= r.remaining_steps:
+                t += self.cost.decode_s(r.width, r.height)
+        return t
+
+    def _commit(self, now_s: float, specs: list[GroupSpec], idle: list[int]) -> RoundPlan:
+        idle_set = set(idle)
+        used: set[int] = set()
+        seen: set[str] = set()
+        groups: list[GroupAssignment] = []
+        moves: list[LatentMove] = []
+        degrees: dict[str, int] = {}
+        for spec in specs:
+            devs = tuple(spec.device_ids)
+            if not devs or not idle_set.issuperset(devs) or used.intersection(devs) or len(set(devs)) != len(devs):
+                raise RuntimeError(f"{self.name}: group on devices {devs} is not free (idle {sorted(idle_set - used)})")
+            if len(devs) not in self.degrees:
+                raise RuntimeError(f"{self.name}: degree {len(devs)} is not profiled ({self.degrees})")
+            reqs = []
+            for rid in spec.request_ids:
+                req = self._requests.get(rid)
+                if req is None or req.state is not SchedState.WAITING or rid in seen:
+                    raise RuntimeError(f"{self.name}: request {rid!r} cannot be planned")
+                reqs.append(req)
+                seen.add(rid)
+            if len({(r.width, r.height) for r in reqs}) != 1:
+                raise RuntimeError(f"{self.name}: a batched group must have one resolution")
+            if not 1 <= spec.num_steps <= min(r.remaining_steps for r in reqs):
+                raise RuntimeError(f"{self.name}: {spec.num_steps} steps for {spec.request_ids}")
+            used.update(devs)
+            decode_after = any(spec.num_steps >= r.remaining_steps for r in reqs)
+            groups.append(GroupAssignment(devs, tuple(spec.request_ids), spec.num_steps, decode_after,
+                                          self.group_s(reqs, len(devs), spec.num_steps)))
+            for r in reqs:
+                degrees[r.request_id] = len(devs)
+                if r.device_ids and r.device_ids != devs:
+                    moves.append(LatentMove(r.request_id, r.device_ids, devs))
+                    r.regroups += 1
+                r.state = SchedState.RUNNING
+                r.rounds += 1
+            if len(devs) > 1:
+                self.known_groups.add(devs)
+        late = frozenset(rid for rid in seen if self._is_late(self._requests[rid], now_s))
+        plan = RoundPlan(
+            round_index=self._next_round,
+            start_s=now_s,
+            groups=tuple(groups),
+            moves=tuple(moves),
+            expected_s=max(g.expected_s for g in groups),
+            degrees=MappingProxyType(degrees),
+            late=late,
+        )
+        self._next_round += 1
+        self._in_flight[plan.round_index] = (plan, set(range(len(groups))))
+        for d in used:
+            self._busy[d] = plan.round_index
+        return plan
+
+    def _is_late(self, req: SchedRequest, now_s: float) -> bool:
+        """Cannot make its deadline any more, even at the fastest degree from now."""
+        if req.deadline_s is None:
+            return False
+        _, fastest = self.cost.fastest_step(req.width, req.height, self.max_degree)
+        return now_s + req.remaining_steps * fastest + self.cost.decode_s(req.width, req.height) > req.deadline + 1e-9
+
+
+def steps_in(seconds: float, step_s: float) -> int:
+    """Whole steps that fit in `seconds` (at least one: a round always makes progress)."""
+    return max(1, int(math.floor(seconds / step_s + 1e-9)))
