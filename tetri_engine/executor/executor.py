@@ -1,0 +1,263 @@
+"""The Executor the engine drives: one worker thread per device, the per-request denoising state, and
+the jobs (encode, steps, decode) that the engine submits and awaits as `concurrent.futures.Future`s.
+
+Threads never touch an asyncio loop. Every call that may wait on other ranks (collectives, barriers,
+events) releases the GIL, so the threads of a group run together.
+
+Ordering, and why it cannot deadlock: a job is queued on all of its devices' threads at once, under
+one lock, so every thread sees jobs in one global submission order; a job waits only for its own
+group's ranks and for *earlier* jobs on the same requests. The earliest unfinished job can therefore
+always run to the end.
+
+Worked example with devices ["cuda:0", "cuda:1", "cuda:2", "cuda:3"] (indices 0..3):
+
+    submit_encode("a", ...)                      encode thread: prompt embeddings on cuda:0, noise on CPU
+    submit_steps(["a"], (2, 3), 5)               threads 2 and 3: shard the noise onto cuda:2/cuda:3, 5 steps
+    submit_steps(["a"], (0, 1, 2, 3), 5)         threads 0..3: regroup 2 -> 4 shards once the first job is
+                                                 done (rank 0 = cuda:0 does it), 5 steps at degree 4
+    submit_steps(["a"], (2,), 40, decode_after=True)   regroup 4 -> 1 onto cuda:2, 40 steps, decode there
+"""
+from __future__ import annotations
+
+import queue
+import random
+import threading
+import time
+from concurrent.futures import Future
+from typing import Any, Callable, Sequence
+
+import torch
+
+from tetri_engine.executor.state import EncodeResult, RequestState, StepsResult
+from tetri_engine.executor.steps import StepsJob, describe_error, encode_png
+from tetri_engine.model.runtime import ModelRuntime, torch_device
+from tetri_engine.model.sp_attention import check_heads
+
+
+class _Worker(threading.Thread):
+    """Runs the tasks queued for one device (or the text encoder), one at a time, in order."""
+
+    def __init__(self, name: str, device: torch.device):
+        super().__init__(name=name, daemon=True)
+        self.device = device
+        self.tasks: queue.SimpleQueue[Callable[[], None] | None] = queue.SimpleQueue()
+
+    def run(self) -> None:
+        torch.set_grad_enabled(False)  # grad mode is per thread
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)  # this thread's kernels go to its device's stream
+        while True:
+            task = self.tasks.get()
+            if task is None:
+                return
+            try:
+                task()
+            except BaseException:  # tasks report their own errors; the thread must survive anything
+                import traceback
+
+                traceback.print_exc()
+
+
+class Executor:
+    """Runs denoising steps of requests on groups of devices.
+
+    devices: the device names of `runtime` this executor drives (default: all); `device_indices` in
+    every call index this list. comm_cache: an `ops.CommCache` (a new one by default).
+    log_errors: print the traceback of a failed step (the request's error carries the message).
+    """
+
+    def __init__(self, runtime: ModelRuntime, devices: Sequence[str] | None = None, comm_cache: Any = None,
+                 log_errors: bool = False):
+        from tetri_engine import ops
+
+        self.runtime = runtime
+        self.devices = list(devices or runtime.devices)
+        unknown = [d for d in self.devices if d not in runtime.devices]
+        if unknown:
+            raise ValueError(f"devices {unknown} are not among the runtime's devices {runtime.devices}")
+        self.comm_cache = comm_cache if comm_cache is not None else ops.CommCache()
+        self.log_errors = log_errors
+        self._torch_devices = [torch_device(d) for d in self.devices]
+        self._states: dict[str, RequestState] = {}
+        self._lock = threading.Lock()  # states, and queuing a job on all of its threads at once
+        self._closed = False
+        self._workers = [_Worker(f"tetri-{d}", td) for d, td in zip(self.devices, self._torch_devices)]
+        self._encoder = _Worker("tetri-encode", runtime.encode_device)
+        for worker in (*self._workers, self._encoder):
+            worker.start()
+
+    # -- helpers used by jobs
+    def torch_device(self, device_index: int) -> torch.device:
+        return self._torch_devices[device_index]
+
+    def decode_state(self, state: RequestState, device_index: int):
+        """Gather a request's latent onto a device and decode it there -> (PIL image, PNG bytes)."""
+        from tetri_engine import ops
+
+        name = self.devices[device_index]
+        if state.shards is None:  # no steps run: the noise itself
+            latent = state.prepared.noise.to(self._torch_devices[device_index])
+        else:
+            latent = ops.gather(state.shards, state.prepared.image_tokens, name)
+        image = self.runtime.decode(latent, state.width, state.height)
+        return image, encode_png(image)
+
+    # -- the interface
+    def submit_encode(self, request_id: str, request: Any) -> Future[EncodeResult]:
+        """Prompt embeddings and seeded noise for `request` (a GenerationRequest), held here.
+
+        Resolves to an EncodeResult (the seed, drawn at random when the request gave none); raises
+        ValueError (through the future) for an invalid request.
+        """
+        seed = request.seed if request.seed is not None else random.randrange(2**63)
+        state = RequestState(request_id=request_id, prompt=request.prompt, width=int(request.width),
+                             height=int(request.height), seed=int(seed))
+        future: Future[EncodeResult] = Future()
+
+        def encode() -> None:
+            start = time.perf_counter()
+            try:
+                state.prepared = self.runtime.prepare(
+                    prompt=request.prompt, width=state.width, height=state.height, seed=state.seed,
+                    num_steps=request.num_inference_steps, guidance_scale=request.guidance_scale,
+                    negative_prompt=request.negative_prompt)
+                if state.prepared.cond and self.runtime.encode_device.type == "cuda":
+                    torch.cuda.synchronize(self.runtime.encode_device)
+                state.encode_s = time.perf_counter() - start
+                future.set_result(EncodeResult(request_id, state.seed, state.prepared.num_steps,
+                                               state.prepared.image_tokens, state.encode_s))
+            except Exception as exc:
+                state.error = f"encode failed: {describe_error(exc)}"
+                future.set_exception(exc)
+            finally:
+                state.idle.set()
+
+        with self._lock:
+            self._check_open()
+            if request_id in self._states:
+                raise ValueError(f"request {request_id!r} is already held by the executor")
+            self._states[request_id] = state
+            self._encoder.tasks.put(encode)
+        return future
+
+    def submit_steps(self, request_ids: Sequence[str], device_indices: Sequence[int], num_steps: int,
+                     on_step: Callable[[str, int], None] | None = None,
+                     decode_after: bool = False) -> Future[StepsResult]:
+        """Run `num_steps` steps of the requests on the devices `device_indices` (rank order).
+
+        The latents move onto these devices first when they are elsewhere. Several requests (same
+        size) run as one batched forward. A request with fewer steps left stops early. on_step(
+        request_id, step) is called on a worker thread after each step (step = steps done in total).
+        decode_after: decode each request that finished, on the first device of the group.
+        Resolves to a StepsResult; a failed request carries its error there and does not disturb the
+        others (or the threads). Raises ValueError at once for a call that cannot run (unknown request,
+        bad devices, heads not divisible by the degree).
+        """
+        request_ids = list(request_ids)
+        device_indices = tuple(int(i) for i in device_indices)
+        if not request_ids or len(set(request_ids)) != len(request_ids):
+            raise ValueError(f"request_ids must be distinct and non-empty, got {request_ids}")
+        if not device_indices or len(set(device_indices)) != len(device_indices):
+            raise ValueError(f"device_indices must be distinct and non-empty, got {device_indices}")
+        if any(not 0 <= i < len(self.devices) for i in device_indices):
+            raise ValueError(f"device_indices {device_indices} out of range for {len(self.devices)} devices")
+        if num_steps < 0:
+            raise ValueError(f"num_steps must be >= 0, got {num_steps}")
+        check_heads(self.runtime.num_heads, len(device_indices))
+        with self._lock:
+            self._check_open()
+            states = [self._state(rid) for rid in request_ids]
+            wait_for = [s.idle for s in states]
+            release = []
+            for s in states:
+                s.idle = threading.Event()
+                release.append(s.idle)
+            job = StepsJob(self, states, device_indices, int(num_steps), on_step, decode_after, wait_for, release)
+            for rank, index in enumerate(device_indices):
+                self._workers[index].tasks.put(lambda rank=rank: job.run(rank))
+        return job.future
+
+    def submit_decode(self, request_id: str, device_index: int) -> Future[tuple[Any, bytes]]:
+        """Gather the request's latent onto `device_index` and decode it there -> (PIL image, PNG bytes)."""
+        if not 0 <= device_index < len(self.devices):
+            raise ValueError(f"device_index {device_index} out of range for {len(self.devices)} devices")
+        future: Future[tuple[Any, bytes]] = Future()
+        with self._lock:
+            self._check_open()
+            state = self._state(request_id)
+            wait_for, state.idle = state.idle, threading.Event()
+            release = state.idle
+
+            def decode() -> None:
+                wait_for.wait()
+                try:
+                    if state.prepared is None:
+                        raise RuntimeError(state.error or "the request has no prompt encoding")
+                    start = time.perf_counter()
+                    result = self.decode_state(state, device_index)
+                    state.decode_s += time.perf_counter() - start
+                    future.set_result(result)
+                except Exception as exc:
+                    future.set_exception(exc)
+                finally:
+                    release.set()
+
+            self._workers[device_index].tasks.put(decode)
+        return future
+
+    def placement(self, request_id: str) -> tuple[int, ...] | None:
+        """Device indices holding the request's latent (rank order), None before its first steps."""
+        with self._lock:
+            state = self._states.get(request_id)
+        return None if state is None else state.placement
+
+    def request_stats(self, request_id: str) -> dict[str, Any]:
+        """steps_at_degree, regroups, peak_memory_bytes (GPU only; 0 on CPU), seed, step, ... of a request."""
+        with self._lock:
+            return self._state(request_id).stats()
+
+    def latent(self, request_id: str, timeout_s: float | None = None) -> torch.Tensor:
+        """The request's whole latent [1, L, C] on the CPU, once its submitted work is done."""
+        from tetri_engine import ops
+
+        with self._lock:
+            state = self._state(request_id)
+            idle = state.idle
+        if not idle.wait(timeout_s):
+            raise TimeoutError(f"request {request_id!r} is still busy")
+        if state.shards is None:
+            return state.prepared.noise.clone()
+        return ops.gather(state.shards, state.prepared.image_tokens, "cpu:0")
+
+    def release(self, request_id: str) -> None:
+        """Forget a request (its latent is freed once no queued job uses it). Unknown ids are ignored."""
+        with self._lock:
+            self._states.pop(request_id, None)
+
+    def shutdown(self, wait: bool = True) -> None:
+        """Stop the threads after the jobs already queued."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            for worker in (*self._workers, self._encoder):
+                worker.tasks.put(None)
+        if wait:
+            for worker in (*self._workers, self._encoder):
+                worker.join()
+
+    def __enter__(self) -> Executor:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.shutdown()
+
+    def _state(self, request_id: str) -> RequestState:
+        state = self._states.get(request_id)
+        if state is None:
+            raise ValueError(f"unknown request {request_id!r}: submit_encode it first (or it was released)")
+        return state
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise RuntimeError("the executor is shut down")

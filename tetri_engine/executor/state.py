@@ -1,0 +1,115 @@
+"""Per-request denoising state held by the executor, and the result records its futures resolve to."""
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from tetri_engine.model.adapter import PreparedRequest
+
+
+@dataclass
+class RequestState:
+    """One request between `submit_encode` and `release`.
+
+    The latent lives as `shards` (one per device of `placement`, the `ops.shard` layout) from its first
+    steps on; before that it is `prepared.noise` on the CPU. `step` counts the steps done. Only the job
+    that currently owns the request (see `idle`) changes these fields.
+    """
+
+    request_id: str
+    prompt: str
+    width: int
+    height: int
+    seed: int
+    prepared: PreparedRequest | None = None
+    shards: list[torch.Tensor] | None = None
+    placement: tuple[int, ...] | None = None  # device indices holding the shards, in rank order
+    step: int = 0
+    error: str | None = None  # set once the request failed; it then stays failed
+    steps_at_degree: dict[int, int] = field(default_factory=dict)
+    regroups: int = 0
+    peak_memory_bytes: int = 0  # GPU: max torch.cuda.max_memory_allocated over its jobs' devices; CPU: 0
+    encode_s: float = 0.0
+    decode_s: float = 0.0
+    # Set when no job owns the request. Each new job takes the current event to wait on and leaves a
+    # fresh one, so the jobs of one request run one after the other, in submission order.
+    idle: threading.Event = field(default_factory=threading.Event)
+
+    @property
+    def num_steps(self) -> int:
+        return self.prepared.num_steps if self.prepared is not None else 0
+
+    @property
+    def finished(self) -> bool:
+        return self.prepared is not None and self.step >= self.prepared.num_steps
+
+    def stats(self) -> dict[str, Any]:
+        return {
+            "seed": self.seed,
+            "step": self.step,
+            "num_steps": self.num_steps,
+            "placement": self.placement,
+            "steps_at_degree": dict(self.steps_at_degree),
+            "regroups": self.regroups,
+            "peak_memory_bytes": self.peak_memory_bytes,
+            "encode_s": self.encode_s,
+            "decode_s": self.decode_s,
+            "error": self.error,
+        }
+
+
+@dataclass
+class EncodeResult:
+    request_id: str
+    seed: int  # the request's seed (drawn at random when it gave none)
+    num_steps: int
+    image_tokens: int
+    encode_s: float
+
+
+@dataclass
+class RequestStepResult:
+    request_id: str
+    steps_done: int  # steps run by this call
+    step: int  # steps done in total
+    num_steps: int
+    regrouped: bool  # its latent moved to this call's devices first
+    seconds: float  # the call's step time (shared by the requests of a batch)
+    error: str | None = None  # the request failed (here or before); the others of the call are unaffected
+    image: Any = None  # PIL.Image, when decode_after and the request finished
+    png: bytes | None = None
+    decode_s: float = 0.0
+
+    @property
+    def finished(self) -> bool:
+        return self.error is None and self.step >= self.num_steps
+
+
+@dataclass
+class StepsResult:
+    """What `Executor.submit_steps` resolves to.
+
+    seconds: wall time of the steps on the devices (from every rank ready to the last step finished on
+    the devices, synchronised on GPU); regroup_s: moving the latents first; decode_s: decoding after.
+    """
+
+    requests: dict[str, RequestStepResult]
+    device_indices: tuple[int, ...]
+    num_steps: int
+    seconds: float = 0.0
+    regroup_s: float = 0.0
+    decode_s: float = 0.0
+
+    @property
+    def degree(self) -> int:
+        return len(self.device_indices)
+
+    def __getitem__(self, request_id: str) -> RequestStepResult:
+        return self.requests[request_id]
+
+    @property
+    def errors(self) -> dict[str, str]:
+        return {rid: r.error for rid, r in self.requests.items() if r.error is not None}

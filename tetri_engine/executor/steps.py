@@ -1,0 +1,327 @@
+"""One `submit_steps` call: a group of ranks (one per device, each on its device's worker thread) running
+`num_steps` sequence-parallel steps of one or more same-shape requests.
+
+Phases of a job, on every rank:
+
+    1. rank 0 waits for earlier work on the requests, moves their latents onto the group
+       (`ops.regroup`), and fetches the group's communicator; then all ranks meet (barrier).
+    2. each step: one batched forward of the active requests on the rank's shards (the ranks exchange
+       inside attention), the Euler update of each shard, then a barrier where the ranks compare
+       outcomes, so that every rank commits or drops the same step for the same requests:
+         - all ranks fine: commit;
+         - the step failed but every rank issued the same exchanges (the communicator is in step):
+           a batch is retried one request at a time, and the requests that fail alone fail;
+         - the ranks issued different exchanges: the communicator is out of step, every request of
+           the job fails (on NCCL, the group's pending exchanges may never complete).
+    3. wait for the devices; rank 0 decodes the finished requests when asked (one at a time).
+
+The last rank to finish resolves the future and hands the requests back (`RequestState.idle`).
+"""
+from __future__ import annotations
+
+import io
+import threading
+import time
+import traceback
+from concurrent.futures import Future
+from typing import TYPE_CHECKING, Callable
+
+import torch
+
+from tetri_engine.executor.state import RequestState, RequestStepResult, StepsResult
+from tetri_engine.model.adapter import flow_match_euler_step
+from tetri_engine.model.sp_attention import SPContext, sequence_parallel, shard_length, valid_tokens
+
+if TYPE_CHECKING:  # pragma: no cover
+    from tetri_engine.executor.executor import Executor
+
+
+def describe_error(exc: BaseException) -> str:
+    if isinstance(exc, torch.cuda.OutOfMemoryError):
+        return f"CUDA out of memory: {exc}"
+    return f"{type(exc).__name__}: {exc}"
+
+
+def encode_png(image) -> bytes:
+    buffer = io.BytesIO()
+    # Level 1: PNG compression of a 2048x2048 image at the default level costs more than its decode.
+    image.save(buffer, format="PNG", compress_level=1)
+    return buffer.getvalue()
+
+
+class StepsJob:
+    def __init__(self, executor: Executor, states: list[RequestState], device_indices: tuple[int, ...],
+                 num_steps: int, on_step: Callable[[str, int], None] | None, decode_after: bool,
+                 wait_for: list[threading.Event], release: list[threading.Event]):
+        self.ex = executor
+        self.all_states = list(states)  # every request of the call (results)
+        self.states = list(states)  # those that run (phase 1 drops the ones that cannot)
+        self.device_indices = device_indices
+        self.degree = len(device_indices)
+        self.num_steps = num_steps
+        self.on_step = on_step
+        self.decode_after = decode_after
+        self.wait_for = wait_for
+        self.release = release
+        self.future: Future[StepsResult] = Future()
+        self.barrier = threading.Barrier(self.degree)
+        self._lock = threading.Lock()
+        self._ranks_left = self.degree
+        # Written by rank 0 in phase 1, read by every rank after the first barrier.
+        self.comm = None
+        self.regrouped: dict[str, bool] = {}
+        self.regroup_s = 0.0
+        self.job_error: str | None = None  # the whole job failed (requests that cannot be batched, ...)
+        self.start_step: dict[str, int] = {}
+        # Phase 2 outcome reports, [step parity][rank] -> (error or None, exchanges issued); double
+        # buffered so that one barrier per step suffices.
+        self.reports: list[list[tuple[str | None, int]]] = [[(None, 0)] * self.degree for _ in range(2)]
+        self.report_parity = [0] * self.degree
+        # Results, written by the ranks as they agree (identical on every rank) and read at the end.
+        self.final_step: dict[str, int] = {}
+        self.errors: dict[str, str] = {}
+        self.peak_memory = [0] * self.degree
+        self.steps_s = 0.0
+        self.images: dict[str, tuple] = {}
+        self.decode_s = 0.0
+
+    # -- entry point on each rank's worker thread
+    def run(self, rank: int) -> None:
+        try:
+            self._run(rank)
+        except BaseException as exc:  # a bug or a broken barrier: fail the job, keep the thread
+            self.barrier.abort()
+            with self._lock:
+                self.job_error = self.job_error or (
+                    f"executor error on rank {rank} ({self.ex.devices[self.device_indices[rank]]}): "
+                    f"{describe_error(exc)}")
+            if not isinstance(exc, threading.BrokenBarrierError):
+                traceback.print_exc()
+        finally:
+            with self._lock:
+                self._ranks_left -= 1
+                last = self._ranks_left == 0
+            if last:
+                self._finish()
+
+    def _run(self, rank: int) -> None:
+        device = self.ex.torch_device(self.device_indices[rank])
+        # 1. Wait for earlier work on these requests, then place their latents on this group.
+        if rank == 0:
+            for event in self.wait_for:
+                event.wait()
+            self._prepare_group()
+        self._sync()
+        if self.job_error is not None:
+            return
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+
+        # 2. Denoising steps.
+        step = dict(self.start_step)  # this rank's view; identical on every rank by construction
+        failed: dict[str, str] = {}
+        transformer = self.ex.runtime.transformer_on(device)
+        adapter = self.ex.runtime.adapter
+        first = self.states[0].prepared
+        lengths = {"image": first.image_tokens, "text": first.text_tokens}
+        context = SPContext(self.comm, rank, self.degree, lengths)
+        inputs_key, inputs = None, None
+        start = time.perf_counter()
+        for _ in range(self.num_steps):
+            active = [s for s in self.states
+                      if s.request_id not in failed and step[s.request_id] < s.prepared.num_steps]
+            if not active:
+                break
+            ids = tuple(s.request_id for s in active)
+            if ids != inputs_key:  # the batch changed (a request finished or failed): new static inputs
+                inputs_key = ids
+                inputs = self._inputs(adapter, active, device, rank)
+            outcome = self._step(rank, active, step, context, transformer, adapter, inputs)
+            if outcome is not None and outcome[0] == "failed" and len(active) > 1:
+                # Retry the batch one request at a time: only the requests that fail alone fail.
+                inputs_key = None
+                for s in active:
+                    single = self._step(rank, [s], step, context, transformer, adapter,
+                                        self._inputs(adapter, [s], device, rank))
+                    if single is not None:
+                        failed[s.request_id] = single[1]
+                        if single[0] == "out_of_step":
+                            outcome = single
+                            break
+                else:
+                    outcome = None
+            if outcome is not None:
+                for s in active:
+                    failed.setdefault(s.request_id, outcome[1])
+                if outcome[0] == "out_of_step":
+                    break  # the communicator cannot be trusted: no more exchanges in this job
+                continue
+            if rank == 0 and self.on_step is not None:
+                for s in active:
+                    if s.request_id not in failed:
+                        self._call_on_step(s.request_id, step[s.request_id])
+
+        # 3. The steps are done when the devices are; the group's time is the slowest rank's.
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+            self.peak_memory[rank] = torch.cuda.max_memory_allocated(device)
+        self._sync()
+        if rank == 0:
+            self.steps_s = time.perf_counter() - start
+            self.final_step = step
+            self.errors = failed
+            if self.decode_after:
+                self._decode_finished()
+
+    # -- phase 1 (rank 0)
+    def _prepare_group(self) -> None:
+        from tetri_engine import ops
+
+        broken = [s for s in self.states if s.prepared is None or s.error is not None]
+        for s in broken:
+            self.errors[s.request_id] = s.error or "the request has no prompt encoding"
+        self.states = [s for s in self.states if s not in broken]
+        if not self.states:
+            self.job_error = "no request of this call can run"
+            return
+        shapes = {(s.prepared.width, s.prepared.height, s.prepared.text_tokens) for s in self.states}
+        if len(shapes) > 1:
+            self.job_error = f"requests of different sizes cannot run as one batch: {sorted(shapes)}"
+            return
+        names = [self.ex.devices[i] for i in self.device_indices]
+        start = time.perf_counter()
+        for s in self.states:
+            self.start_step[s.request_id] = s.step
+            self.regrouped[s.request_id] = False
+            if s.placement == self.device_indices:
+                continue
+            try:
+                if s.shards is None:  # first steps: shard the seeded noise (not a regroup)
+                    s.shards = ops.shard(s.prepared.noise, self.degree, names)
+                else:
+                    s.shards = ops.regroup(s.shards, s.prepared.image_tokens, names)
+                    s.regroups += 1
+                    self.regrouped[s.request_id] = True
+                    s.prepared.drop_device_copies()  # the prompt embeddings follow on first use
+                s.placement = self.device_indices
+            except Exception as exc:
+                self.errors[s.request_id] = f"moving the latent failed: {describe_error(exc)}"
+        self.states = [s for s in self.states if s.request_id not in self.errors]
+        if not self.states:
+            self.job_error = "no request of this call can run"
+            return
+        self.regroup_s = time.perf_counter() - start
+        if self.degree > 1:
+            self.comm = self.ex.comm_cache.get(tuple(names))
+
+    # -- phase 2
+    def _inputs(self, adapter, active, device, rank):
+        """A rank's static inputs for a batch; a failure is reported by the step that uses them."""
+        try:
+            return adapter.rank_inputs([s.prepared for s in active], device, rank, self.degree)
+        except Exception as exc:
+            return exc
+
+    def _step(self, rank, active, step, context, transformer, adapter, inputs) -> tuple[str, str] | None:
+        """One step of `active` on this rank, agreed with the other ranks. None: committed on every rank;
+        else (kind, message), kind "failed" (every rank stayed in step) or "out_of_step"."""
+        context.exchanges = 0
+        new_shards, error = [], None
+        try:
+            if isinstance(inputs, Exception):
+                raise inputs
+            shards = [s.shards[rank] for s in active]
+            step_indices = [step[s.request_id] for s in active]
+            with sequence_parallel(context):
+                velocities = adapter.velocity(transformer, shards, [s.prepared for s in active], step_indices, inputs)
+            for s, shard, v, i in zip(active, shards, velocities, step_indices):
+                new = flow_match_euler_step(shard, v, s.prepared.on(shard.device)["sigmas"], i)
+                valid = valid_tokens(s.prepared.image_tokens, self.degree, rank)
+                if valid < shard_length(s.prepared.image_tokens, self.degree):
+                    new[:, valid:] = 0  # padding stays zero, as ops.shard made it
+                new_shards.append(new)
+        except Exception as exc:
+            error = describe_error(exc)
+            if self.ex.log_errors:
+                traceback.print_exc()
+        outcome = self._agree(rank, error, context.exchanges)
+        if outcome is None:
+            for s, new in zip(active, new_shards):
+                s.shards[rank] = new
+                step[s.request_id] += 1
+        return outcome
+
+    def _agree(self, rank: int, error: str | None, exchanges: int) -> tuple[str, str] | None:
+        """Every rank reports its outcome; all return the same verdict (reports are read before any
+        rank can pass the next barrier and overwrite this parity's slots)."""
+        parity = self.report_parity[rank]
+        self.report_parity[rank] ^= 1
+        self.reports[parity][rank] = (error, exchanges)
+        self._sync()
+        reports = list(self.reports[parity])
+        if all(e is None for e, _ in reports):
+            return None
+        if self.degree == 1:
+            return "failed", reports[0][0]
+        message = "; ".join(f"rank {r} ({self.ex.devices[self.device_indices[r]]}): {e}"
+                            for r, (e, _) in enumerate(reports) if e is not None)
+        if len({n for _, n in reports}) == 1:
+            return "failed", message
+        return "out_of_step", ("the group's ranks went out of step in a failed step, so its communicator "
+                               "cannot be trusted: " + message)
+
+    def _call_on_step(self, request_id: str, step: int) -> None:
+        try:
+            self.on_step(request_id, step)
+        except Exception:  # a caller's callback must not stop the steps
+            traceback.print_exc()
+
+    def _sync(self) -> None:
+        if self.degree > 1:
+            self.barrier.wait()
+
+    # -- phase 3 (rank 0)
+    def _decode_finished(self) -> None:
+        for s in self.states:
+            if s.request_id in self.errors or self.final_step[s.request_id] < s.prepared.num_steps:
+                continue
+            try:
+                start = time.perf_counter()
+                image, png = self.ex.decode_state(s, self.device_indices[0])
+                seconds = time.perf_counter() - start
+                self.images[s.request_id] = (image, png, seconds)
+                self.decode_s += seconds
+            except Exception as exc:
+                self.errors[s.request_id] = f"decode failed: {describe_error(exc)}"
+
+    # -- the last rank out
+    def _finish(self) -> None:
+        try:
+            results = {}
+            peak = max(self.peak_memory)
+            for s in self.all_states:
+                rid = s.request_id
+                error = self.errors.get(rid) or self.job_error
+                start = self.start_step.get(rid, s.step)
+                done = self.final_step.get(rid, start) - start
+                if self.job_error is None and rid in self.final_step:
+                    s.step = self.final_step[rid]
+                    if done:
+                        s.steps_at_degree[self.degree] = s.steps_at_degree.get(self.degree, 0) + done
+                    s.peak_memory_bytes = max(s.peak_memory_bytes, peak)
+                if error is not None and s.error is None:
+                    s.error = error
+                image, png, decode_s = self.images.get(rid, (None, None, 0.0))
+                s.decode_s += decode_s
+                results[rid] = RequestStepResult(
+                    request_id=rid, steps_done=done, step=s.step, num_steps=s.num_steps,
+                    regrouped=self.regrouped.get(rid, False), seconds=self.steps_s, error=s.error,
+                    image=image, png=png, decode_s=decode_s)
+            self.future.set_result(StepsResult(
+                requests=results, device_indices=self.device_indices, num_steps=self.num_steps,
+                seconds=self.steps_s, regroup_s=self.regroup_s, decode_s=self.decode_s))
+        except BaseException as exc:  # pragma: no cover - a bug in building the result
+            self.future.set_exception(exc)
+        finally:
+            for event in self.release:
+                event.set()

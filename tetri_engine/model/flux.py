@@ -1,0 +1,209 @@
+"""FLUX.1 (dev, schnell) on a sequence-parallel group: FluxPipeline's stages, split per `sp_plan`.
+
+The diffusers `FluxTransformer2DModel.forward` runs unchanged on a rank's shard: its inputs are the
+rank's image tokens with their own position ids and the rank's slice of the text tokens (position ids
+all zero in FLUX); only the attention processor differs (`UlyssesFluxAttnProcessor`, which is
+diffusers' `FluxAttnProcessor` with the attention call swapped for `sp_attention`).
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+from diffusers.models.transformers.transformer_flux import _get_qkv_projections
+from diffusers.models.embeddings import apply_rotary_emb
+from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+from diffusers.utils.torch_utils import randn_tensor
+
+from tetri_engine.model.adapter import (
+    ModelAdapter,
+    PreparedRequest,
+    Replicate,
+    SeqSplit,
+    apply_sp_plan,
+    pack_latents,
+    unpack_latents,
+)
+from tetri_engine.model.sp_attention import sp_attention
+
+
+class UlyssesFluxAttnProcessor:
+    """diffusers' FluxAttnProcessor (0.42.1), attending over the group's whole joint sequence.
+
+    Both block types see the rank's tokens as [text shard, image shard]: the double-stream blocks
+    concatenate them here, the single-stream blocks before calling attention.
+    """
+
+    STREAMS = ("text", "image")
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None,
+                 image_rotary_emb=None):
+        if attention_mask is not None:
+            raise NotImplementedError("attention masks are not supported by the sequence-parallel runtime")
+        query, key, value, encoder_query, encoder_key, encoder_value = _get_qkv_projections(
+            attn, hidden_states, encoder_hidden_states
+        )
+        query = query.unflatten(-1, (-1, attn.head_dim))
+        key = key.unflatten(-1, (-1, attn.head_dim))
+        value = value.unflatten(-1, (-1, attn.head_dim))
+        query = attn.norm_q(query)
+        key = attn.norm_k(key)
+
+        if attn.added_kv_proj_dim is not None:
+            encoder_query = attn.norm_added_q(encoder_query.unflatten(-1, (-1, attn.head_dim)))
+            encoder_key = attn.norm_added_k(encoder_key.unflatten(-1, (-1, attn.head_dim)))
+            encoder_value = encoder_value.unflatten(-1, (-1, attn.head_dim))
+            query = torch.cat([encoder_query, query], dim=1)
+            key = torch.cat([encoder_key, key], dim=1)
+            value = torch.cat([encoder_value, value], dim=1)
+
+        if image_rotary_emb is not None:  # the rank's own positions, before the exchange
+            query = apply_rotary_emb(query, image_rotary_emb, sequence_dim=1)
+            key = apply_rotary_emb(key, image_rotary_emb, sequence_dim=1)
+
+        hidden_states = sp_attention(query, key, value, self.STREAMS)
+        hidden_states = hidden_states.flatten(2, 3).to(query.dtype)
+
+        if encoder_hidden_states is not None:
+            text_len = encoder_hidden_states.shape[1]
+            encoder_hidden_states, hidden_states = hidden_states.split_with_sizes(
+                [text_len, hidden_states.shape[1] - text_len], dim=1
+            )
+            hidden_states = attn.to_out[1](attn.to_out[0](hidden_states.contiguous()))
+            encoder_hidden_states = attn.to_add_out(encoder_hidden_states.contiguous())
+            return hidden_states, encoder_hidden_states
+        return hidden_states
+
+
+def latent_image_ids(latent_h: int, latent_w: int, device, dtype) -> torch.Tensor:
+    """FluxPipeline._prepare_latent_image_ids for a latent of h x w (packed: h/2 x w/2 tokens)."""
+    ids = torch.zeros(latent_h // 2, latent_w // 2, 3)
+    ids[..., 1] = ids[..., 1] + torch.arange(latent_h // 2)[:, None]
+    ids[..., 2] = ids[..., 2] + torch.arange(latent_w // 2)[None, :]
+    return ids.reshape(-1, 3).to(device=device, dtype=dtype)
+
+
+class FluxAdapter(ModelAdapter):
+    family = "flux"
+    pipeline_class_name = "FluxPipeline"
+    # The transformer's inputs on a group of `degree` ranks. `hidden_states` is the latent itself, which
+    # the executor keeps sharded between steps; the output (velocity) stays on the image shard.
+    sp_plan = {
+        "hidden_states": SeqSplit(dim=1, stream="image"),
+        "img_ids": SeqSplit(dim=0, stream="image"),
+        "encoder_hidden_states": SeqSplit(dim=1, stream="text"),
+        "txt_ids": SeqSplit(dim=0, stream="text"),
+        "pooled_projections": Replicate(),
+        "guidance": Replicate(),
+    }
+
+    def install_attention(self, transformer) -> None:
+        transformer.set_attn_processor(UlyssesFluxAttnProcessor())
+
+    def latent_channels(self) -> int:
+        return int(self.pipeline.transformer.config.in_channels)
+
+    @property
+    def guidance_embeds(self) -> bool:
+        return bool(self.pipeline.transformer.config.guidance_embeds)
+
+    def prepare(self, *, prompt, negative_prompt, width, height, seed, num_steps, guidance_scale, device,
+                dtype) -> PreparedRequest:
+        # FLUX.1 dev/schnell are guidance-distilled: no true classifier-free guidance, the negative
+        # prompt is not used (as in FluxPipeline with true_cfg_scale=1).
+        # 3. Encode input prompt
+        if self.random_text is not None:
+            prompt_embeds = self.random_prompt_tensor("prompt_embeds", prompt, dtype)
+            pooled = self.random_prompt_tensor("pooled_prompt_embeds", prompt, dtype)
+        else:
+            prompt_embeds, pooled, _ = self.pipeline.encode_prompt(
+                prompt=prompt, prompt_2=None, device=device, num_images_per_prompt=1,
+                max_sequence_length=self.text_tokens,
+            )
+        cond = {"encoder_hidden_states": prompt_embeds.to(device=device, dtype=dtype),
+                "pooled_projections": pooled.to(device=device, dtype=dtype)}
+        if self.guidance_embeds:
+            cond["guidance"] = torch.full([1], guidance_scale, dtype=torch.float32, device=device)
+
+        # 4. Prepare latent variables: noise from the request's seed on the CPU, whatever the devices.
+        num_channels = self.latent_channels() // 4
+        latent_h, latent_w = 2 * (height // 16), 2 * (width // 16)
+        generator = torch.Generator("cpu").manual_seed(seed)
+        noise = randn_tensor((1, num_channels, latent_h, latent_w), generator=generator,
+                             device=torch.device("cpu"), dtype=dtype)
+        noise = pack_latents(noise)
+        image_tokens = noise.shape[1]
+
+        # 5. Prepare timesteps (FluxPipeline's schedule), on a scheduler object of this request's own.
+        scheduler = self.new_scheduler()
+        sigmas = np.linspace(1.0, 1 / num_steps, num_steps)
+        if getattr(scheduler.config, "use_flow_sigmas", False):
+            sigmas = None
+        mu = calculate_shift(
+            image_tokens,
+            scheduler.config.get("base_image_seq_len", 256),
+            scheduler.config.get("max_image_seq_len", 4096),
+            scheduler.config.get("base_shift", 0.5),
+            scheduler.config.get("max_shift", 1.15),
+        )
+        if sigmas is None:
+            scheduler.set_timesteps(num_steps, device="cpu", mu=mu)
+        else:
+            scheduler.set_timesteps(sigmas=sigmas, device="cpu", mu=mu)
+        return PreparedRequest(
+            width=width, height=height, seed=seed, num_steps=len(scheduler.timesteps),
+            guidance_scale=guidance_scale, image_tokens=image_tokens,
+            text_tokens=cond["encoder_hidden_states"].shape[1], rows=1, noise=noise,
+            timesteps=scheduler.timesteps.clone(), sigmas=scheduler.sigmas.clone(), cond=cond,
+        )
+
+    def rank_inputs(self, prepared, device, rank, degree):
+        first = prepared[0]
+        on = [p.on(device) for p in prepared]
+        dtype = on[0]["encoder_hidden_states"].dtype
+        text_tokens = first.text_tokens
+        inputs = {
+            "encoder_hidden_states": torch.cat([o["encoder_hidden_states"] for o in on]),
+            "pooled_projections": torch.cat([o["pooled_projections"] for o in on]),
+        }
+        if self.guidance_embeds:
+            inputs["guidance"] = torch.cat([o["guidance"] for o in on])
+        lengths = {"image": first.image_tokens, "text": text_tokens}
+        inputs = apply_sp_plan(self.sp_plan, inputs, lengths, rank, degree)
+        # Position ids depend on the shape only: made once per shape, degree, rank and device.
+        inputs["img_ids"] = self.cached(
+            ("img_ids", first.latent_h, first.latent_w, dtype, str(device), rank, degree),
+            lambda: apply_sp_plan(self.sp_plan, {"img_ids": latent_image_ids(
+                2 * (first.height // 16), 2 * (first.width // 16), device, dtype)}, lengths, rank, degree)["img_ids"],
+        )
+        inputs["txt_ids"] = self.cached(
+            ("txt_ids", text_tokens, dtype, str(device), rank, degree),
+            lambda: apply_sp_plan(self.sp_plan, {"txt_ids": torch.zeros(text_tokens, 3, device=device, dtype=dtype)},
+                                  lengths, rank, degree)["txt_ids"],
+        )
+        return inputs
+
+    def velocity(self, transformer, latents, prepared, step_indices, inputs):
+        from tetri_engine import ops
+
+        device = latents[0].device
+        hidden_states = ops.pack(latents) if len(latents) > 1 else latents[0]
+        # FluxPipeline: timestep = t.expand(B).to(latents.dtype), passed as timestep / 1000
+        timestep = torch.stack([p.on(device)["timesteps"][i] for p, i in zip(prepared, step_indices)])
+        timestep = timestep.to(hidden_states.dtype)
+        noise_pred = transformer(
+            hidden_states=hidden_states,
+            timestep=timestep / 1000,
+            guidance=inputs.get("guidance"),
+            pooled_projections=inputs["pooled_projections"],
+            encoder_hidden_states=inputs["encoder_hidden_states"],
+            txt_ids=inputs["txt_ids"],
+            img_ids=inputs["img_ids"],
+            return_dict=False,
+        )[0]
+        return list(ops.unpack(noise_pred, len(latents))) if len(latents) > 1 else [noise_pred]
+
+    def decode(self, vae, latent, width, height):
+        latents = unpack_latents(latent, 2 * (height // 16), 2 * (width // 16))
+        latents = (latents / vae.config.scaling_factor) + vae.config.shift_factor
+        image = vae.decode(latents.to(vae.dtype), return_dict=False)[0]
+        return self.pipeline.image_processor.postprocess(image, output_type="pil")[0]

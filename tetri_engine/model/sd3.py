@@ -1,0 +1,220 @@
+"""Stable Diffusion 3 / 3.5 on a sequence-parallel group: StableDiffusion3Pipeline's stages, split per
+`sp_plan`, with true classifier-free guidance (each request runs as two rows, [uncond, cond]).
+
+`SD3Transformer2DModel.forward` patchifies a whole [B, C, H, W] latent and unpatchifies its output, so
+it cannot run on a token shard. `sd3_token_forward` is the same forward on tokens: the patch embedding
+(a stride-p convolution) as a linear map over packed 2x2 patches, the rank's slice of the cropped
+sin-cos position embedding, then diffusers' own blocks, norm and projection; the output is repacked in
+the latent's token layout instead of being unpatchified. The latent is kept packed like FLUX's.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3 import calculate_shift
+from diffusers.utils.torch_utils import randn_tensor
+
+from tetri_engine.model.adapter import (
+    ModelAdapter,
+    PreparedRequest,
+    Replicate,
+    SeqSplit,
+    apply_sp_plan,
+    pack_latents,
+    unpack_latents,
+)
+from tetri_engine.model.sp_attention import sp_attention
+
+
+class UlyssesJointAttnProcessor:
+    """diffusers' JointAttnProcessor2_0 (0.42.1), attending over the group's whole sequence.
+
+    With text ([image shard, text shard], the SD3 order) in the joint blocks; image only in the
+    SD3.5 second attention (`attn2`).
+    """
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, *args, **kwargs):
+        if attention_mask is not None:
+            raise NotImplementedError("attention masks are not supported by the sequence-parallel runtime")
+        batch_size, image_len = hidden_states.shape[0], hidden_states.shape[1]
+        query = attn.to_q(hidden_states)
+        key = attn.to_k(hidden_states)
+        value = attn.to_v(hidden_states)
+        head_dim = key.shape[-1] // attn.heads
+        # [B, L, H, D] (diffusers transposes to [B, H, L, D]; the norms act on the last dim either way)
+        query = query.view(batch_size, -1, attn.heads, head_dim)
+        key = key.view(batch_size, -1, attn.heads, head_dim)
+        value = value.view(batch_size, -1, attn.heads, head_dim)
+        if attn.norm_q is not None:
+            query = attn.norm_q(query)
+        if attn.norm_k is not None:
+            key = attn.norm_k(key)
+
+        streams = ("image",)
+        if encoder_hidden_states is not None:
+            streams = ("image", "text")
+            enc_query = attn.add_q_proj(encoder_hidden_states).view(batch_size, -1, attn.heads, head_dim)
+            enc_key = attn.add_k_proj(encoder_hidden_states).view(batch_size, -1, attn.heads, head_dim)
+            enc_value = attn.add_v_proj(encoder_hidden_states).view(batch_size, -1, attn.heads, head_dim)
+            if attn.norm_added_q is not None:
+                enc_query = attn.norm_added_q(enc_query)
+            if attn.norm_added_k is not None:
+                enc_key = attn.norm_added_k(enc_key)
+            query = torch.cat([query, enc_query], dim=1)
+            key = torch.cat([key, enc_key], dim=1)
+            value = torch.cat([value, enc_value], dim=1)
+
+        hidden_states = sp_attention(query, key, value, streams)
+        hidden_states = hidden_states.reshape(batch_size, -1, attn.heads * head_dim).to(query.dtype)
+
+        if encoder_hidden_states is not None:
+            hidden_states, encoder_hidden_states = hidden_states[:, :image_len], hidden_states[:, image_len:]
+            if not attn.context_pre_only:
+                encoder_hidden_states = attn.to_add_out(encoder_hidden_states)
+        hidden_states = attn.to_out[1](attn.to_out[0](hidden_states))
+        if encoder_hidden_states is not None:
+            return hidden_states, encoder_hidden_states
+        return hidden_states
+
+
+def sd3_token_forward(transformer, tokens, pos_embed, encoder_hidden_states, pooled_projections, timestep):
+    """SD3Transformer2DModel.forward on packed latent tokens [B, L, C*p*p] -> velocity tokens, same layout."""
+    patch = transformer.config.patch_size
+    out_channels = transformer.out_channels
+    proj = transformer.pos_embed.proj  # Conv2d(C, D, kernel=p, stride=p): a linear map of each patch
+    hidden_states = F.linear(tokens, proj.weight.flatten(1), proj.bias)
+    hidden_states = (hidden_states + pos_embed).to(hidden_states.dtype)
+    temb = transformer.time_text_embed(timestep, pooled_projections)
+    encoder_hidden_states = transformer.context_embedder(encoder_hidden_states)
+    for block in transformer.transformer_blocks:
+        encoder_hidden_states, hidden_states = block(
+            hidden_states=hidden_states, encoder_hidden_states=encoder_hidden_states, temb=temb
+        )
+    hidden_states = transformer.norm_out(hidden_states, temb)
+    hidden_states = transformer.proj_out(hidden_states)  # features ordered (row, column, channel)
+    b, length, _ = hidden_states.shape
+    hidden_states = hidden_states.view(b, length, patch, patch, out_channels).permute(0, 1, 4, 2, 3)
+    return hidden_states.reshape(b, length, out_channels * patch * patch)  # (channel, row, column)
+
+
+class SD3Adapter(ModelAdapter):
+    family = "sd3"
+    pipeline_class_name = "StableDiffusion3Pipeline"
+    sp_plan = {
+        "hidden_states": SeqSplit(dim=1, stream="image"),
+        "pos_embed": SeqSplit(dim=1, stream="image"),
+        "encoder_hidden_states": SeqSplit(dim=1, stream="text"),
+        "pooled_projections": Replicate(),
+    }
+
+    def __init__(self, pipeline, **kwargs):
+        super().__init__(pipeline, **kwargs)
+        if pipeline.transformer.config.patch_size != 2:
+            raise ValueError("the runtime packs 2x2 latent patches; this SD3 transformer has patch_size "
+                             f"{pipeline.transformer.config.patch_size}")
+
+    def install_attention(self, transformer) -> None:
+        transformer.set_attn_processor(UlyssesJointAttnProcessor())
+
+    def latent_channels(self) -> int:
+        return int(self.pipeline.transformer.config.in_channels) * 4
+
+    def prepare(self, *, prompt, negative_prompt, width, height, seed, num_steps, guidance_scale, device,
+                dtype) -> PreparedRequest:
+        do_cfg = guidance_scale > 1  # StableDiffusion3Pipeline.do_classifier_free_guidance
+        negative_prompt = negative_prompt or ""
+        # 3. Encode input prompt; with guidance, rows are [negative, positive] as in the pipeline.
+        if self.random_text is not None:
+            prompt_embeds = self.random_prompt_tensor("prompt_embeds", prompt, dtype)
+            pooled = self.random_prompt_tensor("pooled_prompt_embeds", prompt, dtype)
+            negative_embeds = self.random_prompt_tensor("prompt_embeds", negative_prompt, dtype)
+            negative_pooled = self.random_prompt_tensor("pooled_prompt_embeds", negative_prompt, dtype)
+        else:
+            prompt_embeds, negative_embeds, pooled, negative_pooled = self.pipeline.encode_prompt(
+                prompt=prompt, prompt_2=None, prompt_3=None, device=device, num_images_per_prompt=1,
+                do_classifier_free_guidance=do_cfg, negative_prompt=negative_prompt,
+                max_sequence_length=self.text_tokens - self.pipeline.tokenizer_max_length,
+            )
+        if do_cfg:
+            prompt_embeds = torch.cat([negative_embeds, prompt_embeds])
+            pooled = torch.cat([negative_pooled, pooled])
+        cond = {"encoder_hidden_states": prompt_embeds.to(device=device, dtype=dtype),
+                "pooled_projections": pooled.to(device=device, dtype=dtype)}
+
+        # 4. Prepare latent variables (noise from the request's seed on the CPU), packed into tokens.
+        num_channels = int(self.pipeline.transformer.config.in_channels)
+        latent_h, latent_w = height // 8, width // 8
+        generator = torch.Generator("cpu").manual_seed(seed)
+        noise = randn_tensor((1, num_channels, latent_h, latent_w), generator=generator,
+                             device=torch.device("cpu"), dtype=dtype)
+        noise = pack_latents(noise)
+
+        # 5. Prepare timesteps, on a scheduler object of this request's own.
+        scheduler = self.new_scheduler()
+        kwargs = {}
+        if scheduler.config.get("use_dynamic_shifting", None):
+            kwargs["mu"] = calculate_shift(
+                noise.shape[1],
+                scheduler.config.get("base_image_seq_len", 256),
+                scheduler.config.get("max_image_seq_len", 4096),
+                scheduler.config.get("base_shift", 0.5),
+                scheduler.config.get("max_shift", 1.16),
+            )
+        scheduler.set_timesteps(num_steps, device="cpu", **kwargs)
+        return PreparedRequest(
+            width=width, height=height, seed=seed, num_steps=len(scheduler.timesteps),
+            guidance_scale=guidance_scale, image_tokens=noise.shape[1],
+            text_tokens=cond["encoder_hidden_states"].shape[1], rows=2 if do_cfg else 1, noise=noise,
+            timesteps=scheduler.timesteps.clone(), sigmas=scheduler.sigmas.clone(), cond=cond,
+        )
+
+    def rank_inputs(self, prepared, device, rank, degree):
+        first = prepared[0]
+        on = [p.on(device) for p in prepared]
+        inputs = {
+            "encoder_hidden_states": torch.cat([o["encoder_hidden_states"] for o in on]),
+            "pooled_projections": torch.cat([o["pooled_projections"] for o in on]),
+        }
+        lengths = {"image": first.image_tokens, "text": first.text_tokens}
+        inputs = apply_sp_plan(self.sp_plan, inputs, lengths, rank, degree)
+        transformer = self.pipeline.transformer
+
+        def make_pos_embed():
+            # The cropped sin-cos grid of the whole image (in latent pixels, as PatchEmbed.forward asks),
+            # cast like the model's buffer, then this rank's slice of it.
+            pos_embed = transformer.pos_embed.cropped_pos_embed(first.latent_h, first.latent_w)
+            pos_embed = pos_embed.to(device=device, dtype=inputs["encoder_hidden_states"].dtype)
+            return apply_sp_plan(self.sp_plan, {"pos_embed": pos_embed}, lengths, rank, degree)["pos_embed"]
+
+        inputs["pos_embed"] = self.cached(
+            ("pos_embed", first.latent_h, first.latent_w, str(device), rank, degree), make_pos_embed)
+        return inputs
+
+    def velocity(self, transformer, latents, prepared, step_indices, inputs):
+        device = latents[0].device
+        # latent_model_input = torch.cat([latents] * 2) for each request with guidance. Requests bring
+        # one or two rows each, so the batch is a plain concatenation rather than ops.pack.
+        if len(latents) == 1 and prepared[0].rows == 1:
+            hidden_states = latents[0]
+        else:
+            hidden_states = torch.cat([lat.expand(p.rows, -1, -1) for lat, p in zip(latents, prepared)])
+        timestep = torch.cat([p.on(device)["timesteps"][i].expand(p.rows) for p, i in zip(prepared, step_indices)])
+        noise_pred = sd3_token_forward(
+            transformer, hidden_states, inputs["pos_embed"], inputs["encoder_hidden_states"],
+            inputs["pooled_projections"], timestep,
+        )
+        out, row = [], 0
+        for p in prepared:
+            pred = noise_pred[row:row + p.rows]
+            row += p.rows
+            if p.rows == 2:
+                noise_pred_uncond, noise_pred_text = pred.chunk(2)
+                pred = noise_pred_uncond + p.guidance_scale * (noise_pred_text - noise_pred_uncond)
+            out.append(pred)
+        return out
+
+    def decode(self, vae, latent, width, height):
+        latents = unpack_latents(latent, height // 8, width // 8)
+        latents = (latents / vae.config.scaling_factor) + vae.config.shift_factor
+        image = vae.decode(latents.to(vae.dtype), return_dict=False)[0]
+        return self.pipeline.image_processor.postprocess(image, output_type="pil")[0]

@@ -1,0 +1,164 @@
+"""Ulysses sequence-parallel attention: the one place where the ranks of a group talk during a forward.
+
+Every rank of a group holds a contiguous shard of each token stream of the joint sequence (the image
+tokens and the text tokens, in the layout of `ops.shard`: `ceil(L / k)` tokens per rank, the last
+rank's shard padded). Everything in a DiT block except attention is per token, so the diffusers
+blocks run unchanged on the shard; attention is replaced by `sp_attention`:
+
+    q, k, v  [B, L_local, H, D]   (sequence-sharded, all heads)
+      ── all_to_all ──►  [B, k * L_local, H / k, D]   (whole sequence, this rank's head slice)
+      ── attention (padded keys dropped) ──
+      ── all_to_all ──►  [B, L_local, H, D]
+
+The exchange is the communicator's `all_to_all(rank, x)` from `tetri_engine.ops` (thread backend on
+CPU, NCCL on GPU). Rotary embeddings are applied before the exchange, by the unchanged diffusers code,
+from the position ids of the rank's own tokens, so every token carries its true position.
+
+Worked example, degree 2, FLUX at 48x80 px (15 image tokens) with 4 text tokens and 4 heads:
+
+    rank 0 holds text[0:2] + image[0:8]       rank 1 holds text[2:4] + image[8:15] + 1 pad token
+    after the exchange both ranks see text[0:2] image[0:8] text[2:4] image[8:15] pad  (20 tokens),
+    rank 0 for heads 0-1, rank 1 for heads 2-3; the pad key is dropped, so no query attends to it.
+
+Attention is invariant to the order of keys, so the interleaved order needs no reordering; the query
+rows come back to their owners through the second exchange.
+
+The context (communicator, rank, degree, stream lengths) is thread-local: on CPU the virtual devices
+share one model object, and each executor thread sets its own context around its forward.
+"""
+from __future__ import annotations
+
+import threading
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any, Iterator
+
+import torch
+import torch.nn.functional as F
+
+_local = threading.local()
+
+
+def shard_length(length: int, degree: int) -> int:
+    """Tokens per shard, padding included (same rule as `ops.shard_length`)."""
+    return -(-length // degree)
+
+
+def valid_tokens(length: int, degree: int, rank: int) -> int:
+    """How many of rank `rank`'s `shard_length(length, degree)` tokens are real (not padding)."""
+    local = shard_length(length, degree)
+    return max(0, min(local, length - rank * local))
+
+
+def check_heads(num_heads: int, degree: int) -> None:
+    if degree < 1:
+        raise ValueError(f"sequence-parallel degree must be >= 1, got {degree}")
+    if num_heads % degree != 0:
+        raise ValueError(
+            f"the model has {num_heads} attention heads, which cannot be split evenly over {degree} "
+            f"devices: Ulysses sequence parallelism needs heads % degree == 0 "
+            f"(use a degree that divides {num_heads})"
+        )
+
+
+@dataclass
+class SPContext:
+    """What one rank needs to know during one sequence-parallel forward.
+
+    lengths: token stream name ("image", "text") -> full length (padding excluded).
+    """
+
+    comm: Any  # an ops communicator; None at degree 1
+    rank: int
+    degree: int
+    lengths: dict[str, int]
+    exchanges: int = 0  # all_to_all calls issued; lets the executor check that ranks stayed in step
+    _key_index: dict[tuple, torch.Tensor | None] = field(default_factory=dict)
+
+    def local_length(self, stream: str) -> int:
+        return shard_length(self.lengths[stream], self.degree)
+
+    def key_index(self, streams: tuple[str, ...], device: torch.device) -> torch.Tensor | None:
+        """Positions of the real tokens in the exchanged sequence, or None when nothing is padded."""
+        cache_key = (streams, str(device))
+        if cache_key not in self._key_index:
+            if all(self.lengths[s] % self.degree == 0 for s in streams):
+                index = None
+            else:
+                positions: list[int] = []
+                offset = 0
+                for rank in range(self.degree):  # the exchanged sequence is rank 0's tokens, rank 1's, ...
+                    for s in streams:
+                        positions.extend(range(offset, offset + valid_tokens(self.lengths[s], self.degree, rank)))
+                        offset += self.local_length(s)
+                index = torch.tensor(positions, dtype=torch.long, device=device)
+            self._key_index[cache_key] = index
+        return self._key_index[cache_key]
+
+
+def current_context() -> SPContext | None:
+    return getattr(_local, "context", None)
+
+
+@contextmanager
+def sequence_parallel(context: SPContext | None) -> Iterator[SPContext | None]:
+    """Run the enclosed forward on this thread as `context.rank` of a group of `context.degree`."""
+    previous = current_context()
+    _local.context = context
+    try:
+        yield context
+    finally:
+        _local.context = previous
+
+
+def local_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    """[B, L, H, D] in and out; the same SDPA call as diffusers' native attention backend."""
+    out = F.scaled_dot_product_attention(
+        query.permute(0, 2, 1, 3), key.permute(0, 2, 1, 3), value.permute(0, 2, 1, 3)
+    )
+    return out.permute(0, 2, 1, 3)
+
+
+def sp_attention(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, streams: tuple[str, ...]
+) -> torch.Tensor:
+    """Attention of this rank's tokens over the group's whole sequence.
+
+    query/key/value: [B, L_local, H, D], the rank's tokens laid out as the concatenation of its shard of
+    each stream in `streams` (e.g. ("text", "image") for FLUX). Returns [B, L_local, H, D].
+    """
+    ctx = current_context()
+    if ctx is None or ctx.degree == 1:
+        return local_attention(query, key, value)
+
+    degree, rank, comm = ctx.degree, ctx.rank, ctx.comm
+    batch, length, heads, head_dim = query.shape
+    check_heads(heads, degree)
+    expected = sum(ctx.local_length(s) for s in streams)
+    if length != expected:
+        raise RuntimeError(
+            f"rank {rank} holds {length} tokens but the {streams} shards of this group add up to {expected}"
+        )
+    heads_local = heads // degree
+
+    # 1. One exchange for q, k and v: chunk j (head group j of every token here) goes to rank j.
+    qkv = torch.stack((query, key, value))  # [3, B, L, H, D]
+    qkv = qkv.view(3, batch, length, degree, heads_local, head_dim).permute(3, 0, 1, 2, 4, 5).contiguous()
+    ctx.exchanges += 1
+    qkv = comm.all_to_all(rank, qkv)  # chunk j: rank j's tokens, my head group
+    # [degree, 3, B, L, h, D] -> [3, B, h, degree * L, D] (the layout SDPA takes)
+    qkv = qkv.permute(1, 2, 4, 0, 3, 5).reshape(3, batch, heads_local, degree * length, head_dim)
+    q_all, k_all, v_all = qkv.unbind(0)
+
+    # 2. Attend over the whole sequence; padded tokens are dropped from the keys and values.
+    index = ctx.key_index(streams, k_all.device)
+    if index is not None:
+        k_all = k_all.index_select(2, index)
+        v_all = v_all.index_select(2, index)
+    out = F.scaled_dot_product_attention(q_all, k_all, v_all)  # [B, h, degree * L, D]
+
+    # 3. Send every rank the rows of its own tokens back: chunk j = rank j's tokens, my head group.
+    out = out.view(batch, heads_local, degree, length, head_dim).permute(2, 0, 3, 1, 4).contiguous()
+    ctx.exchanges += 1
+    out = comm.all_to_all(rank, out)  # chunk j: my tokens, head group j
+    return out.permute(1, 2, 0, 3, 4).reshape(batch, length, heads, head_dim)
