@@ -1,0 +1,115 @@
+"""Request traces: the paper's workload generator and JSON-lines trace files.
+
+The paper's workload (FLUX.1-dev, 8xH100): square 256/512/1024/2048 px images, 50 steps, the SLO
+table of slo.py x an SLO scale, Poisson arrivals at a rate per minute, and two resolution mixes:
+Uniform (equal shares) and Skewed (p proportional to exp(alpha * L / L_max), alpha = 1, with
+L = H*W/16^2 tokens, so large images are the most frequent). Bursty traffic uses Gamma
+inter-arrival times with a coefficient of variation > 1 (cv = 1 is Poisson).
+
+A trace file has one JSON object per line: {"arrival_s", "width", "height", "steps", "slo_ms"}
+(optionally "request_id"). slo_ms is the deadline relative to arrival at SLO scale 1.0; a replay
+multiplies it by the scale being tested.
+"""
+from __future__ import annotations
+
+import json
+import math
+import random
+from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING, Iterable, Sequence
+
+from tetri_engine.sched.cost import num_tokens
+from tetri_engine.sched.slo import REFERENCE_STEPS, slo_s
+
+if TYPE_CHECKING:  # pragma: no cover
+    from tetri_engine.sched.cost import CostModel
+
+PAPER_SIDES_PX = (256, 512, 1024, 2048)
+MIXES = ("uniform", "skewed")
+
+
+@dataclass(frozen=True)
+class TraceRequest:
+    arrival_s: float
+    width: int
+    height: int
+    steps: int
+    slo_ms: float  # deadline after arrival, at SLO scale 1.0
+    request_id: str = ""
+
+
+def mix_probabilities(mix: str, sides_px: Sequence[int] = PAPER_SIDES_PX, alpha: float = 1.0) -> list[float]:
+    """Share of each (square) resolution in a mix."""
+    if mix == "uniform":
+        return [1.0 / len(sides_px)] * len(sides_px)
+    if mix == "skewed":
+        tokens = [num_tokens(s, s) for s in sides_px]
+        weights = [math.exp(alpha * t / max(tokens)) for t in tokens]
+        return [w / sum(weights) for w in weights]
+    raise ValueError(f"unknown mix {mix!r}: choose from {', '.join(MIXES)}")
+
+
+def generate_trace(
+    num_requests: int,
+    rate_per_min: float,
+    mix: str = "uniform",
+    seed: int = 0,
+    *,
+    steps: int = REFERENCE_STEPS,
+    sides_px: Sequence[int] = PAPER_SIDES_PX,
+    alpha: float = 1.0,
+    arrival: str = "poisson",
+    burstiness_cv: float = 2.0,
+    cost: "CostModel | None" = None,
+    max_degree: int | None = None,
+) -> list[TraceRequest]:
+    """A seeded trace of the paper's workload.
+
+    arrival: "poisson" (exponential inter-arrival times) or "gamma" (bursty: Gamma inter-arrival
+    times with the same mean and coefficient of variation burstiness_cv). slo_ms is slo.slo_s at
+    scale 1.0, re-based on `cost` (on at most max_degree devices) when one is given.
+    """
+    if num_requests < 0 or rate_per_min <= 0:
+        raise ValueError("num_requests must be >= 0 and rate_per_min > 0")
+    rng = random.Random(seed)
+    probs = mix_probabilities(mix, sides_px, alpha)
+    mean_gap_s = 60.0 / rate_per_min
+    if arrival == "gamma":
+        shape = 1.0 / (burstiness_cv ** 2)
+    elif arrival != "poisson":
+        raise ValueError(f"unknown arrival process {arrival!r}: poisson or gamma")
+    slo_cache: dict[int, float] = {}
+    out: list[TraceRequest] = []
+    t = 0.0
+    for i in range(num_requests):
+        gap = rng.expovariate(1.0 / mean_gap_s) if arrival == "poisson" else rng.gammavariate(shape, mean_gap_s / shape)
+        t += gap
+        side = rng.choices(sides_px, weights=probs)[0]
+        if side not in slo_cache:
+            slo_cache[side] = 1000.0 * slo_s(side, side, steps, cost, 1.0, max_degree)
+        out.append(TraceRequest(round(t, 6), side, side, steps, round(slo_cache[side], 3), f"req-{i:05d}"))
+    return out
+
+
+def write_trace(path: str, trace: Iterable[TraceRequest]) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        for r in trace:
+            f.write(json.dumps(asdict(r)) + "\n")
+
+
+def read_trace(path: str) -> list[TraceRequest]:
+    out: list[TraceRequest] = []
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            line = line.strip()
+            if not line:
+                continue
+            try:
+                d = json.loads(line)
+                out.append(TraceRequest(float(d["arrival_s"]), int(d["width"]), int(d["height"]), int(d["steps"]),
+                                        float(d["slo_ms"]), str(d.get("request_id") or f"req-{len(out):05d}")))
+            except (KeyError, TypeError, ValueError) as exc:
+                raise ValueError(f"{path}:{lineno}: bad trace line ({exc}); expected arrival_s, width, height, "
+                                 f"steps, slo_ms") from exc
+    out.sort(key=lambda r: r.arrival_s)
+    return out
