@@ -22,23 +22,38 @@ struct ConstPtrArray {
 
 constexpr int kThreads = 256;
 
-// One element per shard, batch row, token and unit of the row; tokens past `length` read as 0.
+// Element e of the concatenated shards (shard, batch row, token, unit of the row); tokens past
+// `length` read as 0. Host-callable too, so the index arithmetic can be checked without a GPU.
+template <typename Unit>
+__host__ __device__ inline void shard_pad_element(int64_t e, const Unit* __restrict__ x, const PtrArray& outs,
+                                                  int64_t batch, int64_t length, int64_t shard_len,
+                                                  int64_t row_units) {
+  const int64_t per_shard = batch * shard_len * row_units;
+  const int64_t shard = e / per_shard;
+  const int64_t in_shard = e - shard * per_shard;
+  const int64_t unit = in_shard % row_units;
+  const int64_t row = in_shard / row_units;  // b * shard_len + t
+  const int64_t t = row % shard_len;
+  const int64_t b = row / shard_len;
+  const int64_t token = shard * shard_len + t;
+  Unit value{};
+  if (token < length) value = x[(b * length + token) * row_units + unit];
+  static_cast<Unit*>(outs.ptr[shard])[in_shard] = value;
+}
+
+template <typename Unit>
+__host__ __device__ inline void pack_element(int64_t e, const ConstPtrArray& ins, Unit* __restrict__ out,
+                                             int64_t units_each) {
+  const int64_t i = e / units_each;
+  out[e] = static_cast<const Unit*>(ins.ptr[i])[e - i * units_each];
+}
+
 template <typename Unit>
 __global__ void shard_pad_kernel(const Unit* __restrict__ x, PtrArray outs, int64_t batch, int64_t length,
                                  int64_t shard_len, int64_t row_units, int64_t total) {
-  const int64_t per_shard = batch * shard_len * row_units;
   for (int64_t e = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; e < total;
        e += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const int64_t shard = e / per_shard;
-    const int64_t in_shard = e - shard * per_shard;
-    const int64_t unit = in_shard % row_units;
-    const int64_t row = in_shard / row_units;  // b * shard_len + t
-    const int64_t t = row % shard_len;
-    const int64_t b = row / shard_len;
-    const int64_t token = shard * shard_len + t;
-    Unit value{};
-    if (token < length) value = x[(b * length + token) * row_units + unit];
-    static_cast<Unit*>(outs.ptr[shard])[in_shard] = value;
+    shard_pad_element(e, x, outs, batch, length, shard_len, row_units);
   }
 }
 
@@ -46,8 +61,7 @@ template <typename Unit>
 __global__ void pack_kernel(ConstPtrArray ins, Unit* __restrict__ out, int64_t units_each, int64_t total) {
   for (int64_t e = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; e < total;
        e += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const int64_t i = e / units_each;
-    out[e] = static_cast<const Unit*>(ins.ptr[i])[e - i * units_each];
+    pack_element(e, ins, out, units_each);
   }
 }
 

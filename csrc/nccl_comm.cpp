@@ -7,6 +7,12 @@
 // connects them, and ncclGroupEnd of one rank blocks until the peer's thread joins. With the GIL
 // held the peer's thread can never get there (seen on 2xH200).
 //
+// NCCL is not thread-safe per communicator (hence the per-rank lock below), and communicators that
+// share a GPU must be used in the same order on every rank: NCCL kernels wait on their peers, so two
+// groups queued in opposite orders on two GPUs deadlock. The engine satisfies both by construction:
+// one executor thread per GPU issues everything on that GPU's current stream, and the groups of one
+// round are disjoint.
+//
 // The payload of every collective here is moved, never reduced, so tensors travel as bytes
 // (ncclUint8) whatever their dtype.
 #include <ATen/ATen.h>
