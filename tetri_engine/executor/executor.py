@@ -31,7 +31,7 @@ import torch
 from tetri_engine.executor.state import EncodeResult, RequestState, StepsResult
 from tetri_engine.executor.steps import StepsJob, describe_error, encode_png
 from tetri_engine.model.runtime import ModelRuntime, torch_device
-from tetri_engine.model.sp_attention import check_heads
+from tetri_engine.model.ulysses import check_heads
 
 
 class _Worker(threading.Thread):
@@ -215,6 +215,11 @@ class Executor:
         """steps_at_degree, regroups, peak_memory_bytes (GPU only; 0 on CPU), seed, step, ... of a request."""
         with self._lock:
             return self._state(request_id).stats()
+
+    def prepared(self, request_id: str):
+        """The request's PreparedRequest (prompt embeddings, noise, schedule), None until encoded."""
+        with self._lock:
+            return self._state(request_id).prepared
 
     def latent(self, request_id: str, timeout_s: float | None = None) -> torch.Tensor:
         """The request's whole latent [1, L, C] on the CPU, once its submitted work is done."""

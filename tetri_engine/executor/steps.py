@@ -30,7 +30,7 @@ import torch
 
 from tetri_engine.executor.state import RequestState, RequestStepResult, StepsResult
 from tetri_engine.model.adapter import flow_match_euler_step
-from tetri_engine.model.sp_attention import SPContext, sequence_parallel, shard_length, valid_tokens
+from tetri_engine.model.ulysses import SPContext, sequence_parallel, shard_length, valid_tokens
 
 if TYPE_CHECKING:  # pragma: no cover
     from tetri_engine.executor.executor import Executor

@@ -16,7 +16,7 @@ from tetri_engine.model.adapter import (
 )
 from tetri_engine.model.presets import PRESETS
 from tetri_engine.model.runtime import ADAPTERS, ModelRuntime, load_runtime, torch_device
-from tetri_engine.model.sp_attention import SPContext, check_heads, sequence_parallel, sp_attention
+from tetri_engine.model.ulysses import SPContext, check_heads, sequence_parallel, sp_attention
 
 __all__ = [
     "ADAPTERS",

@@ -21,7 +21,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from tetri_engine.model.sp_attention import shard_length
+from tetri_engine.model.ulysses import shard_length
 
 
 @dataclass(frozen=True)

@@ -23,7 +23,7 @@ from tetri_engine.model.adapter import (
     pack_latents,
     unpack_latents,
 )
-from tetri_engine.model.sp_attention import sp_attention
+from tetri_engine.model.ulysses import sp_attention
 
 
 class UlyssesJointAttnProcessor:

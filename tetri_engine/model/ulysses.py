@@ -158,7 +158,8 @@ def sp_attention(
     out = F.scaled_dot_product_attention(q_all, k_all, v_all)  # [B, h, degree * L, D]
 
     # 3. Send every rank the rows of its own tokens back: chunk j = rank j's tokens, my head group.
-    out = out.view(batch, heads_local, degree, length, head_dim).permute(2, 0, 3, 1, 4).contiguous()
+    # (the flash kernels return a transposed view, so split the sequence dim rather than view the whole)
+    out = out.unflatten(2, (degree, length)).permute(2, 0, 3, 1, 4).contiguous()
     ctx.exchanges += 1
     out = comm.all_to_all(rank, out)  # chunk j: my tokens, head group j
     return out.permute(1, 2, 0, 3, 4).reshape(batch, length, heads, head_dim)

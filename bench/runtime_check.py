@@ -1,0 +1,203 @@
+#!/usr/bin/env python3
+"""Is the runtime fast and right? Our step against a bare diffusers forward, and degree 2 against 1.
+
+For each model (random weights of the real architecture, built on the GPUs in bf16) and resolution:
+
+* ``diffusers``: a bare ``transformer(...)`` forward of the same transformer with diffusers' own
+  attention processor, on the first device (SD3: the two classifier-free-guidance rows, as its
+  pipeline runs them);
+* ``step`` at degree 1 and at degree 2 (more with --degrees): ``Executor.submit_steps`` of --steps
+  consecutive steps (forward + Euler update), per-step time = the call's seconds / steps;
+* ``check``: the model output of one step at degree 2 against degree 1, same inputs (bf16 tolerance).
+
+Each timing is the median over --repeats calls after --warmup steps. Targets (2xH200, flux-dev):
+our degree-1 step within 3% of the bare forward; degree 2 at least 1.85x faster than degree 1 at
+2048x2048 and 1.6x at 1024x1024. Prints a table; writes one JSON object per line to --output.
+
+  NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 \\
+    python bench/runtime_check.py --models flux-dev,sd3-medium --devices cuda:0,cuda:1 \\
+      --sizes 256,512,1024,2048 --output bench/results/runtime-check-2xH200.jsonl
+
+  # on a CPU (virtual devices, the tiny model): the same code paths, small sizes
+  python bench/runtime_check.py --models tiny --devices cpu:0,cpu:1 --sizes 256,512 --steps 2 --repeats 2
+"""
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
+os.environ.setdefault("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1")
+os.environ.setdefault("NVSHMEM_DISABLE_NVLS", "1")
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import platform  # noqa: E402
+import statistics  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+
+import torch  # noqa: E402
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+from tetri_engine import ops  # noqa: E402
+from tetri_engine.executor import Executor  # noqa: E402
+from tetri_engine.model import load_runtime, unpack_latents, verify  # noqa: E402
+from tetri_engine.model.flux import latent_image_ids  # noqa: E402
+from tetri_engine.request import GenerationRequest  # noqa: E402
+
+TARGETS = {"step_vs_diffusers_max": 1.03, "speedup_min": {2048: 1.85, 1024: 1.6}}
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def diffusers_forward_s(runtime, prepared, steps: int, warmup: int, repeats: int) -> float:
+    """Median seconds per bare diffusers forward (diffusers' own attention processor)."""
+    from diffusers.models.attention_processor import JointAttnProcessor2_0
+    from diffusers.models.transformers.transformer_flux import FluxAttnProcessor
+
+    device = runtime.encode_device
+    transformer = runtime.transformer_on(device)
+    o = prepared.on(device)
+    t = o["timesteps"][0]
+    if runtime.family == "flux":
+        kwargs = dict(
+            hidden_states=prepared.noise.to(device), timestep=t.expand(1).to(runtime.dtype) / 1000,
+            guidance=o.get("guidance"), pooled_projections=o["pooled_projections"],
+            encoder_hidden_states=o["encoder_hidden_states"],
+            txt_ids=torch.zeros(prepared.text_tokens, 3, device=device, dtype=runtime.dtype),
+            img_ids=latent_image_ids(prepared.latent_h, prepared.latent_w, device, runtime.dtype),
+            return_dict=False)
+        default = FluxAttnProcessor()
+    else:
+        latent = unpack_latents(prepared.noise, prepared.latent_h, prepared.latent_w).to(device)
+        kwargs = dict(hidden_states=latent.expand(prepared.rows, -1, -1, -1), timestep=t.expand(prepared.rows),
+                      pooled_projections=o["pooled_projections"], encoder_hidden_states=o["encoder_hidden_states"],
+                      return_dict=False)
+        default = JointAttnProcessor2_0()
+    transformer.set_attn_processor(default)
+    try:
+        with torch.no_grad():
+            for _ in range(warmup):
+                transformer(**kwargs)
+            sync(device)
+            samples = []
+            for _ in range(repeats):
+                start = time.perf_counter()
+                for _ in range(steps):
+                    transformer(**kwargs)
+                sync(device)
+                samples.append((time.perf_counter() - start) / steps)
+    finally:
+        runtime.adapter.install_attention(transformer)
+    return statistics.median(samples)
+
+
+def step_s(ex, rid: str, group: tuple[int, ...], steps: int, warmup: int, repeats: int) -> float:
+    """Median seconds per step of our runtime on `group` (calls of `steps` steps)."""
+    result = ex.submit_steps([rid], group, warmup).result()  # also moves the latent onto the group
+    assert result[rid].error is None, result[rid].error
+    samples = []
+    for _ in range(repeats):
+        result = ex.submit_steps([rid], group, steps).result()
+        assert result[rid].error is None, result[rid].error
+        assert result[rid].steps_done == steps, "the request ran out of steps: raise its num_inference_steps"
+        samples.append(result.seconds / steps)
+    return statistics.median(samples)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", default="flux-dev", help="comma-separated presets (flux-dev, sd3-medium, tiny)")
+    parser.add_argument("--devices", default="cuda:0,cuda:1")
+    parser.add_argument("--sizes", default="256,512,1024,2048", help="square image sizes in pixels")
+    parser.add_argument("--degrees", default="1,2", help="degrees to time (each <= number of devices)")
+    parser.add_argument("--steps", type=int, default=5, help="steps per timed call")
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--no-check", action="store_true", help="skip the degree 2 vs 1 output check")
+    parser.add_argument("--output", default=None, help="JSON lines file (appended)")
+    args = parser.parse_args()
+
+    devices = args.devices.split(",")
+    sizes = [int(s) for s in args.sizes.split(",")]
+    degrees = [int(d) for d in args.degrees.split(",")]
+    machine = (f"{len(devices)}x{torch.cuda.get_device_name(0)}" if devices[0].startswith("cuda")
+               else f"{len(devices)}xcpu-{platform.machine()}")
+    out = open(args.output, "a") if args.output else None
+    failures = []
+
+    def emit(record: dict) -> None:
+        record = {"machine": machine, "devices": devices, **record}
+        if out:
+            out.write(json.dumps(record) + "\n")
+            out.flush()
+
+    for model in args.models.split(","):
+        start = time.perf_counter()
+        runtime = load_runtime(model, devices)
+        print(f"\n{model}: loaded on {devices} in {time.perf_counter() - start:.1f} s "
+              f"({runtime.dtype}, {runtime.num_heads} heads)")
+        print(f"{'size':>6} {'diffusers ms':>13} " + " ".join(f"{'deg' + str(d) + ' ms':>10}" for d in degrees)
+              + f" {'ours/diff':>10} {'speedup':>8} {'check max|d|':>13}")
+        ex = Executor(runtime, devices, ops.CommCache())
+        calls = args.warmup + (args.repeats * args.steps + args.warmup) * len(degrees) + 8
+        for size in sizes:
+            rid = f"{model}-{size}"
+            ex.submit_encode(rid, GenerationRequest(prompt="a lighthouse at dusk", width=size, height=size, seed=0,
+                                                    num_inference_steps=calls)).result()
+            prepared = ex.prepared(rid)
+            base_s = diffusers_forward_s(runtime, prepared, args.steps, args.warmup, args.repeats)
+            emit({"kind": "diffusers_forward", "model": model, "width": size, "height": size, "degree": 1,
+                  "ms": base_s * 1e3})
+            times = {}
+            for degree in degrees:
+                times[degree] = step_s(ex, rid, tuple(range(degree)), args.steps, args.warmup, args.repeats)
+                emit({"kind": "step", "model": model, "width": size, "height": size, "degree": degree,
+                      "ms": times[degree] * 1e3})
+            ratio = times[1] / base_s
+            speedup = times[1] / times[2] if 2 in times else None
+            emit({"kind": "summary", "model": model, "width": size, "height": size,
+                  "step_vs_diffusers": ratio, "speedup_2_vs_1": speedup})
+            if ratio > TARGETS["step_vs_diffusers_max"]:
+                failures.append(f"{model} {size}: degree-1 step {ratio:.3f}x the bare forward (target <= 1.03)")
+            if speedup is not None and size in TARGETS["speedup_min"] and speedup < TARGETS["speedup_min"][size]:
+                failures.append(f"{model} {size}: degree 2 speedup {speedup:.2f}x "
+                                f"(target >= {TARGETS['speedup_min'][size]})")
+
+            check = ""
+            if not args.no_check and len(devices) >= 2:
+                one = verify.sp_velocity(runtime, prepared, devices[:1], ex.comm_cache)
+                two = verify.sp_velocity(runtime, prepared, devices[:2], ex.comm_cache)
+                max_diff = (two - one).abs().max().item()
+                scale = one.abs().max().item()
+                # bf16: a few units in the last place of the largest values (diffusers' own Ulysses-2:
+                # 0.0156 for values up to ~3); float32: rounding only
+                tolerance = (2e-2 if runtime.dtype != torch.float32 else 1e-4) * max(1.0, scale)
+                ok = max_diff <= tolerance and torch.isfinite(two).all().item()
+                emit({"kind": "check", "model": model, "width": size, "height": size, "max_abs_diff": max_diff,
+                      "mean_abs_diff": (two - one).abs().mean().item(), "max_abs_ref": scale,
+                      "tolerance": tolerance, "ok": ok})
+                check = f"{max_diff:.4f}{'' if ok else ' FAIL'}"
+                if not ok:
+                    failures.append(f"{model} {size}: degree 2 output differs from degree 1 by {max_diff} "
+                                    f"(tolerance {tolerance})")
+            ex.release(rid)
+            print(f"{size:>6} {base_s * 1e3:>13.1f} " + " ".join(f"{times[d] * 1e3:>10.1f}" for d in degrees)
+                  + f" {ratio:>10.3f} {(f'{speedup:.2f}x' if speedup else '-'):>8} {check:>13}")
+        ex.shutdown()
+        del ex, runtime
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+    if out:
+        out.close()
+    print("\nall targets met" if not failures else "\ntargets missed:\n  " + "\n  ".join(failures))
+    return 0 if not failures else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

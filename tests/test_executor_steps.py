@@ -1,0 +1,208 @@
+"""The Executor on 4 virtual CPU devices: degree changes between steps, batching, images, failures."""
+from __future__ import annotations
+
+import io
+import threading
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from tetri_engine import ops
+from tetri_engine.executor import Executor
+from tetri_engine.model import load_runtime
+from tetri_engine.request import GenerationRequest
+
+DEVICES = ["cpu:0", "cpu:1", "cpu:2", "cpu:3"]
+
+
+@pytest.fixture(scope="module")
+def runtime():
+    return load_runtime("tiny", DEVICES)
+
+
+@pytest.fixture(scope="module")
+def ex(runtime):
+    executor = Executor(runtime, DEVICES, ops.CommCache(timeout_s=30.0))
+    yield executor
+    executor.shutdown()
+
+
+_ids = iter(range(10**6))
+
+
+def encode(ex, width=64, height=64, seed=1, steps=4, prompt="a small house"):
+    rid = f"r{next(_ids)}"
+    ex.submit_encode(rid, GenerationRequest(prompt=prompt, width=width, height=height, seed=seed,
+                                            num_inference_steps=steps)).result()
+    return rid
+
+
+def run_schedule(ex, schedule, **request):
+    """schedule: [(device_indices, num_steps), ...]; returns (latent, request id)."""
+    rid = encode(ex, **request)
+    for devices, n in schedule:
+        result = ex.submit_steps([rid], devices, n).result()
+        assert result[rid].error is None, result[rid].error
+    return ex.latent(rid), rid
+
+
+def test_degree_schedule_equals_fixed_degree(ex):
+    fixed, rid_fixed = run_schedule(ex, [((0,), 4)], width=48, height=80, seed=9)
+    moving, rid = run_schedule(ex, [((0,), 1), ((0, 1), 1), ((0, 1, 2, 3), 1), ((3,), 1)], width=48, height=80, seed=9)
+    torch.testing.assert_close(moving, fixed)
+    stats = ex.request_stats(rid)
+    assert stats["steps_at_degree"] == {1: 2, 2: 1, 4: 1}
+    assert stats["regroups"] == 3 and stats["step"] == 4
+    assert stats["peak_memory_bytes"] == 0  # CPU: not measured
+    assert ex.placement(rid) == (3,)
+    for r in (rid, rid_fixed):
+        ex.release(r)
+    assert ex.placement(rid) is None
+
+
+def test_fixed_degrees_agree(ex):
+    one, a = run_schedule(ex, [((0,), 3)], width=64, height=48, seed=4)
+    two, b = run_schedule(ex, [((1, 2), 3)], width=64, height=48, seed=4)
+    four, c = run_schedule(ex, [((3, 2, 1, 0), 3)], width=64, height=48, seed=4)  # any device order
+    torch.testing.assert_close(two, one)
+    torch.testing.assert_close(four, one)
+    for r in (a, b, c):
+        ex.release(r)
+
+
+def test_regroup_reported_only_when_the_latent_moves(ex):
+    rid = encode(ex, seed=2)
+    assert not ex.submit_steps([rid], (0, 1), 1).result()[rid].regrouped  # first placement
+    assert not ex.submit_steps([rid], (0, 1), 1).result()[rid].regrouped  # same group
+    assert ex.submit_steps([rid], (2, 3), 1).result()[rid].regrouped
+    ex.release(rid)
+
+
+def test_full_pipeline_png_of_requested_size_and_same_seed_same_image(ex):
+    rid = encode(ex, width=512, height=512, steps=8, seed=21)
+    result = ex.submit_steps([rid], (0,), 8, decode_after=True).result()
+    r = result[rid]
+    assert r.error is None and r.finished and r.steps_done == 8
+    assert r.image.size == (512, 512)
+    assert Image.open(io.BytesIO(r.png)).size == (512, 512)
+
+    # A non-square image, at other degrees, same seed: the same picture.
+    first = encode(ex, width=96, height=64, steps=4, seed=5)
+    a = ex.submit_steps([first], (0,), 4, decode_after=True).result()[first]
+    second = encode(ex, width=96, height=64, steps=4, seed=5)
+    ex.submit_steps([second], (0, 1), 2).result()
+    b = ex.submit_steps([second], (1, 2, 3, 0), 2, decode_after=True).result()[second]
+    assert Image.open(io.BytesIO(a.png)).size == (96, 64)
+    pixels_a, pixels_b = np.asarray(a.image, dtype=np.int16), np.asarray(b.image, dtype=np.int16)
+    assert np.abs(pixels_a - pixels_b).max() <= 1
+    decoded, png = ex.submit_decode(second, 2).result()
+    assert np.array_equal(np.asarray(decoded), np.asarray(b.image))
+    for x in (rid, first, second):
+        ex.release(x)
+
+
+def test_batched_requests_equal_each_alone(ex):
+    alone = [run_schedule(ex, [((0, 1), 3)], seed=s, prompt=p) for s, p in ((1, "a cat"), (2, "a dog"))]
+    a, b = encode(ex, seed=1, prompt="a cat"), encode(ex, seed=2, prompt="a dog")
+    result = ex.submit_steps([a, b], (2, 3), 3).result()
+    assert result.errors == {} and result[a].steps_done == result[b].steps_done == 3
+    torch.testing.assert_close(ex.latent(a), alone[0][0])
+    torch.testing.assert_close(ex.latent(b), alone[1][0])
+    for rid in (a, b, alone[0][1], alone[1][1]):
+        ex.release(rid)
+
+
+def test_requests_with_fewer_steps_left_stop_early(ex):
+    short, long = encode(ex, steps=2, seed=1), encode(ex, steps=4, seed=2)
+    seen: list[tuple[str, int]] = []
+    result = ex.submit_steps([short, long], (0,), 3, on_step=lambda rid, step: seen.append((rid, step)),
+                             decode_after=True).result()
+    assert (result[short].steps_done, result[short].finished) == (2, True)
+    assert (result[long].steps_done, result[long].step, result[long].finished) == (3, 3, False)
+    assert result[short].image is not None and result[long].image is None
+    assert sorted(seen) == sorted([(short, 1), (short, 2), (long, 1), (long, 2), (long, 3)])
+    for rid in (short, long):
+        ex.release(rid)
+
+
+def test_submit_errors_are_raised_at_once(ex):
+    rid = encode(ex)
+    with pytest.raises(ValueError, match="4 attention heads.*3 devices"):
+        ex.submit_steps([rid], (0, 1, 2), 1)
+    with pytest.raises(ValueError, match="unknown request"):
+        ex.submit_steps(["nope"], (0,), 1)
+    with pytest.raises(ValueError, match="out of range"):
+        ex.submit_steps([rid], (4,), 1)
+    with pytest.raises(ValueError, match="already held"):
+        ex.submit_encode(rid, GenerationRequest(prompt="x"))
+    bad = ex.submit_encode("bad-size", GenerationRequest(prompt="x", width=100, height=64))
+    with pytest.raises(ValueError, match="multiples of 16"):
+        bad.result()
+    result = ex.submit_steps(["bad-size"], (0,), 1).result()
+    assert "multiples of 16" in result["bad-size"].error
+    for x in (rid, "bad-size"):
+        ex.release(x)
+
+
+def test_batch_of_different_sizes_fails_cleanly(ex):
+    a, b = encode(ex, width=64, height=64), encode(ex, width=64, height=48)
+    result = ex.submit_steps([a, b], (0,), 1).result()
+    assert "different sizes" in result[a].error and "different sizes" in result[b].error
+    for x in (a, b):
+        ex.release(x)
+
+
+@pytest.mark.parametrize("devices", [(0,), (1, 2)])
+def test_a_failing_request_fails_alone(ex, runtime, monkeypatch, devices):
+    """A step that raises for one request (on every rank) fails that request; its batch-mate and the
+    threads go on."""
+    good, bad = encode(ex, seed=1, prompt="a cat"), encode(ex, seed=666, prompt="a dog")
+    reference, ref_id = run_schedule(ex, [(devices, 3)], seed=1, prompt="a cat")
+    velocity = runtime.adapter.velocity
+
+    def failing(transformer, latents, prepared, step_indices, inputs):
+        if any(p.seed == 666 for p in prepared) and step_indices[[p.seed for p in prepared].index(666)] == 1:
+            raise torch.cuda.OutOfMemoryError("injected: tried to allocate 80 GiB")
+        return velocity(transformer, latents, prepared, step_indices, inputs)
+
+    monkeypatch.setattr(runtime.adapter, "velocity", failing)
+    result = ex.submit_steps([good, bad], devices, 3).result()
+    assert result[good].error is None and result[good].steps_done == 3
+    assert "CUDA out of memory" in result[bad].error and result[bad].steps_done == 1
+    torch.testing.assert_close(ex.latent(good), reference)
+    # The request stays failed; the devices keep working.
+    again = ex.submit_steps([bad], devices, 1).result()
+    assert "CUDA out of memory" in again[bad].error and again[bad].steps_done == 0
+    monkeypatch.setattr(runtime.adapter, "velocity", velocity)
+    fine = encode(ex, seed=3)
+    assert ex.submit_steps([fine], devices, 2).result().errors == {}
+    for x in (good, bad, ref_id, fine):
+        ex.release(x)
+
+
+def test_a_rank_failing_alone_fails_the_group_and_the_threads_survive(runtime, monkeypatch):
+    """A failure on one rank only, before an exchange: the other ranks time out in it, the ranks went
+    out of step, so every request of the call fails; the next call on the same devices works."""
+    from tetri_engine.model import ulysses as sp
+
+    with Executor(runtime, DEVICES, ops.CommCache(timeout_s=0.5)) as ex:
+        a, b = encode(ex, seed=1), encode(ex, seed=2)
+        real = sp.sp_attention
+        calls = threading.local()
+
+        def rank_1_fails(query, key, value, streams):
+            ctx = sp.current_context()
+            calls.n = getattr(calls, "n", 0) + 1
+            if ctx is not None and ctx.rank == 1 and calls.n == 2:
+                raise RuntimeError("injected on rank 1")
+            return real(query, key, value, streams)
+
+        monkeypatch.setattr("tetri_engine.model.flux.sp_attention", rank_1_fails)
+        result = ex.submit_steps([a, b], (0, 1), 2).result()
+        assert "out of step" in result[a].error and "injected on rank 1" in result[a].error
+        assert result[b].error is not None
+        monkeypatch.setattr("tetri_engine.model.flux.sp_attention", real)
+        c = encode(ex, seed=3)
+        assert ex.submit_steps([c], (0, 1), 2).result().errors == {}
