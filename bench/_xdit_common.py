@@ -1,0 +1,408 @@
+"""Pure-Python helpers of the xDiT baseline harness (`bench/xdit_baseline.py`).
+
+Owns what the harness can decide without a GPU, without torch and without xfuser, so that it is tested
+on a CPU machine: the FLUX.1-dev configs (transformer and VAE), the trace format and its loader, the
+flow-match sigma schedule FLUX uses, the FCFS one-request-at-a-time replay model (xDiT's HTTP service
+runs one request at a time at a fixed degree), and the summary (SAR, latency percentiles) and tables.
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass
+from typing import Callable, Iterable, Sequence
+
+# FLUX.1-dev transformer, as in black-forest-labs/FLUX.1-dev/transformer/config.json (11.9 B parameters).
+FLUX_DEV_TRANSFORMER_CONFIG: dict = {
+    "patch_size": 1,
+    "in_channels": 64,
+    "out_channels": None,
+    "num_layers": 19,
+    "num_single_layers": 38,
+    "attention_head_dim": 128,
+    "num_attention_heads": 24,
+    "joint_attention_dim": 4096,
+    "pooled_projection_dim": 768,
+    "guidance_embeds": True,
+    "axes_dims_rope": (16, 56, 56),
+}
+
+# FLUX.1 VAE, as in black-forest-labs/FLUX.1-dev/vae/config.json (AutoencoderKL, 16 latent channels).
+FLUX_VAE_CONFIG: dict = {
+    "in_channels": 3,
+    "out_channels": 3,
+    "down_block_types": ("DownEncoderBlock2D",) * 4,
+    "up_block_types": ("UpDecoderBlock2D",) * 4,
+    "block_out_channels": (128, 256, 512, 512),
+    "layers_per_block": 2,
+    "act_fn": "silu",
+    "latent_channels": 16,
+    "norm_num_groups": 32,
+    "sample_size": 1024,
+    "scaling_factor": 0.3611,
+    "shift_factor": 0.1159,
+    "force_upcast": True,
+    "use_quant_conv": False,
+    "use_post_quant_conv": False,
+    "mid_block_add_attention": True,
+}
+
+# Same architecture, tiny: only for exercising the harness on a CPU (`--model tiny --device cpu`).
+TINY_TRANSFORMER_CONFIG: dict = {
+    **FLUX_DEV_TRANSFORMER_CONFIG,
+    "num_layers": 1,
+    "num_single_layers": 1,
+    "attention_head_dim": 16,
+    "num_attention_heads": 4,
+    "joint_attention_dim": 32,
+    "pooled_projection_dim": 16,
+    "axes_dims_rope": (4, 6, 6),
+}
+TINY_VAE_CONFIG: dict = {
+    **FLUX_VAE_CONFIG,
+    "block_out_channels": (8, 8, 8, 8),
+    "layers_per_block": 1,
+    "norm_num_groups": 4,
+}
+
+MODEL_CONFIGS = {
+    "flux-dev": (FLUX_DEV_TRANSFORMER_CONFIG, FLUX_VAE_CONFIG),
+    "tiny": (TINY_TRANSFORMER_CONFIG, TINY_VAE_CONFIG),
+}
+
+PATCH_PX = 16          # FLUX: 8x VAE downsampling, then 2x2 latent patches -> one token per 16x16 pixels
+VAE_SCALE_FACTOR = 8   # pixels per latent pixel
+DEFAULT_GUIDANCE = 3.5
+
+# Rough Ulysses-2 step times (ms) on 2xH200 for the dry-run's plan only: diffusers' own context
+# parallelism on the same model (DESIGN.md, "Measured facts"); 256² not measured, assumed = 512².
+# A real estimate comes from this harness's own `step` output (`--estimate-from`).
+DEFAULT_STEP_MS_ESTIMATE = {256 * 256: 102.2, 512 * 512: 102.2, 1024 * 1024: 112.2, 2048 * 2048: 475.7}
+
+
+# ----------------------------------------------------------------------------------------------- trace
+
+TRACE_FIELDS = ("arrival_s", "width", "height", "steps", "slo_ms")
+
+
+@dataclass(frozen=True)
+class TraceRequest:
+    """One line of the project's trace format (JSON lines: arrival_s, width, height, steps, slo_ms)."""
+
+    index: int            # position in the trace (FCFS order is arrival order, ties by index)
+    request_id: str
+    arrival_s: float      # seconds after the replay starts
+    width: int
+    height: int
+    steps: int
+    slo_ms: float         # deadline = arrival_s + slo_ms / 1000
+
+    @property
+    def deadline_s(self) -> float:
+        return self.arrival_s + self.slo_ms / 1000.0
+
+    @property
+    def image_tokens(self) -> int:
+        return image_tokens(self.width, self.height)
+
+
+def image_tokens(width: int, height: int) -> int:
+    """Transformer image tokens of a FLUX image: one per 16x16 pixels."""
+    return (width // PATCH_PX) * (height // PATCH_PX)
+
+
+def check_size(width: int, height: int) -> None:
+    if width <= 0 or height <= 0 or width % PATCH_PX or height % PATCH_PX:
+        raise ValueError(f"image size {width}x{height}: width and height must be positive multiples of {PATCH_PX}")
+
+
+def parse_trace_lines(lines: Iterable[str], source: str = "<trace>") -> list[TraceRequest]:
+    """Parse trace JSON lines. Blank lines and lines starting with '#' are skipped; unknown keys are
+    ignored (traces may carry e.g. mix or scale); a missing or bad field is an error naming the line."""
+    requests: list[TraceRequest] = []
+    for line_no, line in enumerate(lines, start=1):
+        text = line.strip()
+        if not text or text.startswith("#"):
+            continue
+        where = f"{source}:{line_no}"
+        try:
+            row = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{where}: not JSON ({exc.msg})") from None
+        if not isinstance(row, dict):
+            raise ValueError(f"{where}: expected a JSON object")
+        missing = [k for k in TRACE_FIELDS if k not in row]
+        if missing:
+            raise ValueError(f"{where}: missing field(s) {', '.join(missing)} (need {', '.join(TRACE_FIELDS)})")
+        try:
+            arrival_s = float(row["arrival_s"])
+            width, height, steps = int(row["width"]), int(row["height"]), int(row["steps"])
+            slo_ms = float(row["slo_ms"])
+        except (TypeError, ValueError):
+            raise ValueError(f"{where}: arrival_s/slo_ms must be numbers, width/height/steps integers") from None
+        if not (math.isfinite(arrival_s) and arrival_s >= 0):
+            raise ValueError(f"{where}: arrival_s must be a finite number >= 0")
+        if steps < 1:
+            raise ValueError(f"{where}: steps must be >= 1")
+        if not (math.isfinite(slo_ms) and slo_ms > 0):
+            raise ValueError(f"{where}: slo_ms must be > 0")
+        try:
+            check_size(width, height)
+        except ValueError as exc:
+            raise ValueError(f"{where}: {exc}") from None
+        index = len(requests)
+        request_id = str(row.get("request_id", row.get("id", f"r{index:05d}")))
+        requests.append(TraceRequest(index, request_id, arrival_s, width, height, steps, slo_ms))
+    # FCFS: arrival order; a stable sort keeps the file order for equal arrivals.
+    requests.sort(key=lambda r: (r.arrival_s, r.index))
+    return requests
+
+
+def load_trace(path: str) -> list[TraceRequest]:
+    with open(path, encoding="utf-8") as f:
+        requests = parse_trace_lines(f, source=path)
+    if not requests:
+        raise ValueError(f"{path}: no requests in trace")
+    return requests
+
+
+def apply_overrides(requests: Sequence[TraceRequest], steps_override: int | None = None,
+                    max_requests: int | None = None) -> list[TraceRequest]:
+    """`--steps-override` (a short smoke: every request runs that many steps; arrivals and SLOs kept)
+    and `--max-requests` (the first N by arrival)."""
+    out = list(requests)
+    if max_requests is not None:
+        out = out[:max_requests]
+    if steps_override is not None:
+        out = [TraceRequest(r.index, r.request_id, r.arrival_s, r.width, r.height, steps_override, r.slo_ms)
+               for r in out]
+    return out
+
+
+def parse_resolutions(text: str) -> list[tuple[int, int]]:
+    """'256,512,1024x768' -> [(256, 256), (512, 512), (1024, 768)] as (width, height)."""
+    sizes = []
+    for item in text.split(","):
+        item = item.strip().lower()
+        if not item:
+            continue
+        if "x" in item:
+            w, h = item.split("x", 1)
+            width, height = int(w), int(h)
+        else:
+            width = height = int(item)
+        check_size(width, height)
+        sizes.append((width, height))
+    if not sizes:
+        raise ValueError("no resolutions given")
+    return sizes
+
+
+# ---------------------------------------------------------------------------------- FLUX sigma schedule
+
+def flux_mu(image_seq_len: int, base_seq_len: int = 256, max_seq_len: int = 4096,
+            base_shift: float = 0.5, max_shift: float = 1.15) -> float:
+    """FluxPipeline's resolution-dependent shift (diffusers `calculate_shift`, FLUX.1-dev scheduler config)."""
+    m = (max_shift - base_shift) / (max_seq_len - base_seq_len)
+    return image_seq_len * m + (base_shift - m * base_seq_len)
+
+
+def flux_sigmas(num_steps: int, image_seq_len: int) -> list[float]:
+    """The sigmas FluxPipeline gives FlowMatchEulerDiscreteScheduler (dynamic exponential shift),
+    with the terminal 0 appended: num_steps + 1 values, 1.0 first, strictly decreasing to 0."""
+    if num_steps < 1:
+        raise ValueError("num_steps must be >= 1")
+    # np.linspace(1.0, 1 / num_steps, num_steps), then the exponential time shift exp(mu) / (exp(mu) + (1/t - 1)).
+    mu = flux_mu(image_seq_len)
+    if num_steps == 1:
+        ts = [1.0]
+    else:
+        ts = [1.0 - i * (1.0 - 1.0 / num_steps) / (num_steps - 1) for i in range(num_steps)]
+    return [math.exp(mu) / (math.exp(mu) + (1.0 / t - 1.0)) for t in ts] + [0.0]
+
+
+# ------------------------------------------------------------------------------------ FCFS replay model
+
+@dataclass
+class RequestRecord:
+    """What the replay records per request (one JSON line)."""
+
+    kind: str
+    request_index: int
+    request_id: str
+    width: int
+    height: int
+    steps: int
+    slo_ms: float
+    arrival_s: float
+    deadline_s: float
+    status: str                         # completed | failed | not_run_budget
+    start_s: float | None = None        # replay clock: seconds since the replay started
+    finish_s: float | None = None
+    latency_s: float | None = None      # finish - arrival
+    queue_s: float | None = None        # start - arrival
+    service_s: float | None = None      # finish - start
+    transformer_s: float | None = None  # the denoising steps (transformer + scheduler update)
+    decode_s: float | None = None       # VAE decode
+    deadline_met: bool = False
+    error: str | None = None
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), sort_keys=False)
+
+
+def simulate_fcfs(requests: Sequence[TraceRequest], service_s: Callable[[TraceRequest], float],
+                  budget_s: float | None = None) -> list[RequestRecord]:
+    """One request at a time, first come first served, non-preemptive (xDiT's HTTP service).
+    A request whose predicted finish would pass `budget_s` (replay clock) is not run, nor is any
+    after it: they are marked not_run_budget (missed) — the same rule the live replay uses."""
+    records = []
+    clock = 0.0
+    stopped = False
+    for r in requests:
+        if stopped:
+            records.append(_not_run(r))
+            continue
+        start = max(clock, r.arrival_s)
+        s = service_s(r)
+        if budget_s is not None and start + s > budget_s:
+            stopped = True
+            records.append(_not_run(r))
+            continue
+        finish = start + s
+        clock = finish
+        records.append(completed_record(r, start, finish, transformer_s=None, decode_s=None))
+    return records
+
+
+def _not_run(r: TraceRequest) -> RequestRecord:
+    return RequestRecord("request", r.index, r.request_id, r.width, r.height, r.steps, r.slo_ms,
+                         r.arrival_s, r.deadline_s, "not_run_budget",
+                         error="wall-clock budget (--max-seconds) ran out before this request could start")
+
+
+def not_run_record(r: TraceRequest) -> RequestRecord:
+    return _not_run(r)
+
+
+def completed_record(r: TraceRequest, start_s: float, finish_s: float, transformer_s: float | None,
+                     decode_s: float | None) -> RequestRecord:
+    return RequestRecord(
+        "request", r.index, r.request_id, r.width, r.height, r.steps, r.slo_ms, r.arrival_s, r.deadline_s,
+        "completed", start_s=start_s, finish_s=finish_s, latency_s=finish_s - r.arrival_s,
+        queue_s=start_s - r.arrival_s, service_s=finish_s - start_s, transformer_s=transformer_s,
+        decode_s=decode_s, deadline_met=finish_s <= r.deadline_s + 1e-9)
+
+
+def failed_record(r: TraceRequest, start_s: float, finish_s: float, error: str) -> RequestRecord:
+    return RequestRecord(
+        "request", r.index, r.request_id, r.width, r.height, r.steps, r.slo_ms, r.arrival_s, r.deadline_s,
+        "failed", start_s=start_s, finish_s=finish_s, latency_s=None, queue_s=start_s - r.arrival_s,
+        service_s=finish_s - start_s, deadline_met=False, error=error)
+
+
+def percentile(values: Sequence[float], q: float) -> float | None:
+    """Linear-interpolated percentile (numpy's default), q in [0, 100]; None when empty."""
+    if not values:
+        return None
+    xs = sorted(values)
+    pos = (len(xs) - 1) * q / 100.0
+    lo, hi = math.floor(pos), math.ceil(pos)
+    return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
+
+
+def median(values: Sequence[float]) -> float | None:
+    return percentile(values, 50.0)
+
+
+def summarize(records: Sequence[RequestRecord], replay_span_s: float | None = None) -> dict:
+    """SAR = met / all requests in the trace (not run and failed count as missed); also the SAR of the
+    requests that ran, latency of completed requests, and the server's busy fraction."""
+    total = len(records)
+    by_status: dict[str, int] = {}
+    for rec in records:
+        by_status[rec.status] = by_status.get(rec.status, 0) + 1
+    ran = [r for r in records if r.status != "not_run_budget"]
+    met = sum(1 for r in records if r.deadline_met)
+    latencies = [r.latency_s for r in records if r.status == "completed" and r.latency_s is not None]
+    busy = sum(r.service_s for r in ran if r.service_s is not None)
+    if replay_span_s is None:
+        finishes = [r.finish_s for r in ran if r.finish_s is not None]
+        replay_span_s = max(finishes) if finishes else 0.0
+    per_res: dict[str, dict] = {}
+    for rec in records:
+        key = f"{rec.width}x{rec.height}"
+        d = per_res.setdefault(key, {"requests": 0, "met": 0, "completed": 0})
+        d["requests"] += 1
+        d["met"] += int(rec.deadline_met)
+        d["completed"] += int(rec.status == "completed")
+    for d in per_res.values():
+        d["sar"] = d["met"] / d["requests"] if d["requests"] else None
+    return {
+        "requests": total,
+        "completed": by_status.get("completed", 0),
+        "failed": by_status.get("failed", 0),
+        "not_run_budget": by_status.get("not_run_budget", 0),
+        "deadline_met": met,
+        "sar": met / total if total else None,
+        "sar_of_run": (met / len(ran)) if ran else None,
+        "latency_mean_s": (sum(latencies) / len(latencies)) if latencies else None,
+        "latency_p50_s": percentile(latencies, 50),
+        "latency_p99_s": percentile(latencies, 99),
+        "busy_s": busy,
+        "replay_span_s": replay_span_s,
+        "busy_fraction": (busy / replay_span_s) if replay_span_s else None,
+        "by_resolution": per_res,
+    }
+
+
+def step_ms_estimator(table: dict[int, float]) -> Callable[[int, int], float]:
+    """Step time (ms) for an image size from a {pixels: ms} table: exact, else the nearest size
+    scaled by the token count (transformer cost grows at least linearly in tokens)."""
+    if not table:
+        raise ValueError("empty step-time table")
+
+    def est(width: int, height: int) -> float:
+        px = width * height
+        if px in table:
+            return table[px]
+        nearest = min(table, key=lambda p: abs(math.log(p / px)))
+        return table[nearest] * max(px / nearest, 1.0) if px > nearest else table[nearest]
+
+    return est
+
+
+def load_step_table(path: str) -> dict[int, float]:
+    """{pixels: median_ms} from this harness's `step` output (JSON lines with width, height, median_ms)."""
+    table = {}
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            line = line.strip()
+            if not line:
+                continue
+            row = json.loads(line)
+            if row.get("kind") == "step" and row.get("median_ms") is not None:
+                table[int(row["width"]) * int(row["height"])] = float(row["median_ms"])
+    if not table:
+        raise ValueError(f"{path}: no step rows with median_ms")
+    return table
+
+
+def format_table(rows: Sequence[dict], columns: Sequence[tuple[str, str]]) -> str:
+    """Plain-text table; columns are (key, header); floats get 3 significant decimals, None -> '-'."""
+    def cell(v) -> str:
+        if v is None:
+            return "-"
+        if isinstance(v, bool):
+            return "yes" if v else "no"
+        if isinstance(v, float):
+            return f"{v:.3f}" if abs(v) < 1000 else f"{v:.1f}"
+        return str(v)
+
+    body = [[cell(row.get(k)) for k, _ in columns] for row in rows]
+    headers = [h for _, h in columns]
+    widths = [max(len(h), *(len(r[i]) for r in body)) if body else len(h) for i, h in enumerate(headers)]
+    lines = ["  ".join(h.rjust(w) for h, w in zip(headers, widths)),
+             "  ".join("-" * w for w in widths)]
+    lines += ["  ".join(c.rjust(w) for c, w in zip(r, widths)) for r in body]
+    return "\n".join(lines)

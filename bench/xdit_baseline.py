@@ -1,0 +1,994 @@
+#!/usr/bin/env python3
+"""xDiT (xfuser) as the external peer: the same FLUX.1-dev-architecture transformer (random weights, bf16)
+run through xfuser's own Ulysses sequence parallelism, at a degree fixed for the life of the processes
+(xDiT's design), in two modes:
+
+* ``step``  — one forward (= one denoising step) per resolution, median of --iters after --warmup;
+  also checks the parallel output against a one-GPU diffusers forward of the same weights (issue 3).
+* ``serve`` — replay a trace (JSON lines: arrival_s, width, height, steps, slo_ms) in real time, one
+  request at a time, first come first served, as xDiT's HTTP service does; per-request finish time,
+  latency, deadline met, and the SAR (issue 7). Only rank 0 reads the clock and decides; it
+  broadcasts each decision, so both ranks always run the same forward.
+
+Which xDiT code runs (``--path``, reported in every output line as ``path``):
+
+* ``xfuser``   — xfuser 0.7.0's ``xFuserFlux1Transformer2DWrapper`` (the transformer its own runner
+  uses for FLUX.1-dev without PipeFusion): splits the input sequence, runs xDiT's USP attention
+  (Ulysses all-to-all of Q/K/V, attention, all-to-all back) in every block, all-gathers the output.
+  Set up like xfuser's runner: ``init_distributed_environment`` -> ``xFuserArgs(...).create_config()``
+  -> model -> ``initialize_runtime_state`` (builds xDiT's process groups) -> ``set_input_parameters``.
+  Attention kernel: xfuser's choice (cuDNN SDPA on an H200 without flash-attn), or
+  ``--attention-backend``; a backend whose first forward fails is replaced by SDPA_FLASH, then SDPA.
+* ``yunchang`` — fallback, clearly labelled: diffusers' ``FluxTransformer2DModel`` with an attention
+  processor that calls yunchang's ``LongContextAttention`` (the Ulysses core xDiT is built on), with
+  PyTorch's flash SDPA as the kernel (no flash-attn package needed); the same input split and output
+  gather as the xfuser wrapper.
+* ``auto`` (default) — xfuser, and yunchang if xfuser fails to import, build or run its first forward.
+
+Run on 2 GPUs (rank 0 writes --output; the env vars are also defaulted at the top of this file):
+
+  NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 \\
+    torchrun --standalone --nproc_per_node=2 bench/xdit_baseline.py step \\
+      --resolutions 256,512,1024,2048 --iters 10 --output bench/results/xdit-step-2xH200.jsonl
+
+  NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 \\
+    torchrun --standalone --nproc_per_node=2 bench/xdit_baseline.py serve \\
+      --trace trace.jsonl --max-seconds 540 --output bench/results/xdit-serve-2xH200.jsonl
+
+  # short smoke of the serve path: every request 2 steps, first 8 requests
+  ... bench/xdit_baseline.py serve --trace trace.jsonl --steps-override 2 --max-requests 8 --max-seconds 240
+
+  # on any machine, no GPU, no xfuser: parse, build the schedule, print what would run
+  python bench/xdit_baseline.py serve --trace trace.jsonl --dry-run
+  python bench/xdit_baseline.py step --dry-run
+
+``--nproc_per_node=1`` runs the same code at degree 1 (xDiT without parallelism).
+
+What ``serve`` times per request (printed and stored as ``timed``): ``steps`` x [transformer forward as
+above + the flow-match Euler update of FluxPipeline's sigma schedule] + a VAE decode of the final latent
+(random-weight FLUX ``AutoencoderKL``, bf16, on every rank, as xDiT does without --use_parallel_vae;
+``--no-vae-decode`` leaves it out). Not timed: text encoding (random prompt embeddings of
+--text-tokens tokens stand in for CLIP/T5), image post-processing and PNG, HTTP. ``--max-seconds``
+bounds the whole run from process start (model build and warm-up included): a request whose
+predicted finish would pass it is not started, nor is any later one; they are written as
+``not_run_budget`` and count as missed in the SAR (the summary says how many).
+"""
+from __future__ import annotations
+
+import os
+
+# NVLink multicast off on the lent H200 machines (see the project's KINDS notes).
+for _key, _value in (("NCCL_NVLS_ENABLE", "0"), ("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1"),
+                     ("NVSHMEM_DISABLE_NVLS", "1")):
+    os.environ.setdefault(_key, _value)
+
+import argparse  # noqa: E402
+import gc  # noqa: E402
+import json  # noqa: E402
+import platform  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+import traceback  # noqa: E402
+import warnings  # noqa: E402
+from dataclasses import asdict  # noqa: E402
+from datetime import timedelta  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _xdit_common as common  # noqa: E402
+
+_SCRIPT_START_S = time.time()
+# torch >= 2.12 deprecates all_gather_into_tensor (used by xfuser and the fallback): keep the log readable.
+warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.distributed")
+
+XDIT_ENV_VARS = ("NCCL_NVLS_ENABLE", "TORCH_SYMM_MEM_DISABLE_MULTICAST", "NVSHMEM_DISABLE_NVLS")
+XFUSER_FALLBACK_BACKENDS = ("SDPA_FLASH", "SDPA")
+ACTION_STOP, ACTION_RUN, ACTION_WAIT = 0, 1, 2   # rank 0's per-request decision in `serve`
+KEEPALIVE_S = 30.0
+YUNCHANG_ATTN_TYPES = ("torch_flash", "torch_cudnn", "torch_efficient", "torch_math")  # math: last resort
+
+
+# --------------------------------------------------------------------------------------------- CLI
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="xdit_baseline.py",
+        description="xDiT (xfuser) Ulysses baseline on a FLUX.1-dev-architecture transformer: step time and "
+                    "FCFS trace replay. Run under torchrun; --dry-run works anywhere.")
+    sub = parser.add_subparsers(dest="mode", required=True)
+
+    def common_args(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--output", help="JSON lines written by rank 0 (default: bench/results/xdit-<mode>.jsonl)")
+        p.add_argument("--path", choices=("auto", "xfuser", "yunchang"), default="auto",
+                       help="which xDiT code runs the steps (see the module docstring)")
+        p.add_argument("--attention-backend", default=None,
+                       help="xfuser AttentionBackendType name, e.g. CUDNN, SDPA_FLASH, SDPA (default: xfuser's choice)")
+        p.add_argument("--yunchang-attn", default=YUNCHANG_ATTN_TYPES[0], choices=YUNCHANG_ATTN_TYPES,
+                       help="kernel of the yunchang fallback (tried first; the others follow if it fails)")
+        p.add_argument("--text-tokens", type=int, default=512, help="prompt tokens (T5 max_sequence_length)")
+        p.add_argument("--model", choices=sorted(common.MODEL_CONFIGS), default="flux-dev",
+                       help="flux-dev: FLUX.1-dev's config; tiny: a 2-block model for CPU debugging only")
+        p.add_argument("--device", choices=("cuda", "cpu"), default="cuda",
+                       help="cpu (gloo, fp32) only for debugging the harness with --model tiny")
+        p.add_argument("--dtype", choices=("bf16", "fp32"), default=None, help="default: bf16 on cuda, fp32 on cpu")
+        p.add_argument("--seed", type=int, default=0, help="weights seed (same on every rank)")
+        p.add_argument("--dist-timeout-s", type=float, default=300.0,
+                       help="timeout of collectives: a rank that fails alone makes the others wait this long "
+                            "before the run aborts")
+        p.add_argument("--dry-run", action="store_true",
+                       help="parse, build the schedule, print what would run; no torch.cuda, no xfuser")
+
+    p_step = sub.add_parser("step", help="one-forward step time per resolution (issue 3)")
+    common_args(p_step)
+    p_step.add_argument("--resolutions", default="256,512,1024,2048",
+                        help="comma list of sizes: 1024 (square) or 1024x768 (width x height)")
+    p_step.add_argument("--iters", type=int, default=10, help="timed forwards per resolution (median reported)")
+    p_step.add_argument("--warmup", type=int, default=3, help="untimed forwards per resolution first")
+    p_step.add_argument("--no-check", dest="check", action="store_false",
+                        help="skip the comparison with a one-GPU diffusers forward of the same weights")
+
+    p_serve = sub.add_parser("serve", help="real-time FCFS replay of a trace, one request at a time (issue 7)")
+    common_args(p_serve)
+    p_serve.add_argument("--trace", required=True, help="JSON lines: arrival_s, width, height, steps, slo_ms")
+    p_serve.add_argument("--max-seconds", type=float, required=True,
+                         help="wall-clock budget from process start; requests that cannot finish in it are not run")
+    p_serve.add_argument("--steps-override", type=int, default=None,
+                         help="run every request with this many steps (a short smoke; arrivals and SLOs kept)")
+    p_serve.add_argument("--max-requests", type=int, default=None, help="only the first N requests by arrival")
+    p_serve.add_argument("--no-vae-decode", dest="vae_decode", action="store_false",
+                         help="do not time a VAE decode after the steps")
+    p_serve.add_argument("--estimate-from", default=None,
+                         help="dry-run only: a `step` output (JSON lines) for the predicted schedule")
+    p_serve.add_argument("--dry-run-setup-s", type=float, default=120.0,
+                         help="dry-run only: seconds assumed for start-up, model build and warm-up")
+    return parser
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.text_tokens < 1:
+        parser.error("--text-tokens must be >= 1")
+    if args.mode == "step":
+        try:
+            args.sizes = common.parse_resolutions(args.resolutions)
+        except ValueError as exc:
+            parser.error(f"--resolutions: {exc}")
+        if args.iters < 1 or args.warmup < 0:
+            parser.error("--iters must be >= 1 and --warmup >= 0")
+    else:
+        if args.max_seconds <= 0:
+            parser.error("--max-seconds must be > 0")
+        if args.steps_override is not None and args.steps_override < 1:
+            parser.error("--steps-override must be >= 1")
+        if args.max_requests is not None and args.max_requests < 1:
+            parser.error("--max-requests must be >= 1")
+    if args.dtype is None:
+        args.dtype = "bf16" if args.device == "cuda" else "fp32"
+    if args.output is None:
+        args.output = str(Path("bench") / "results" / f"xdit-{args.mode}.jsonl")
+    return args
+
+
+# ------------------------------------------------------------------------------------------ dry run
+
+def dry_run(args: argparse.Namespace) -> int:
+    """Everything that does not need a GPU: no torch.cuda, no xfuser import."""
+    tcfg, _ = common.MODEL_CONFIGS[args.model]
+    print(f"[dry-run] mode={args.mode} model={args.model} path={args.path} device={args.device} dtype={args.dtype}")
+    print("[dry-run] env: " + " ".join(f"{k}={os.environ.get(k)}" for k in XDIT_ENV_VARS))
+    print(f"[dry-run] degree = torchrun's --nproc_per_node (Ulysses over all ranks); heads="
+          f"{tcfg['num_attention_heads']} (must divide by the degree); text tokens={args.text_tokens}")
+    if args.mode == "step":
+        rows = []
+        for w, h in args.sizes:
+            n = common.image_tokens(w, h)
+            rows.append({"size": f"{w}x{h}", "image_tokens": n, "joint_tokens": n + args.text_tokens,
+                         "tokens_per_rank@2": (n + args.text_tokens + 1) // 2})
+        print(common.format_table(rows, [("size", "size"), ("image_tokens", "image tokens"),
+                                         ("joint_tokens", "joint seq"), ("tokens_per_rank@2", "per rank @2")]))
+        print(f"[dry-run] would run per size: {args.warmup} warm-up + {args.iters} timed forwards"
+              f"{', then a one-GPU reference forward for the check' if args.check else ''}; write {args.output}")
+        return 0
+
+    requests = common.apply_overrides(common.load_trace(args.trace), args.steps_override, args.max_requests)
+    table = (common.load_step_table(args.estimate_from) if args.estimate_from
+             else dict(common.DEFAULT_STEP_MS_ESTIMATE))
+    est_step_ms = common.step_ms_estimator(table)
+    source = args.estimate_from or "DESIGN.md's diffusers Ulysses-2 numbers on 2xH200 (rough)"
+
+    def service_s(r: common.TraceRequest) -> float:
+        return r.steps * est_step_ms(r.width, r.height) / 1000.0
+
+    budget_replay_s = args.max_seconds - args.dry_run_setup_s
+    records = common.simulate_fcfs(requests, service_s, budget_s=budget_replay_s)
+    summary = common.summarize(records)
+    mix: dict[str, int] = {}
+    for r in requests:
+        mix[f"{r.width}x{r.height}"] = mix.get(f"{r.width}x{r.height}", 0) + 1
+    print(f"[dry-run] trace {args.trace}: {len(requests)} requests, arrivals {requests[0].arrival_s:.1f}.."
+          f"{requests[-1].arrival_s:.1f} s, mix {mix}, steps {sorted({r.steps for r in requests})}"
+          f"{' (--steps-override)' if args.steps_override else ''}")
+    print(f"[dry-run] predicted with step times from {source}, transformer only, "
+          f"{args.dry_run_setup_s:.0f} s assumed for set-up, replay budget {budget_replay_s:.0f} s:")
+    print(f"[dry-run]   would run {len(requests) - summary['not_run_budget']} of {len(requests)}; predicted SAR "
+          f"{summary['sar']:.3f} (of those run {summary['sar_of_run'] or 0:.3f}); replay span "
+          f"{summary['replay_span_s']:.1f} s")
+    show = records[:12]
+    print(common.format_table([vars(r) for r in show], [
+        ("request_id", "request"), ("width", "w"), ("height", "h"), ("steps", "steps"), ("arrival_s", "arrival"),
+        ("start_s", "start"), ("finish_s", "finish"), ("deadline_s", "deadline"), ("deadline_met", "met"),
+        ("status", "status")]))
+    if len(records) > len(show):
+        print(f"[dry-run]   ... {len(records) - len(show)} more")
+    print(f"[dry-run] would write {len(records)} request lines + 1 summary line to {args.output}")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------- distributed
+
+class DistContext:
+    """torch.distributed set-up plus a CPU (gloo) control group for rank-0 decisions and agreement."""
+
+    def __init__(self, args: argparse.Namespace):
+        import torch
+        import torch.distributed as dist
+
+        self.torch, self.dist = torch, dist
+        self.rank = int(os.environ.get("RANK", "0"))
+        self.world_size = int(os.environ.get("WORLD_SIZE", "1"))
+        self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", "29531")
+        if args.device == "cuda":
+            if not torch.cuda.is_available():
+                raise SystemExit("no CUDA GPU here: use --dry-run, or --device cpu --model tiny to debug")
+            torch.cuda.set_device(self.local_rank)
+            self.device = torch.device("cuda", self.local_rank)
+            self.backend = "nccl"
+        else:
+            self.device = torch.device("cpu")
+            self.backend = "gloo"
+        self.dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
+        timeout = timedelta(seconds=args.dist_timeout_s)
+        if not dist.is_initialized():
+            # No device_id: xfuser creates its groups with new_group() afterwards (see its parallel_state).
+            dist.init_process_group(backend=self.backend, rank=self.rank, world_size=self.world_size,
+                                    timeout=timeout)
+        self.ctrl = dist.new_group(backend="gloo", timeout=timeout)
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def sync(self) -> None:
+        if self.device.type == "cuda":
+            self.torch.cuda.synchronize(self.device)
+
+    def barrier(self) -> None:
+        self.dist.barrier(group=self.ctrl)
+
+    def broadcast(self, values: list[float]) -> list[float]:
+        t = self.torch.tensor(values, dtype=self.torch.float64)
+        self.dist.broadcast(t, src=0, group=self.ctrl)
+        return t.tolist()
+
+    def _reduce(self, value: float, op) -> float:
+        t = self.torch.tensor([value], dtype=self.torch.float64)
+        self.dist.all_reduce(t, op=op, group=self.ctrl)
+        return float(t.item())
+
+    def all_min(self, value: float) -> float:
+        return self._reduce(value, self.dist.ReduceOp.MIN)
+
+    def all_max(self, value: float) -> float:
+        return self._reduce(value, self.dist.ReduceOp.MAX)
+
+    def agree(self, ok: bool) -> bool:
+        """True only when every rank is ok (so that all take the same branch afterwards)."""
+        return self.all_min(1.0 if ok else 0.0) > 0.5
+
+    def log(self, msg: str, all_ranks: bool = False) -> None:
+        if all_ranks or self.is_main:
+            print(f"[xdit r{self.rank}] {msg}", flush=True)
+
+    def close(self) -> None:
+        try:
+            self.dist.destroy_process_group()
+        except Exception:  # noqa: BLE001 - best effort at exit
+            pass
+
+
+def _short_exc(exc: BaseException) -> str:
+    text = f"{type(exc).__name__}: {exc}"
+    return text if len(text) < 400 else text[:400] + " ..."
+
+
+def _print_traceback(ctx: "DistContext", exc: BaseException) -> None:
+    """Rank 0: the last frames of `exc` and its first 400 characters (enough to locate it, not a wall)."""
+    if ctx.is_main:
+        frames = traceback.TracebackException.from_exception(exc, limit=-6).stack.format()
+        print("Traceback (last frames):\n" + "".join(frames) + _short_exc(exc), flush=True)
+
+
+def _package_version(name: str) -> str | None:
+    """Installed version, or the module's own __version__ when it is imported but has no metadata."""
+    try:
+        from importlib.metadata import version
+        return version(name)
+    except Exception:  # noqa: BLE001
+        pass
+    if name not in sys.modules:
+        return None
+    found = getattr(sys.modules[name], "__version__", None)
+    if isinstance(found, str):
+        return found
+    try:
+        import importlib
+        return getattr(importlib.import_module(f"{name}.__version__"), "__version__", None)
+    except Exception:  # noqa: BLE001
+        return None
+
+
+# ---------------------------------------------------------------------------------------- model parts
+
+def build_transformer(cls, config: dict, ctx: DistContext, seed: int):
+    """FLUX transformer of `config` with random weights, built directly on the device in the run dtype
+    (seconds for 11.9 B parameters) and identical on every rank (same seed)."""
+    torch = ctx.torch
+    torch.manual_seed(seed)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(ctx.dtype)
+    try:
+        with torch.device(ctx.device):
+            model = cls(**config)
+    finally:
+        torch.set_default_dtype(previous)
+    return model.to(device=ctx.device, dtype=ctx.dtype).eval().requires_grad_(False)
+
+
+def build_vae(config: dict, ctx: DistContext, seed: int):
+    from diffusers import AutoencoderKL
+
+    torch = ctx.torch
+    torch.manual_seed(seed + 1)
+    with torch.device(ctx.device):
+        vae = AutoencoderKL(**config)
+    return vae.to(device=ctx.device, dtype=ctx.dtype).eval().requires_grad_(False)
+
+
+def latent_image_ids(width: int, height: int):
+    import torch
+
+    h, w = height // common.PATCH_PX, width // common.PATCH_PX
+    ids = torch.zeros(h, w, 3)
+    ids[..., 1] = torch.arange(h)[:, None]
+    ids[..., 2] = torch.arange(w)[None, :]
+    return ids.reshape(h * w, 3)
+
+
+def make_inputs(width: int, height: int, text_tokens: int, tcfg: dict, ctx: DistContext, seed: int) -> dict:
+    """One request's transformer inputs, drawn on the device (fast, no host copy), identical on every
+    rank (same seed, same generator type). The prompt embeddings stand in for CLIP/T5 outputs."""
+    torch = ctx.torch
+    gen = torch.Generator(device=ctx.device).manual_seed(seed)
+    n = common.image_tokens(width, height)
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=gen, device=ctx.device, dtype=torch.float32).to(ctx.dtype)
+
+    inputs = {
+        "hidden_states": randn(1, n, tcfg["in_channels"]),
+        "encoder_hidden_states": randn(1, text_tokens, tcfg["joint_attention_dim"]),
+        "pooled_projections": randn(1, tcfg["pooled_projection_dim"]),
+        "timestep": torch.ones(1, device=ctx.device, dtype=ctx.dtype),
+        "img_ids": latent_image_ids(width, height).to(device=ctx.device, dtype=ctx.dtype),
+        "txt_ids": torch.zeros(text_tokens, 3, device=ctx.device, dtype=ctx.dtype),
+    }
+    if tcfg.get("guidance_embeds"):
+        inputs["guidance"] = torch.full((1,), common.DEFAULT_GUIDANCE, device=ctx.device, dtype=ctx.dtype)
+    return inputs
+
+
+def unpack_latents(latents, width: int, height: int):
+    """FluxPipeline._unpack_latents: (1, tokens, 64) -> (1, 16, H/8, W/8)."""
+    b, _, c = latents.shape
+    h, w = height // common.VAE_SCALE_FACTOR, width // common.VAE_SCALE_FACTOR
+    x = latents.view(b, h // 2, w // 2, c // 4, 2, 2).permute(0, 3, 1, 4, 2, 5)
+    return x.reshape(b, c // 4, h, w)
+
+
+def _flux_blocks(model):
+    return list(model.transformer_blocks) + list(model.single_transformer_blocks)
+
+
+def reference_forward(model, inputs: dict):
+    """One-device diffusers forward of the same weights (diffusers' own FluxAttnProcessor, full sequence)."""
+    from diffusers.models.transformers.transformer_flux import FluxAttnProcessor, FluxTransformer2DModel
+
+    blocks = _flux_blocks(model)
+    saved = [b.attn.processor for b in blocks]
+    try:
+        for b in blocks:
+            b.attn.processor = FluxAttnProcessor()
+        return FluxTransformer2DModel.forward(model, **inputs, return_dict=False)[0]
+    finally:
+        for b, p in zip(blocks, saved):
+            b.attn.processor = p
+
+
+class FluxXditBaselinePipelineStub:
+    """What xfuser's DiTRuntimeState reads from a pipeline: `.transformer` and `.vae_scale_factor`.
+    The class name starts with "Flux" so that xfuser applies FLUX's 2x2 packing (scale 16)."""
+
+    def __init__(self, transformer):
+        self.transformer = transformer
+        self.vae_scale_factor = common.VAE_SCALE_FACTOR
+
+
+# ------------------------------------------------------------------------------------------- runners
+
+class XfuserRunner:
+    """xfuser 0.7.0's xFuserFlux1Transformer2DWrapper under xDiT's own runtime state and groups."""
+
+    path = "xfuser"
+
+    def __init__(self, args: argparse.Namespace, ctx: DistContext, tcfg: dict):
+        self.ctx = ctx
+        from xfuser.config import xFuserArgs
+        from xfuser.core.distributed import (
+            get_runtime_state,
+            get_ring_parallel_world_size,
+            get_sequence_parallel_world_size,
+            get_ulysses_parallel_world_size,
+            init_distributed_environment,
+            initialize_runtime_state,
+        )
+        from xfuser.model_executor.models.transformers.transformer_flux import xFuserFlux1Transformer2DWrapper
+
+        self._get_runtime_state = get_runtime_state
+        self.version = _package_version("xfuser")
+        init_distributed_environment(rank=ctx.rank, world_size=ctx.world_size, local_rank=ctx.local_rank,
+                                     backend=ctx.backend)
+        xargs = xFuserArgs(
+            model="black-forest-labs/FLUX.1-dev",
+            ulysses_degree=ctx.world_size,
+            ring_degree=1,
+            pipefusion_parallel_degree=1,
+            height=1024,
+            width=1024,
+            num_inference_steps=50,
+            max_sequence_length=args.text_tokens,
+            attention_backend=args.attention_backend,
+        )
+        engine_config, _ = xargs.create_config()
+        cls = xFuserFlux1Transformer2DWrapper
+        # 0.7.0 calls self._pad_to_sp_divisible but defines pad_to_sp_divisible (only hit when the image
+        # token count is not divisible by the degree).
+        if not hasattr(cls, "_pad_to_sp_divisible") and hasattr(cls, "pad_to_sp_divisible"):
+            cls._pad_to_sp_divisible = cls.pad_to_sp_divisible
+        self.model = build_transformer(cls, tcfg, ctx, args.seed)
+        initialize_runtime_state(FluxXditBaselinePipelineStub(self.model), engine_config)
+        # As xfuser's FLUX.1 runner does before each pipeline call (no height/width: metadata only for PipeFusion).
+        get_runtime_state().set_input_parameters(
+            batch_size=1, num_inference_steps=50, max_condition_sequence_length=args.text_tokens,
+            split_text_embed_in_sp=True)
+        self.degree = get_sequence_parallel_world_size()
+        self.detail = (f"xfuser {self.version} xFuserFlux1Transformer2DWrapper, SP degree {self.degree} = Ulysses "
+                       f"{get_ulysses_parallel_world_size()} x ring {get_ring_parallel_world_size()}, "
+                       f"PipeFusion 1, CFG parallel off")
+
+    @property
+    def attention(self) -> str:
+        return self._get_runtime_state().attention_backend.name
+
+    def attention_candidates(self) -> list[str]:
+        first = self.attention
+        return [first] + [b for b in XFUSER_FALLBACK_BACKENDS if b != first]
+
+    def set_attention(self, name: str) -> None:
+        self._get_runtime_state().set_attention_backend(name)
+
+    def forward(self, inputs: dict):
+        return self.model(**inputs, return_dict=False)[0]
+
+    def reference_forward(self, inputs: dict):
+        return reference_forward(self.model, inputs)
+
+    def close(self) -> None:
+        self.model = None
+
+
+class UlyssesFluxAttnProcessor:
+    """diffusers' FluxAttnProcessor (0.42) with the attention call replaced by yunchang's
+    LongContextAttention: (B, S/N, H, D) sequence shards -> all-to-all -> attention -> all-to-all back."""
+
+    def __init__(self, attention):
+        import torch
+        from diffusers.models.embeddings import apply_rotary_emb
+        from diffusers.models.transformers.transformer_flux import _get_qkv_projections
+
+        self.attention = attention
+        self._cat = torch.cat
+        self._qkv = _get_qkv_projections
+        self._rope = apply_rotary_emb
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None,
+                 image_rotary_emb=None):
+        query, key, value, encoder_query, encoder_key, encoder_value = self._qkv(
+            attn, hidden_states, encoder_hidden_states)
+        query = attn.norm_q(query.unflatten(-1, (-1, attn.head_dim)))
+        key = attn.norm_k(key.unflatten(-1, (-1, attn.head_dim)))
+        value = value.unflatten(-1, (-1, attn.head_dim))
+        if attn.added_kv_proj_dim is not None:
+            encoder_query = attn.norm_added_q(encoder_query.unflatten(-1, (-1, attn.head_dim)))
+            encoder_key = attn.norm_added_k(encoder_key.unflatten(-1, (-1, attn.head_dim)))
+            encoder_value = encoder_value.unflatten(-1, (-1, attn.head_dim))
+            query = self._cat([encoder_query, query], dim=1)
+            key = self._cat([encoder_key, key], dim=1)
+            value = self._cat([encoder_value, value], dim=1)
+        if image_rotary_emb is not None:
+            query = self._rope(query, image_rotary_emb, sequence_dim=1)
+            key = self._rope(key, image_rotary_emb, sequence_dim=1)
+        out = self.attention(query.contiguous(), key.contiguous(), value.contiguous())
+        out = out.flatten(2, 3).to(query.dtype)
+        if encoder_hidden_states is not None:
+            text_len = encoder_hidden_states.shape[1]
+            encoder_out, out = out.split_with_sizes([text_len, out.shape[1] - text_len], dim=1)
+            out = attn.to_out[1](attn.to_out[0](out.contiguous()))
+            encoder_out = attn.to_add_out(encoder_out.contiguous())
+            return out, encoder_out
+        return out
+
+
+class YunchangRunner:
+    """Fallback: diffusers FluxTransformer2DModel + yunchang LongContextAttention (xDiT's Ulysses core)."""
+
+    path = "yunchang"
+
+    def __init__(self, args: argparse.Namespace, ctx: DistContext, tcfg: dict):
+        import yunchang
+        from diffusers import FluxTransformer2DModel
+        from yunchang import LongContextAttention, set_seq_parallel_pg
+        from yunchang.globals import PROCESS_GROUP
+        from yunchang.kernels import AttnType
+
+        self.ctx = ctx
+        self.version = _package_version("yunchang") or getattr(yunchang, "__version__", None)
+        if PROCESS_GROUP.ULYSSES_PG is None:
+            set_seq_parallel_pg(ctx.world_size, 1, ctx.rank, ctx.world_size)
+        self.group = PROCESS_GROUP.ULYSSES_PG
+        self.degree = ctx.dist.get_world_size(self.group)
+        self.group_rank = ctx.dist.get_rank(self.group)
+        self._lca, self._attn_type = LongContextAttention, AttnType
+        self.model = build_transformer(FluxTransformer2DModel, tcfg, ctx, args.seed)
+        self._attention = args.yunchang_attn
+        self.set_attention(self._attention)
+        self.detail = (f"yunchang {self.version} LongContextAttention (Ulysses degree {self.degree}, ring 1) in "
+                       f"diffusers FluxTransformer2DModel; fallback, not xfuser's own wrapper")
+
+    @property
+    def attention(self) -> str:
+        return self._attention
+
+    def attention_candidates(self) -> list[str]:
+        return [self._attention] + [a for a in YUNCHANG_ATTN_TYPES if a != self._attention]
+
+    def set_attention(self, name: str) -> None:
+        attention = self._lca(ring_impl_type="basic", attn_type=self._attn_type.from_string(name))
+        processor = UlyssesFluxAttnProcessor(attention)
+        for block in _flux_blocks(self.model):
+            block.attn.processor = processor
+        self._attention = name
+
+    def _shard(self, x, dim: int):
+        if x.shape[dim] % self.degree:
+            raise ValueError(f"sequence of {x.shape[dim]} tokens does not split into {self.degree} shards")
+        return x.chunk(self.degree, dim=dim)[self.group_rank]
+
+    def forward(self, inputs: dict):
+        torch = self.ctx.torch
+        local = dict(inputs)
+        local["hidden_states"] = self._shard(inputs["hidden_states"], 1)
+        local["encoder_hidden_states"] = self._shard(inputs["encoder_hidden_states"], 1)
+        local["img_ids"] = self._shard(inputs["img_ids"], 0)
+        local["txt_ids"] = self._shard(inputs["txt_ids"], 0)
+        out = self.model(**local, return_dict=False)[0].contiguous()
+        if self.degree == 1:
+            return out
+        b, n, c = out.shape
+        gathered = torch.empty((self.degree * b, n, c), dtype=out.dtype, device=out.device)
+        self.ctx.dist.all_gather_into_tensor(gathered, out, group=self.group)  # rank shards cat along dim 0
+        return gathered.view(self.degree, b, n, c).permute(1, 0, 2, 3).reshape(b, self.degree * n, c)
+
+    def reference_forward(self, inputs: dict):
+        return reference_forward(self.model, inputs)
+
+    def close(self) -> None:
+        self.model = None
+
+
+RUNNERS = {"xfuser": XfuserRunner, "yunchang": YunchangRunner}
+
+
+def _free(ctx: DistContext) -> None:
+    gc.collect()
+    if ctx.device.type == "cuda":
+        ctx.torch.cuda.empty_cache()
+
+
+PROBE_SIZE = {"flux-dev": (256, 256), "tiny": (64, 64)}  # the first forward that decides the path
+
+
+def select_runner(args: argparse.Namespace, ctx: DistContext, tcfg: dict):
+    """Build the first path that imports, builds and runs one forward (at PROBE_SIZE, whatever sizes the
+    run uses) on every rank; returns (runner, attempts) where attempts lists what failed and why."""
+    probe_size = PROBE_SIZE[args.model]
+    torch = ctx.torch
+    order = ["xfuser", "yunchang"] if args.path == "auto" else [args.path]
+    attempts: list[dict] = []
+    probe = make_inputs(*probe_size, args.text_tokens, tcfg, ctx, seed=12345)
+    for name in order:
+        runner, error = None, None
+        t = time.time()
+        try:
+            runner = RUNNERS[name](args, ctx, tcfg)
+        except Exception as exc:  # noqa: BLE001 - any failure means: try the next path
+            error = _short_exc(exc)
+            ctx.log(f"path {name}: build failed: {error}", all_ranks=True)
+            _print_traceback(ctx, exc)
+        if not ctx.agree(error is None):
+            attempts.append({"path": name, "stage": "build", "error": error or "failed on another rank"})
+            runner = None
+            _free(ctx)
+            continue
+        ctx.log(f"path {name}: built in {time.time() - t:.1f} s ({runner.detail})")
+        for backend in runner.attention_candidates():
+            error = None
+            try:
+                if backend != runner.attention:
+                    runner.set_attention(backend)
+                with torch.no_grad():
+                    out = runner.forward(probe)
+                ctx.sync()
+                if tuple(out.shape) != tuple(probe["hidden_states"].shape):
+                    raise RuntimeError(f"output shape {tuple(out.shape)} != input {tuple(probe['hidden_states'].shape)}")
+            except Exception as exc:  # noqa: BLE001
+                error = _short_exc(exc)
+                ctx.log(f"path {name}, attention {backend}: first forward failed: {error}", all_ranks=True)
+                _print_traceback(ctx, exc)
+            if ctx.agree(error is None):
+                ctx.log(f"path {name}: first forward ok with attention {runner.attention}")
+                return runner, attempts
+            attempts.append({"path": name, "stage": f"forward[{backend}]", "error": error or "failed on another rank"})
+        runner.close()
+        runner = None
+        _free(ctx)
+    raise RuntimeError(f"no xDiT path worked: {json.dumps(attempts)}")
+
+
+def run_meta(args: argparse.Namespace, ctx: DistContext, runner, attempts: list[dict]) -> dict:
+    torch = ctx.torch
+    gpu = torch.cuda.get_device_name(ctx.device) if ctx.device.type == "cuda" else platform.processor() or "cpu"
+    return {
+        "path": runner.path,
+        "path_detail": runner.detail,
+        "fallback_used": runner.path != "xfuser",
+        "failed_attempts": attempts,
+        "attention": runner.attention,
+        "degree": runner.degree,
+        "world_size": ctx.world_size,
+        "model": args.model,
+        "dtype": args.dtype,
+        "text_tokens": args.text_tokens,
+        "device": f"{ctx.world_size}x {gpu}",
+        "torch": torch.__version__,
+        "diffusers": _package_version("diffusers"),
+        "xfuser": _package_version("xfuser"),
+        "yunchang": _package_version("yunchang"),
+        "env": {k: os.environ.get(k) for k in XDIT_ENV_VARS},
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+
+
+def _print_fallback_note(args: argparse.Namespace, meta: dict, attempts: list[dict]) -> None:
+    if not meta["fallback_used"]:
+        return
+    why = ("requested with --path yunchang" if args.path == "yunchang"
+           else f"xfuser's own wrapper failed: {json.dumps(attempts)}")
+    print(f"NOTE: FALLBACK PATH ({meta['path']}: yunchang's Ulysses in diffusers' FLUX, not xfuser's wrapper): {why}")
+
+
+class JsonlWriter:
+    """Rank 0 appends one JSON object per line and flushes, so a killed run keeps what it measured."""
+
+    def __init__(self, path: str | None):
+        self.f = None
+        if path:
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+            self.f = open(path, "w", encoding="utf-8")
+
+    def write(self, obj: dict) -> None:
+        if self.f:
+            self.f.write(json.dumps(obj) + "\n")
+            self.f.flush()
+
+    def close(self) -> None:
+        if self.f:
+            self.f.close()
+
+
+# ----------------------------------------------------------------------------------------- step mode
+
+def run_step_mode(args: argparse.Namespace, ctx: DistContext, tcfg: dict) -> int:
+    torch = ctx.torch
+    runner, attempts = select_runner(args, ctx, tcfg)
+    meta = run_meta(args, ctx, runner, attempts)
+    writer = JsonlWriter(args.output if ctx.is_main else None)
+    rows = []
+    for width, height in args.sizes:
+        inputs = make_inputs(width, height, args.text_tokens, tcfg, ctx, seed=width * 7919 + height)
+        row = {"kind": "step", "width": width, "height": height,
+               "image_tokens": common.image_tokens(width, height), "warmup": args.warmup, "iters": args.iters}
+        error, samples_ms, out = None, [], None
+        if ctx.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(ctx.device)
+        try:
+            with torch.no_grad():
+                for i in range(args.warmup + args.iters):
+                    ctx.sync()
+                    ctx.barrier()
+                    t0 = time.perf_counter()
+                    out = runner.forward(inputs)
+                    ctx.sync()
+                    dt = ctx.all_max(time.perf_counter() - t0)  # the step ends when the slowest rank ends
+                    if i >= args.warmup:
+                        samples_ms.append(dt * 1000.0)
+        except Exception as exc:  # noqa: BLE001
+            error = _short_exc(exc)
+            ctx.log(f"{width}x{height}: forward failed: {error}", all_ranks=True)
+        if not ctx.agree(error is None):
+            row.update(error=error or "failed on another rank", **meta)
+            rows.append(row)
+            writer.write(row)
+            out = None
+            _free(ctx)
+            continue
+        row.update({
+            "median_ms": common.median(samples_ms),
+            "min_ms": min(samples_ms),
+            "max_ms": max(samples_ms),
+            "mean_ms": sum(samples_ms) / len(samples_ms),
+            "samples_ms": [round(s, 3) for s in samples_ms],
+            "peak_mem_gb": (torch.cuda.max_memory_allocated(ctx.device) / 1e9) if ctx.device.type == "cuda" else None,
+            "output_finite": bool(torch.isfinite(out).all().item()),
+        })
+        if args.check:
+            try:
+                with torch.no_grad():
+                    ref = runner.reference_forward(inputs)
+                diff = (out.float() - ref.float()).abs()
+                row.update(check_max_abs_diff=float(diff.max().item()),
+                           check_mean_abs_diff=float(diff.mean().item()),
+                           check_ref_max_abs=float(ref.float().abs().max().item()))
+                del ref, diff
+            except Exception as exc:  # noqa: BLE001 - the check is informative, never fatal (no collectives)
+                row.update(check_error=_short_exc(exc))
+        row.update(meta)
+        rows.append(row)
+        writer.write(row)
+        ctx.log(f"{width}x{height}: median {row['median_ms']:.2f} ms over {args.iters} "
+                f"(min {row['min_ms']:.2f}, max {row['max_ms']:.2f})"
+                + (f", max|diff| vs one-GPU diffusers {row['check_max_abs_diff']:.4g}"
+                   f" (ref max {row['check_ref_max_abs']:.3g})" if "check_max_abs_diff" in row else ""))
+        out = None
+        _free(ctx)
+    writer.close()
+    if ctx.is_main:
+        print()
+        print(f"xDiT step time — {meta['path_detail']}; attention {meta['attention']}; {meta['device']}; "
+              f"{args.model}, {args.dtype}, {args.text_tokens} text tokens; median of {args.iters} after {args.warmup} warm-up")
+        _print_fallback_note(args, meta, attempts)
+        print(common.format_table([{**r, "size": f"{r['width']}x{r['height']}"} for r in rows], [
+            ("size", "size"), ("image_tokens", "img tok"), ("median_ms", "median ms"), ("min_ms", "min ms"),
+            ("max_ms", "max ms"), ("peak_mem_gb", "peak GB"), ("check_max_abs_diff", "max|diff| vs 1-GPU"),
+            ("output_finite", "finite"), ("error", "error")]))
+        print(f"wrote {args.output}")
+    return 0 if all("error" not in r for r in rows) else 1
+
+
+# ---------------------------------------------------------------------------------------- serve mode
+
+def serve_one(runner, vae, req_w: int, req_h: int, steps: int, args, ctx: DistContext, tcfg: dict,
+              seed: int) -> tuple[float, float | None]:
+    """One request: `steps` denoising steps (transformer + flow-match Euler update), then the VAE decode.
+    Returns (transformer seconds, decode seconds or None), measured on this rank. The random inputs
+    (prompt embeddings, noise) are drawn on the device first: a few launches, part of the latency."""
+    torch = ctx.torch
+    inputs = make_inputs(req_w, req_h, args.text_tokens, tcfg, ctx, seed=seed)
+    sigmas = common.flux_sigmas(steps, common.image_tokens(req_w, req_h))
+    latents = inputs["hidden_states"]
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        for s in range(steps):
+            step_inputs = dict(inputs, hidden_states=latents,
+                               timestep=torch.full((1,), sigmas[s], device=ctx.device, dtype=ctx.dtype))
+            noise_pred = runner.forward(step_inputs)
+            latents = (latents.float() + (sigmas[s + 1] - sigmas[s]) * noise_pred.float()).to(ctx.dtype)
+        ctx.sync()
+        t1 = time.perf_counter()
+        if vae is None:
+            return t1 - t0, None
+        z = unpack_latents(latents, req_w, req_h)
+        z = z / vae.config.scaling_factor + vae.config.shift_factor
+        vae.decode(z.to(ctx.dtype), return_dict=False)
+        ctx.sync()
+    return t1 - t0, time.perf_counter() - t1
+
+
+def run_serve_mode(args: argparse.Namespace, ctx: DistContext, tcfg: dict, vcfg: dict) -> int:
+    requests = common.apply_overrides(common.load_trace(args.trace), args.steps_override, args.max_requests)
+    sizes = sorted({(r.width, r.height) for r in requests}, key=lambda s: s[0] * s[1])
+    runner, attempts = select_runner(args, ctx, tcfg)
+    meta = run_meta(args, ctx, runner, attempts)
+
+    vae, vae_error = None, None
+    if args.vae_decode:
+        try:
+            vae = build_vae(vcfg, ctx, args.seed)
+        except Exception as exc:  # noqa: BLE001
+            vae_error = _short_exc(exc)
+        if not ctx.agree(vae_error is None):
+            vae = None
+            vae_error = vae_error or "failed on another rank"
+            ctx.log(f"VAE not built, decode not timed: {vae_error}", all_ranks=True)
+    timed = (f"per request: steps x [{runner.path} transformer forward (Ulysses-{runner.degree}: input split, "
+             f"all-to-all attention, output all-gather) + flow-match Euler update]"
+             + (f" + VAE decode (random-weight FLUX AutoencoderKL, {args.dtype}, on every rank)" if vae is not None else
+                "; no VAE decode" + (f" (VAE failed: {vae_error})" if vae_error else " (--no-vae-decode)"))
+             + ". Not timed: text encoding (random prompt embeddings), post-processing/PNG, HTTP.")
+
+    # Warm-up per size: one 1-step request (kernel selection, allocator), then a 2-step one timed for the
+    # budget guard's estimate. Rank 0's estimate is the one used (only rank 0 decides).
+    estimates: dict[tuple[int, int], tuple[float, float]] = {}
+    for w, h in sizes:
+        error = None
+        try:
+            serve_one(runner, vae, w, h, 1, args, ctx, tcfg, seed=99)
+            tr_s, dec_s = serve_one(runner, vae, w, h, 2, args, ctx, tcfg, seed=98)
+            estimates[(w, h)] = (ctx.all_max(tr_s) / 2, ctx.all_max(dec_s or 0.0))
+        except Exception as exc:  # noqa: BLE001
+            error = _short_exc(exc)
+            ctx.log(f"warm-up {w}x{h} failed: {error}", all_ranks=True)
+        if not ctx.agree(error is None):
+            estimates[(w, h)] = (float("inf"), 0.0)  # requests of this size will be tried and fail fast
+        else:
+            ctx.log(f"warm-up {w}x{h}: {estimates[(w, h)][0] * 1000:.1f} ms/step, decode "
+                    f"{estimates[(w, h)][1] * 1000:.1f} ms")
+        _free(ctx)
+
+    writer = JsonlWriter(args.output if ctx.is_main else None)
+    deadline_abs = _SCRIPT_START_S + args.max_seconds
+    ctx.sync()
+    ctx.barrier()
+    t0 = ctx.broadcast([time.time()])[0]
+    ctx.log(f"replay of {len(requests)} requests starts; {deadline_abs - t0:.0f} s of budget left "
+            f"(set-up took {t0 - _SCRIPT_START_S:.0f} s)")
+    records: list[common.RequestRecord] = []
+    budget_stop_at: int | None = None
+    keepalive_s = min(KEEPALIVE_S, args.dist_timeout_s / 4)
+    for i, req in enumerate(requests):
+        # 1. Rank 0 decides (stop for the budget before any waiting), waits for the arrival in slices of
+        #    at most keepalive_s, telling the other ranks "still waiting" after each (so that a long gap
+        #    in the trace never reaches the collectives' timeout), then says "run".
+        while True:
+            action = ACTION_RUN
+            if ctx.is_main:
+                step_s, dec_s = estimates.get((req.width, req.height), (float("inf"), 0.0))
+                predicted = req.steps * step_s + dec_s if step_s != float("inf") else 0.0
+                now = time.time()
+                if max(now, t0 + req.arrival_s) + predicted > deadline_abs:
+                    action = ACTION_STOP
+                elif now < t0 + req.arrival_s:
+                    time.sleep(min(t0 + req.arrival_s - now, keepalive_s))
+                    action = ACTION_RUN if time.time() >= t0 + req.arrival_s else ACTION_WAIT
+            action = int(ctx.broadcast([float(action)])[0])
+            if action != ACTION_WAIT:
+                break
+        if action == ACTION_STOP:
+            budget_stop_at = i
+            records.extend(common.not_run_record(r) for r in requests[i:])
+            ctx.log(f"budget: {len(requests) - i} requests from #{i} not run (marked missed)")
+            break
+        # 2. Both ranks run it.
+        start_s = time.time() - t0
+        error, tr_s, dec_s = None, None, None
+        try:
+            tr_s, dec_s = serve_one(runner, vae, req.width, req.height, req.steps, args, ctx, tcfg, seed=1000 + req.index)
+        except Exception as exc:  # noqa: BLE001
+            error = _short_exc(exc)
+            ctx.log(f"request {req.request_id} failed: {error}", all_ranks=True)
+        ok = ctx.agree(error is None)
+        finish_s = time.time() - t0
+        if ok:
+            rec = common.completed_record(req, start_s, finish_s, transformer_s=tr_s, decode_s=dec_s)
+        else:
+            rec = common.failed_record(req, start_s, finish_s, error or "failed on another rank")
+            _free(ctx)
+        records.append(rec)
+        writer.write({**asdict(rec), "path": runner.path, "attention": runner.attention})
+        ctx.log(f"#{i} {req.request_id} {req.width}x{req.height} {req.steps} steps: arrival {req.arrival_s:.2f} "
+                f"start {start_s:.2f} finish {finish_s:.2f} latency {finish_s - req.arrival_s:.2f} s "
+                f"(slo {req.slo_ms / 1000:.2f}) {'met' if rec.deadline_met else 'MISSED'}"
+                + (f" [{rec.status}]" if rec.status != "completed" else ""))
+    replay_span = time.time() - t0
+    if budget_stop_at is not None:
+        for rec in records[budget_stop_at:]:
+            writer.write({**asdict(rec), "path": runner.path, "attention": runner.attention})
+
+    summary = {"kind": "summary", **common.summarize(records, replay_span_s=replay_span)}
+    summary.update({
+        "trace": args.trace,
+        "steps_override": args.steps_override,
+        "max_requests": args.max_requests,
+        "max_seconds": args.max_seconds,
+        "budget_exhausted": budget_stop_at is not None,
+        "budget_note": (f"{summary['not_run_budget']} requests not run (wall-clock budget); counted as missed"
+                        if budget_stop_at is not None else "all requests ran"),
+        "policy": f"xDiT fixed SP={runner.degree}, FCFS, one request at a time, non-preemptive",
+        "timed": timed,
+        "warmup_estimates_ms": {f"{w}x{h}": {"step_ms": e[0] * 1000, "decode_ms": e[1] * 1000}
+                                for (w, h), e in estimates.items()},
+        "setup_s": t0 - _SCRIPT_START_S,
+        "total_wall_s": time.time() - _SCRIPT_START_S,
+        **meta,
+    })
+    writer.write(summary)
+    writer.close()
+    if ctx.is_main:
+        print()
+        print(f"xDiT serving replay — {summary['policy']}; {meta['path_detail']}; attention {meta['attention']}; "
+              f"{meta['device']}")
+        _print_fallback_note(args, meta, attempts)
+        print(f"timed: {timed}")
+        if summary["budget_exhausted"]:
+            print(f"NOTE: BUDGET RAN OUT — {summary['budget_note']}")
+        print(common.format_table([summary], [
+            ("requests", "requests"), ("completed", "done"), ("failed", "failed"), ("not_run_budget", "not run"),
+            ("deadline_met", "met"), ("sar", "SAR"), ("sar_of_run", "SAR(run)"), ("latency_mean_s", "mean s"),
+            ("latency_p50_s", "p50 s"), ("latency_p99_s", "p99 s"), ("busy_fraction", "busy")]))
+        print(common.format_table([{"size": k, **v} for k, v in summary["by_resolution"].items()], [
+            ("size", "size"), ("requests", "requests"), ("completed", "done"), ("met", "met"), ("sar", "SAR")]))
+        print(f"wrote {args.output}")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------- main
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.dry_run:
+        return dry_run(args)
+    tcfg, vcfg = common.MODEL_CONFIGS[args.model]
+    if args.mode == "serve":
+        common.load_trace(args.trace)  # fail before any GPU set-up on a bad trace
+    ctx = DistContext(args)
+    if tcfg["num_attention_heads"] % ctx.world_size:
+        raise SystemExit(f"{tcfg['num_attention_heads']} heads do not split over {ctx.world_size} ranks")
+    ctx.log(f"mode={args.mode} world_size={ctx.world_size} device={ctx.device} dtype={args.dtype} "
+            f"model={args.model} path={args.path}")
+    if args.text_tokens % ctx.world_size:
+        # xfuser then keeps the whole prompt on every rank and its all-to-all duplicates the text keys:
+        # the result differs from a one-GPU forward (seen on a tiny model: 0.016 max |diff| in fp32).
+        ctx.log(f"WARNING: --text-tokens {args.text_tokens} does not split over {ctx.world_size} ranks; "
+                f"xfuser's output is then not exact, and the yunchang fallback refuses it")
+    try:
+        if args.mode == "step":
+            return run_step_mode(args, ctx, tcfg)
+        return run_serve_mode(args, ctx, tcfg, vcfg)
+    finally:
+        ctx.close()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,161 @@
+"""The xDiT baseline harness (bench/xdit_baseline.py) on a CPU: trace loading, the FLUX sigma schedule,
+the FCFS replay model and summary, argument checks, and the dry run. Nothing here imports xfuser
+(it needs triton and a GPU at import); the GPU paths run under torchrun on the lent machines."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[1] / "bench"
+
+
+def _load(name: str, filename: str):
+    spec = importlib.util.spec_from_file_location(name, BENCH / filename)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+common = _load("_xdit_common", "_xdit_common.py")
+xdit = _load("xdit_baseline", "xdit_baseline.py")
+
+
+def _write_trace(tmp_path: Path, rows: list, extra_lines: tuple[str, ...] = ()) -> str:
+    path = tmp_path / "trace.jsonl"
+    lines = list(extra_lines) + [json.dumps(r) for r in rows]
+    path.write_text("\n".join(lines) + "\n")
+    return str(path)
+
+
+def _req(arrival_s, size=512, steps=50, slo_ms=2000.0, **extra):
+    return {"arrival_s": arrival_s, "width": size, "height": size, "steps": steps, "slo_ms": slo_ms, **extra}
+
+
+# ------------------------------------------------------------------------------------------- trace
+
+def test_trace_is_loaded_in_arrival_order_with_comments_and_extra_keys(tmp_path):
+    path = _write_trace(tmp_path, [_req(2.0, 1024, slo_ms=3000, mix="skewed"), _req(0.5, 256, request_id="a"),
+                                   _req(0.5, 512)], extra_lines=("# generated", ""))
+    reqs = common.load_trace(path)
+    assert [r.arrival_s for r in reqs] == [0.5, 0.5, 2.0]
+    assert [r.width for r in reqs] == [256, 512, 1024]       # equal arrivals keep file order
+    assert reqs[0].request_id == "a" and reqs[1].request_id == "r00002"
+    assert reqs[2].deadline_s == pytest.approx(5.0)
+    assert reqs[2].image_tokens == 4096
+
+
+@pytest.mark.parametrize("row, message", [
+    ({"arrival_s": 0, "width": 512, "height": 512, "steps": 50}, r"missing field\(s\) slo_ms"),
+    (_req(0, 500), "multiples of 16"),
+    (_req(0, steps=0), "steps must be >= 1"),
+    (_req(-1), "arrival_s"),
+    (_req(0, slo_ms=0), "slo_ms must be > 0"),
+])
+def test_bad_trace_lines_name_the_line(tmp_path, row, message):
+    path = _write_trace(tmp_path, [_req(0), row])
+    with pytest.raises(ValueError, match=message) as info:
+        common.load_trace(path)
+    assert "trace.jsonl:2" in str(info.value)
+
+
+def test_overrides_shorten_the_smoke_but_keep_arrivals_and_slos(tmp_path):
+    reqs = common.load_trace(_write_trace(tmp_path, [_req(i, steps=50, slo_ms=1500) for i in range(5)]))
+    short = common.apply_overrides(reqs, steps_override=2, max_requests=3)
+    assert [(r.arrival_s, r.steps, r.slo_ms) for r in short] == [(0, 2, 1500), (1, 2, 1500), (2, 2, 1500)]
+
+
+def test_resolutions_parse_squares_and_rectangles():
+    assert common.parse_resolutions("256, 512,1024x768") == [(256, 256), (512, 512), (1024, 768)]
+    with pytest.raises(ValueError):
+        common.parse_resolutions("250")
+
+
+# ----------------------------------------------------------------------------------- sigma schedule
+
+def test_flux_sigmas_match_diffusers_flow_match_scheduler():
+    np = pytest.importorskip("numpy")
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    steps, seq = 28, 4096
+    sched = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
+                                            base_image_seq_len=256, max_image_seq_len=4096)
+    sched.set_timesteps(sigmas=np.linspace(1.0, 1 / steps, steps), mu=common.flux_mu(seq))
+    ours = common.flux_sigmas(steps, seq)
+    assert len(ours) == steps + 1 and ours[0] == pytest.approx(1.0) and ours[-1] == 0.0
+    assert ours == pytest.approx([float(s) for s in sched.sigmas], abs=1e-6)
+
+
+# -------------------------------------------------------------------------------- FCFS and summary
+
+def test_fcfs_queues_one_at_a_time_and_stops_at_the_budget(tmp_path):
+    reqs = common.load_trace(_write_trace(tmp_path, [
+        _req(0.0, steps=10, slo_ms=1500), _req(0.2, steps=10, slo_ms=1500), _req(5.0, steps=10, slo_ms=1500),
+        _req(6.0, steps=10, slo_ms=1500)]))
+    recs = common.simulate_fcfs(reqs, lambda r: r.steps * 0.1, budget_s=6.5)
+    assert [(r.start_s, r.finish_s) for r in recs[:3]] == [(0.0, 1.0), (1.0, 2.0), (5.0, 6.0)]
+    assert [r.deadline_met for r in recs] == [True, False, True, False]
+    assert recs[3].status == "not_run_budget" and recs[3].finish_s is None
+
+    s = common.summarize(recs)
+    assert s["requests"] == 4 and s["deadline_met"] == 2 and s["not_run_budget"] == 1
+    assert s["sar"] == pytest.approx(0.5)             # the request not run counts as missed
+    assert s["sar_of_run"] == pytest.approx(2 / 3)
+    assert s["busy_s"] == pytest.approx(3.0) and s["replay_span_s"] == pytest.approx(6.0)
+    assert s["by_resolution"]["512x512"]["sar"] == pytest.approx(0.5)
+
+
+def test_percentiles_interpolate_like_numpy():
+    assert common.percentile([1.0, 2.0, 3.0, 4.0], 50) == pytest.approx(2.5)
+    assert common.percentile([5.0], 99) == 5.0
+    assert common.percentile([], 50) is None
+
+
+def test_unpack_latents_inverts_fluxs_2x2_packing():
+    torch = pytest.importorskip("torch")
+    b, c, h, w = 1, 16, 12, 8                      # latent of a 64x96 (w x h) image
+    latents = torch.randn(b, c, h, w)
+    packed = latents.view(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5).reshape(b, (h // 2) * (w // 2), c * 4)
+    assert torch.equal(xdit.unpack_latents(packed, width=w * 8, height=h * 8), latents)
+    ids = xdit.latent_image_ids(width=w * 8, height=h * 8)
+    assert ids.shape == (packed.shape[1], 3) and ids[-1].tolist() == [0.0, h // 2 - 1, w // 2 - 1]
+
+
+# ------------------------------------------------------------------------------------------- CLI
+
+def test_serve_needs_a_budget_and_refuses_time_scaling(tmp_path, capsys):
+    trace = _write_trace(tmp_path, [_req(0)])
+    with pytest.raises(SystemExit):
+        xdit.parse_args(["serve", "--trace", trace])                                   # no --max-seconds
+    with pytest.raises(SystemExit):
+        xdit.parse_args(["serve", "--trace", trace, "--max-seconds", "60", "--time-scale", "0.1"])
+    with pytest.raises(SystemExit):
+        xdit.parse_args(["serve", "--trace", trace, "--max-seconds", "60", "--steps-override", "0"])
+    args = xdit.parse_args(["serve", "--trace", trace, "--max-seconds", "60", "--steps-override", "2"])
+    assert args.steps_override == 2 and args.dtype == "bf16" and args.output.endswith("xdit-serve.jsonl")
+
+
+def test_step_defaults_cover_the_four_resolutions_with_ten_timed_forwards():
+    args = xdit.parse_args(["step"])
+    assert args.sizes == [(256, 256), (512, 512), (1024, 1024), (2048, 2048)]
+    assert args.iters >= 10 and args.text_tokens == 512 and args.path == "auto"
+
+
+def test_dry_runs_plan_without_xfuser_or_a_gpu(tmp_path, capsys):
+    trace = _write_trace(tmp_path, [_req(0.0, 256, slo_ms=1500), _req(1.0, 2048, slo_ms=5000),
+                                    _req(400.0, 512, slo_ms=2000)])
+    out_path = tmp_path / "never-written.jsonl"
+    assert xdit.main(["serve", "--trace", trace, "--max-seconds", "300", "--dry-run", "--output", str(out_path)]) == 0
+    text = capsys.readouterr().out
+    assert "would run 2 of 3" in text                      # the third arrives after the budget
+    assert "not_run_budget" in text and "r00001" in text
+    assert xdit.main(["step", "--resolutions", "256,2048", "--dry-run"]) == 0
+    text = capsys.readouterr().out
+    assert "16896" in text                                 # 2048²: 16384 image + 512 text tokens
+    assert "xfuser" not in sys.modules and not out_path.exists()
+    torch = sys.modules.get("torch")
+    assert torch is None or not torch.cuda.is_initialized()
