@@ -163,7 +163,7 @@ def load_local_pipeline(path: str, dtype: torch.dtype):
     import diffusers
 
     try:
-        pipeline = getattr(diffusers, class_name).from_pretrained(path, torch_dtype=dtype, local_files_only=True)
+        pipeline = getattr(diffusers, class_name).from_pretrained(path, dtype=dtype, local_files_only=True)
     except Exception as exc:  # missing or broken component files: say which directory, keep the cause
         raise ValueError(f"cannot load the {class_name} in {path!r}: {exc}") from exc
     return pipeline, class_name

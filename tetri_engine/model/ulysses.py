@@ -141,25 +141,25 @@ def sp_attention(
         )
     heads_local = heads // degree
 
-    # 1. One exchange for q, k and v: chunk j (head group j of every token here) goes to rank j.
-    qkv = torch.stack((query, key, value))  # [3, B, L, H, D]
-    qkv = qkv.view(3, batch, length, degree, heads_local, head_dim).permute(3, 0, 1, 2, 4, 5).contiguous()
+    # 1. One exchange for q, k and v. Chunk j (head group j of every token here) goes to rank j; the
+    #    per-token layout [3, h, D] makes the received buffer SDPA's input as it is (batch 1: no copy).
+    send = torch.stack([t.view(batch, length, degree, heads_local, head_dim).permute(2, 0, 1, 3, 4)
+                        for t in (query, key, value)], dim=3)  # [degree, B, L, 3, h, D]
     ctx.exchanges += 1
-    qkv = comm.all_to_all(rank, qkv)  # chunk j: rank j's tokens, my head group
-    # [degree, 3, B, L, h, D] -> [3, B, h, degree * L, D] (the layout SDPA takes)
-    qkv = qkv.permute(1, 2, 4, 0, 3, 5).reshape(3, batch, heads_local, degree * length, head_dim)
-    q_all, k_all, v_all = qkv.unbind(0)
+    received = comm.all_to_all(rank, send)  # chunk j: rank j's tokens, my head group
+    received = received.transpose(0, 1).reshape(batch, degree * length, 3, heads_local, head_dim)
+    q_all, k_all, v_all = received.unbind(2)  # [B, S, h, D]: the whole sequence, my heads
 
     # 2. Attend over the whole sequence; padded tokens are dropped from the keys and values.
     index = ctx.key_index(streams, k_all.device)
     if index is not None:
-        k_all = k_all.index_select(2, index)
-        v_all = v_all.index_select(2, index)
-    out = F.scaled_dot_product_attention(q_all, k_all, v_all)  # [B, h, degree * L, D]
+        k_all = k_all.index_select(1, index)
+        v_all = v_all.index_select(1, index)
+    out = F.scaled_dot_product_attention(q_all.transpose(1, 2), k_all.transpose(1, 2), v_all.transpose(1, 2))
+    out = out.transpose(1, 2)  # [B, S, h, D] (the memory layout of the flash kernels' output)
 
     # 3. Send every rank the rows of its own tokens back: chunk j = rank j's tokens, my head group.
-    # (the flash kernels return a transposed view, so split the sequence dim rather than view the whole)
-    out = out.unflatten(2, (degree, length)).permute(2, 0, 3, 1, 4).contiguous()
+    send = out.reshape(batch, degree, length, heads_local, head_dim).transpose(0, 1).contiguous()
     ctx.exchanges += 1
-    out = comm.all_to_all(rank, out)  # chunk j: my tokens, head group j
-    return out.permute(1, 2, 0, 3, 4).reshape(batch, length, heads, head_dim)
+    received = comm.all_to_all(rank, send)  # chunk j: my tokens, head group j: [degree, B, L, h, D]
+    return received.permute(1, 2, 0, 3, 4).reshape(batch, length, heads, head_dim)
