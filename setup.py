@@ -5,8 +5,8 @@ Install it against the torch that is already installed:
     pip install --no-build-isolation -e .[dev]
 
 What gets built:
-  * CUDA build (CUDAExtension) when torch has CUDA (torch.version.cuda), nvcc is found (CUDA_HOME) and
-    NCCL headers are found: the CPU sources, plus the CUDA kernels (csrc/latent_ops.cu) and the NCCL
+  * CUDA build (CUDAExtension) when torch has CUDA (torch.version.cuda), nvcc is found (CUDA_HOME) with
+    the same major CUDA version as torch's, and NCCL headers are found: the CPU sources, plus the CUDA kernels (csrc/latent_ops.cu) and the NCCL
     communicator (csrc/nccl_comm.cpp). NCCL is the one torch itself loads: the `nvidia-nccl-cu*` pip
     package (site-packages/nvidia/nccl/{include,lib/libnccl.so.2}), linked with an rpath to it, so the
     process holds a single NCCL; failing that, a system NCCL (/usr/include/nccl.h, -lnccl).
@@ -26,7 +26,9 @@ from __future__ import annotations
 
 import glob
 import os
+import re
 import site
+import subprocess
 import sys
 import sysconfig
 
@@ -71,6 +73,29 @@ def find_nccl() -> tuple[str, str, str] | None:
     return None
 
 
+def nvcc_version(cuda_home: str) -> tuple[int, int] | None:
+    try:
+        out = subprocess.run([os.path.join(cuda_home, "bin", "nvcc"), "--version"], capture_output=True, text=True,
+                             timeout=60).stdout
+    except OSError:
+        return None
+    match = re.search(r"release (\d+)\.(\d+)", out)
+    return (int(match.group(1)), int(match.group(2))) if match else None
+
+
+def cuda_build_possible(torch, cuda_home: str | None) -> bool:
+    """torch has CUDA, nvcc is there, and its major version is torch's (torch refuses a mismatch)."""
+    if _flag("TETRI_FORCE_CPU") or torch.version.cuda is None or cuda_home is None:
+        return False
+    nvcc = nvcc_version(cuda_home)
+    torch_major = int(torch.version.cuda.split(".")[0])
+    if nvcc is None or nvcc[0] != torch_major:
+        print(f"tetri-engine: nvcc in {cuda_home} is CUDA {nvcc}, torch was built with CUDA {torch.version.cuda}: "
+              "building the CPU extension")
+        return False
+    return True
+
+
 def extension_modules():
     import torch
     from torch.utils import cpp_extension
@@ -81,7 +106,7 @@ def extension_modules():
     sources = [os.path.join(CSRC, s) for s in CPU_SOURCES]
 
     nccl = None
-    want_cuda = torch.version.cuda is not None and cpp_extension.CUDA_HOME is not None and not _flag("TETRI_FORCE_CPU")
+    want_cuda = cuda_build_possible(torch, cpp_extension.CUDA_HOME)
     if want_cuda:
         nccl = find_nccl()
         if nccl is None:
