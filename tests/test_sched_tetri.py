@@ -236,21 +236,40 @@ def test_round_length_from_round_steps():
 # ---- protocol -----------------------------------------------------------------------------------
 
 def test_synchronous_rounds_and_partial_results():
-    p = TetriPolicy(2, toy(), round_s=0.05, scale_up=False)
+    p = TetriPolicy(2, toy(), round_s=0.1, scale_up=False)
     p.add_request(req("A", 256, 50, 10.0))
     p.add_request(req("B", 1024, 50, 10.0))
     plan = p.schedule(0.0)
-    assert len(plan.groups) == 2
-    assert p.schedule(0.01).is_empty  # round in flight
-    ga = groups_by_request(plan)["A"]
-    p.update_from_output(plan, RoundResult(0.05, {"A": ga.num_steps}))
-    assert p.busy_devices == frozenset(groups_by_request(plan)["B"].device_ids)
-    assert p.schedule(0.05).is_empty  # B's group still running
-    gb = groups_by_request(plan)["B"]
-    p.update_from_output(plan, RoundResult(0.1, {"B": gb.num_steps}))
-    assert not p.schedule(0.1).is_empty
+    assert len(plan.groups) == 2 and not plan.backfill
+    round_end = plan.expected_s
+    assert p.schedule(0.01).is_empty  # round in flight, nobody waiting
+    ga, gb = groups_by_request(plan)["A"], groups_by_request(plan)["B"]
+    # A's group reports early (say it ran faster than planned): only its device is freed.
+    p.update_from_output(plan, RoundResult(0.02, {"A": ga.num_steps}))
+    assert p.busy_devices == frozenset(gb.device_ids)
+    # Mid-round, A may only backfill the idle device with steps that end by the round's end.
+    fill = p.schedule(0.02)
+    assert fill.backfill and fill.request_ids == ("A",) and fill.groups[0].device_ids == ga.device_ids
+    assert 0.02 + fill.expected_s <= round_end + 1e-9
+    assert fill.groups[0].num_steps == int((round_end - 0.02) / 0.010 + 1e-9)
+    p.update_from_output(fill, RoundResult(round_end, {"A": fill.groups[0].num_steps}))
+    assert p.schedule(round_end).is_empty  # B's group is still running: no new round yet
+    p.update_from_output(plan, RoundResult(round_end + 0.01, {"B": gb.num_steps}))
+    nxt = p.schedule(round_end + 0.01)
+    assert not nxt.is_empty and not nxt.backfill
     with pytest.raises(ValueError):
         p.update_from_output(plan, RoundResult(0.2, {"A": 1}))  # no longer in flight
+
+
+def test_new_arrival_mid_round_is_backfilled():
+    p = TetriPolicy(2, toy(), round_s=0.1, scale_up=False)
+    p.add_request(req("A", 1024, 50, 10.0))
+    plan = p.schedule(0.0)
+    assert plan.degrees == {"A": 1}
+    p.add_request(req("B", 256, 50, 10.0, arrival_s=0.03))
+    fill = p.schedule(0.03)
+    assert fill.backfill and fill.request_ids == ("B",)
+    assert 0.03 + fill.expected_s <= plan.expected_s + 1e-9
 
 
 def test_abort_and_failure():

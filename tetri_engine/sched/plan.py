@@ -105,6 +105,7 @@ class RoundPlan:
     expected_s: float = 0.0  # the longest group's expected_s
     degrees: Mapping[str, int] = field(default_factory=lambda: MappingProxyType({}))  # request_id -> degree this round
     late: frozenset[str] = frozenset()  # requests in this plan that can no longer meet their deadline
+    backfill: bool = False  # planned mid-round on devices left idle; ends by the round's expected end
 
     @property
     def is_empty(self) -> bool:

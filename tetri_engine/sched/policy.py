@@ -9,7 +9,9 @@ The engine and the simulator drive a policy the same way (vLLM v1 style, time pa
 
 `schedule()` plans only devices that are not in flight and requests that are not in flight, and
 may return an empty plan (nothing to do, or, for round-synchronous policies such as TetriServe, a
-round still running). Call it again after the next arrival or result. A result may cover a whole
+round still running and nothing that fits before its end). Call it after every arrival and every
+result: mid-round, a round-synchronous policy backfills idle devices with work that ends by the
+round's expected end (`plan.backfill`), and the next round starts once everything has finished. A result may cover a whole
 plan or just the groups that finished; a group's devices are free once all of its requests are
 reported. Subclasses implement one method, `_plan(now_s, idle_devices, ready_requests)`, returning
 `GroupSpec`s; this class validates them (a policy bug raises instead of corrupting a run), works out
@@ -62,6 +64,7 @@ class Policy:
         self._in_flight: dict[int, tuple[RoundPlan, set[int]]] = {}  # round_index -> (plan, unfinished group indices)
         self._aborted_in_flight: set[str] = set()
         self._next_round = 0
+        self._round_end_s = 0.0  # expected end of the synchronous round in flight
         # Device tuples used by some group so far: their communicators exist in the engine's cache.
         self.known_groups: set[tuple[int, ...]] = set()
 
@@ -123,16 +126,22 @@ class Policy:
     # ---- the two hot methods -------------------------------------------------------------------
 
     def schedule(self, now_s: float) -> RoundPlan:
-        if self.synchronous_rounds and self._in_flight:
-            return RoundPlan(round_index=-1, start_s=now_s)
         idle = [d for d in range(self.num_devices) if d not in self._busy]
         ready = [r for r in self._requests.values() if r.state is SchedState.WAITING]
         if not idle or not ready:
             return RoundPlan(round_index=-1, start_s=now_s)
+        if self.synchronous_rounds and self._in_flight:
+            # Mid-round: only work that ends by the round's expected end may use idle devices.
+            if now_s >= self._round_end_s - 1e-9:
+                return RoundPlan(round_index=-1, start_s=now_s)
+            specs = self._backfill(now_s, idle, ready, self._round_end_s)
+            return self._commit(now_s, specs, idle, backfill=True) if specs else RoundPlan(-1, now_s)
         specs = self._plan(now_s, idle, ready)
         if not specs:
             return RoundPlan(round_index=-1, start_s=now_s)
-        return self._commit(now_s, specs, idle)
+        plan = self._commit(now_s, specs, idle)
+        self._round_end_s = now_s + plan.expected_s
+        return plan
 
     def update_from_output(self, plan: RoundPlan, result: RoundResult) -> list[SchedRequest]:
         """Apply what the executor did. Returns the requests that reached COMPLETED or FAILED
@@ -185,6 +194,10 @@ class Policy:
     def _plan(self, now_s: float, idle: list[int], ready: list[SchedRequest]) -> list[GroupSpec]:
         raise NotImplementedError
 
+    def _backfill(self, now_s: float, idle: list[int], ready: list[SchedRequest], round_end_s: float) -> list[GroupSpec]:
+        """Round-synchronous policies: groups for devices idle mid-round that end by round_end_s."""
+        return []
+
     def group_s(self, reqs: Sequence[SchedRequest], degree: int, num_steps: int) -> float:
         """Expected seconds of a group: the batched steps, then a decode per request finishing."""
         first = reqs[0]
@@ -194,7 +207,7 @@ class Policy:
                 t += self.cost.decode_s(r.width, r.height)
         return t
 
-    def _commit(self, now_s: float, specs: list[GroupSpec], idle: list[int]) -> RoundPlan:
+    def _commit(self, now_s: float, specs: list[GroupSpec], idle: list[int], backfill: bool = False) -> RoundPlan:
         idle_set = set(idle)
         used: set[int] = set()
         seen: set[str] = set()
@@ -240,6 +253,7 @@ class Policy:
             expected_s=max(g.expected_s for g in groups),
             degrees=MappingProxyType(degrees),
             late=late,
+            backfill=backfill,
         )
         self._next_round += 1
         self._in_flight[plan.round_index] = (plan, set(range(len(groups))))

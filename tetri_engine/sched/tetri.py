@@ -25,20 +25,34 @@ t_next = now + tau, over the devices and requests that are free:
    into one batched forward, but only if every member can still meet its deadline at the batched
    step time.
 
-Rounds are synchronous: the next round is planned when every group of this one has finished. So
-that short groups do not idle while the longest one runs, each group's step count is then raised to
-fill the round's length (never past the request's end, decode included).
+Rounds are synchronous: the next round is planned when every group of this one has finished.
+Groups have different step times, so the round's length is then chosen within [0.8, 1.25] x tau
+to leave the fewest device-seconds idle, and every group runs as many steps as fit (`_fill`). A
+request left out is assumed to resume tau later (RESUME_AFTER). Devices that
+still fall idle mid-round (a request finished, or nothing was waiting) are backfilled with work
+that ends by the round's expected end (`_backfill`), e.g. a request that just arrived.
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Iterator
 
 from tetri_engine.sched.cost import CostModel
 from tetri_engine.sched.knapsack import group_knapsack
 from tetri_engine.sched.placement import place
 from tetri_engine.sched.plan import SchedRequest
 from tetri_engine.sched.policy import GroupSpec, Policy, steps_in
+
+
+# A round's length is chosen in [ROUND_MIN, ROUND_MAX] x tau to waste the least device time (_fill).
+ROUND_MIN = 0.8
+ROUND_MAX = 1.25
+# When a request left out of a round can run again: the nominal round length. (The worst case,
+# ROUND_MAX x tau, is safer on paper but scored lower on the tuning traces, seeds 1-2; the reported
+# results use seed 0.)
+RESUME_AFTER = 1.0
+
 
 @dataclass(frozen=True)
 class HullPoint:
@@ -58,6 +72,17 @@ class _Item:
     savings: list[float] = field(default_factory=list)  # GPU-seconds saved per option vs "none"
 
 
+@dataclass(frozen=True)
+class _Res:
+    """What a round needs to know about one resolution, computed once per resolution."""
+
+    step_s: dict[int, float]  # degree -> seconds per step (batch 1)
+    hull: list[HullPoint]  # cheapest first
+    fast_s: float  # fastest step on this machine
+    decode_s: float
+    batch_step_s: dict[int, float]  # batch size (> 1) -> seconds per batched step at degree 1
+
+
 class TetriPolicy(Policy):
     name = "tetri"
     synchronous_rounds = True
@@ -68,107 +93,85 @@ class TetriPolicy(Policy):
         self.batching = batching
         self.scale_up = scale_up
         self.fill_rounds = fill_rounds
-        self._hulls: dict[tuple[int, int], list[HullPoint]] = {}
-        self._fast: dict[tuple[int, int], float] = {}
+        self._res_cache: dict[tuple[int, int], _Res] = {}
 
     # ---- 1. allocation -------------------------------------------------------------------------
+
+    def _res(self, width: int, height: int) -> _Res:
+        info = self._res_cache.get((width, height))
+        if info is None:
+            step = {d: self.cost.step_s(width, height, d) for d in self.degrees}
+            batches = {b: self.cost.step_s(width, height, 1, b) for b in self.cost.batch_sizes(width, height, 1) if b > 1}
+            hull = _lower_hull([HullPoint(d, t, d * t) for d, t in step.items()])
+            info = _Res(step, hull, hull[-1].step_s, self.cost.decode_s(width, height), batches)
+            self._res_cache[(width, height)] = info
+        return info
 
     def hull(self, width: int, height: int) -> list[HullPoint]:
         """Degrees worth using for this resolution, cheapest (slowest) first: the lower convex hull
         of (step time, GPU-seconds per step). Dominated degrees (slower and dearer) are dropped."""
-        key = (width, height)
-        pts = self._hulls.get(key)
-        if pts is not None:
-            return pts
-        cand = sorted((HullPoint(d, s, d * s) for d in self.degrees
-                       for s in [self.cost.step_s(width, height, d)]), key=lambda p: (p.gpu_s, p.step_s))
-        pareto: list[HullPoint] = []
-        for p in cand:  # cheapest first; keep only points faster than everything cheaper
-            if not pareto or p.step_s < pareto[-1].step_s:
-                pareto.append(p)
-        hull: list[HullPoint] = []
-        for p in pareto:  # lower convex hull, step time decreasing
-            while len(hull) >= 2:
-                a, b = hull[-2], hull[-1]
-                # b lies on or above the chord a-p: mixing a and p is never worse than using b.
-                cross = (b.step_s - a.step_s) * (p.gpu_s - a.gpu_s) - (b.gpu_s - a.gpu_s) * (p.step_s - a.step_s)
-                if cross >= 0:
-                    hull.pop()
-                else:
-                    break
-            hull.append(p)
-        self._hulls[key] = hull
-        self._fast[key] = hull[-1].step_s
-        return hull
-
-    def fastest_step_s(self, width: int, height: int) -> float:
-        key = (width, height)
-        if key not in self._fast:
-            self.hull(width, height)
-        return self._fast[key]
+        return self._res(width, height).hull
 
     def allocate(self, width: int, height: int, steps: int, budget_s: float) -> tuple[float, list[tuple[int, int]]] | None:
         """Cheapest plan running `steps` steps within budget_s seconds: (GPU-seconds,
         [(degree, steps), ...] cheapest segment first), or None when even the fastest is too slow."""
-        if steps <= 0:
-            return (0.0, []) if budget_s >= -1e-9 else None
-        hull = self.hull(width, height)
-        first = hull[0]
-        if steps * first.step_s <= budget_s + 1e-9:
-            return steps * first.gpu_s, [(first.degree, steps)]
-        for a, b in zip(hull, hull[1:]):
-            if steps * b.step_s <= budget_s + 1e-9:
-                n_fast = math.ceil((steps * a.step_s - budget_s) / (a.step_s - b.step_s) - 1e-9)
-                n_fast = min(max(n_fast, 0), steps)
-                n_slow = steps - n_fast
-                segs = [(a.degree, n_slow)] if n_slow else []
-                segs.append((b.degree, n_fast))
-                return n_slow * a.gpu_s + n_fast * b.gpu_s, segs
-        return None
+        return _allocate(self._res(width, height).hull, steps, budget_s)
 
     # ---- a round -------------------------------------------------------------------------------
 
     def _plan(self, now_s: float, idle: list[int], ready: list[SchedRequest]) -> list[GroupSpec]:
         tau = self.round_s
-        t_next = now_s + tau
+        t_next = now_s + RESUME_AFTER * tau  # when a request left out now can run again, at the latest
         capacity = len(idle)
-        cost = self.cost
 
-        on_time: list[SchedRequest] = []
+        # Late / cannot wait a round / can wait, from the fastest-degree lower bound.
         late: list[SchedRequest] = []
+        critical: list[SchedRequest] = []
+        waitable: list[SchedRequest] = []
         for r in ready:
-            if self._late(r, now_s):
+            info = self._res(r.width, r.height)
+            fastest = r.remaining_steps * info.fast_s + info.decode_s
+            if now_s + fastest > r.deadline + 1e-9:
                 late.append(r)
+            elif t_next + fastest > r.deadline + 1e-9:
+                critical.append(r)
             else:
-                on_time.append(r)
-        on_time.sort(key=lambda r: (r.deadline, r.arrival_s))
+                waitable.append(r)
+
+        # Knapsack candidates. At most `capacity` requests can run, so besides every request that
+        # cannot wait (the only ones whose survival depends on this round), the earliest deadlines
+        # and the tightest plans (where waiting costs GPU-seconds) are enough: this bounds the DP
+        # at (critical + 2 x capacity) items whatever the queue length.
+        by_deadline = sorted(waitable, key=lambda r: (r.deadline, r.arrival_s))
+        chosen_ids = {id(r) for r in by_deadline[:capacity]}
+        tight = sorted(waitable, key=lambda r: -self._tightness(r, now_s))[:capacity]
+        chosen_ids.update(id(r) for r in tight)
+        candidates = critical + [r for r in by_deadline if id(r) in chosen_ids]
+        candidates.sort(key=lambda r: (r.deadline, r.arrival_s))
+        spare = [r for r in by_deadline if id(r) not in chosen_ids]
 
         # 1 + 2: options per request, then the knapsack.
-        items = [self._item([r], now_s, t_next) for r in on_time]
-        demand = sum(max(w for w, _ in it.options) for it in items)
-        if self.batching and demand > capacity:
-            items = self._batch_items(items, now_s, t_next)
+        items = [self._item([r], now_s, t_next) for r in candidates]
+        if self.batching and (spare or sum(max(w for w, _ in it.options) for it in items) > capacity):
+            items, spare = self._batch_items(items, spare, capacity, now_s, t_next)
         self._normalise(items)
         chosen: list[tuple[_Item, int, int]] = []  # (item, degree, steps)
         if items:
             _, picks = group_knapsack([it.options for it in items], capacity)
-            for it, j in zip(items, picks):
-                if j > 0:
-                    chosen.append((it, it.options[j][0], it.steps[j]))
+            chosen = [(it, it.options[j][0], it.steps[j]) for it, j in zip(items, picks) if j > 0]
         used = sum(d for _, d, _ in chosen)
         running = {id(it) for it, _, _ in chosen}
 
-        # 4a. Work conservation: on-time requests the knapsack left out, cheapest option that fits.
-        for it in items:
+        # 4a. Work conservation: on-time requests left out, earliest deadline first, the narrowest
+        # option that fits.
+        leftovers = [it for it in items if id(it) not in running]
+        for it in _chain_items(leftovers, spare, lambda r: self._item([r], now_s, t_next)):
             if used >= capacity:
                 break
-            if id(it) in running:
-                continue
             fits = [j for j in range(1, len(it.options)) if it.options[j][0] <= capacity - used]
             if fits:
                 j = min(fits, key=lambda j: it.options[j][0])
                 chosen.append((it, it.options[j][0], it.steps[j]))
-                running.add(id(it))
                 used += it.options[j][0]
 
         # 4b. Elastic scale-up: double running single-request groups, biggest saving per device first.
@@ -176,110 +179,162 @@ class TetriPolicy(Policy):
             while used < capacity:
                 best = None
                 for idx, (it, d, _) in enumerate(chosen):
-                    if it.batch > 1 or 2 * d > self.max_degree or d > capacity - used or 2 * d not in self.degrees:
+                    if it.batch > 1 or 2 * d > capacity - used + d:
                         continue
                     r = it.members[0]
-                    t_d = cost.step_s(r.width, r.height, d)
-                    t_2d = cost.step_s(r.width, r.height, 2 * d)
-                    if t_2d >= 0.95 * t_d:
+                    step = self._res(r.width, r.height).step_s
+                    if 2 * d not in step or step[2 * d] >= 0.95 * step[d]:
                         continue  # not worth the devices (or slower)
-                    saving = r.remaining_steps * (t_d - t_2d) / d
+                    saving = r.remaining_steps * (step[d] - step[2 * d]) / d
                     if best is None or saving > best[0]:
                         best = (saving, idx)
                 if best is None:
                     break
-                idx = best[1]
-                it, d, _ = chosen[idx]
+                it, d, _ = chosen[best[1]]
                 r = it.members[0]
-                q = min(r.remaining_steps, steps_in(tau, cost.step_s(r.width, r.height, 2 * d)))
-                chosen[idx] = (it, 2 * d, q)
+                q = min(r.remaining_steps, steps_in(tau, self._res(r.width, r.height).step_s[2 * d]))
+                chosen[best[1]] = (it, 2 * d, q)
                 used += d
 
         # 5. Late requests: one device each, least remaining work first, with what is left.
-        late.sort(key=lambda r: (r.remaining_steps * cost.step_s(r.width, r.height, 1), r.deadline, r.arrival_s))
-        for r in late:
-            if used >= capacity:
-                break
-            it = _Item([r], [(0, 0.0)], [0])
-            chosen.append((it, 1, min(r.remaining_steps, steps_in(tau, cost.step_s(r.width, r.height, 1)))))
-            used += 1
+        if used < capacity and late:
+            late.sort(key=lambda r: (r.remaining_steps * self._res(r.width, r.height).step_s[1], r.deadline, r.arrival_s))
+            for r in late[:capacity - used]:
+                q = min(r.remaining_steps, steps_in(tau, self._res(r.width, r.height).step_s[1]))
+                chosen.append((_Item([r], [(0, 0.0)], [0]), 1, q))
+                used += 1
 
         if not chosen:
             return []
 
         # 3. Placement.
-        keys = list(range(len(chosen)))
-        placed = place([(k, chosen[k][1], chosen[k][0].members[0].device_ids) for k in keys],
+        placed = place([(k, d, it.members[0].device_ids) for k, (it, d, _) in enumerate(chosen)],
                        idle, self.num_devices, self.known_groups)
         specs = []
-        for k in keys:
+        for k, (it, _, q) in enumerate(chosen):
             devs = placed.get(k)
-            if devs is None:
-                continue  # cannot happen with power-of-two degrees; the request simply waits
-            it, _, q = chosen[k]
-            specs.append(GroupSpec(devs, tuple(r.request_id for r in it.members), q))
-        if self.fill_rounds:
+            if devs is not None:  # always, with power-of-two degrees; otherwise the request waits
+                specs.append(GroupSpec(devs, tuple(r.request_id for r in it.members), q))
+        if self.fill_rounds and specs:
             specs = self._fill(specs)
         return specs
 
-    def _late(self, r: SchedRequest, now_s: float) -> bool:
-        if r.deadline_s is None:
-            return False
-        fast = self.fastest_step_s(r.width, r.height)
-        return now_s + r.remaining_steps * fast + self.cost.decode_s(r.width, r.height) > r.deadline + 1e-9
+    def _backfill(self, now_s: float, idle: list[int], ready: list[SchedRequest], round_end_s: float) -> list[GroupSpec]:
+        """Devices idle mid-round (a request finished early, or arrived after the round started):
+        run on-time requests, most urgent first, at their plan's current degree (or the widest
+        hull degree that fits), for the steps that end by the round's end; then late ones on one
+        device. No knapsack: the next round re-plans everything."""
+        window = round_end_s - now_s
+        free = set(idle)
+        specs: list[GroupSpec] = []
+        on_time: list[tuple[bool, float, float, SchedRequest]] = []
+        late: list[SchedRequest] = []
+        for r in ready:
+            info = self._res(r.width, r.height)
+            fastest = r.remaining_steps * info.fast_s + info.decode_s
+            if now_s + fastest > r.deadline + 1e-9:
+                late.append(r)
+            else:  # requests that cannot wait for the next round first, then earliest deadline
+                on_time.append((round_end_s + fastest <= r.deadline + 1e-9, r.deadline, r.arrival_s, r))
+        on_time.sort(key=lambda x: x[:3])
+        for *_, r in on_time:
+            if not free:
+                break
+            info = self._res(r.width, r.height)
+            plan = _allocate(info.hull, r.remaining_steps, r.deadline - now_s - info.decode_s)
+            segs = plan[1] if plan else [(info.hull[-1].degree, r.remaining_steps)]
+            degree, seg_steps = segs[0]
+            if degree > len(free):
+                fitting = [p.degree for p in info.hull if p.degree <= len(free)]
+                if not fitting:
+                    continue
+                degree, seg_steps = fitting[-1], r.remaining_steps
+            cap = seg_steps if len(segs) > 1 and degree == segs[0][0] else r.remaining_steps
+            spec = self._backfill_group(r, degree, cap, window, free)
+            if spec:
+                specs.append(spec)
+        late.sort(key=lambda r: (r.remaining_steps * self._res(r.width, r.height).step_s[1], r.deadline, r.arrival_s))
+        for r in late:
+            if not free:
+                break
+            spec = self._backfill_group(r, 1, r.remaining_steps, window, free)
+            if spec:
+                specs.append(spec)
+        return specs
 
-    def _survives(self, r: SchedRequest, steps: int, end_s: float, t_next: float) -> tuple[bool, float]:
+    def _backfill_group(self, r: SchedRequest, degree: int, max_steps: int, window_s: float,
+                        free: set[int]) -> GroupSpec | None:
+        info = self._res(r.width, r.height)
+        t = info.step_s[degree]
+        q = min(max_steps, int(math.floor(window_s / t + 1e-9)))
+        if q >= r.remaining_steps and q * t + info.decode_s > window_s + 1e-9:
+            q = r.remaining_steps - 1  # the decode would outlast the round
+        if q < 1:
+            return None
+        devs = place([(0, degree, r.device_ids)], free, self.num_devices, self.known_groups).get(0)
+        if devs is None:
+            return None
+        free.difference_update(devs)
+        return GroupSpec(devs, (r.request_id,), q)
+
+    def _tightness(self, r: SchedRequest, now_s: float) -> float:
+        """Time the cheapest degree needs over the time left: > 1 means the plan must go parallel."""
+        info = self._res(r.width, r.height)
+        left = r.deadline - now_s - info.decode_s
+        return math.inf if left <= 0 else r.remaining_steps * info.hull[0].step_s / left
+
+    def _survives(self, r: SchedRequest, info: _Res, steps: int, end_s: float, t_next: float) -> tuple[bool, float]:
         """After running `steps` more steps ending at end_s: can r still meet its deadline, and the
         GPU-seconds of the cheapest plan for its remaining steps (resuming at the next round)."""
         rest = r.remaining_steps - steps
-        decode = self.cost.decode_s(r.width, r.height)
         if rest <= 0:
-            return end_s + decode <= r.deadline + 1e-9, 0.0
-        plan = self.allocate(r.width, r.height, rest, r.deadline - max(end_s, t_next) - decode)
+            return end_s + info.decode_s <= r.deadline + 1e-9, 0.0
+        plan = _allocate(info.hull, rest, r.deadline - max(end_s, t_next) - info.decode_s)
         if plan is None:
-            return False, rest * self.hull(r.width, r.height)[-1].gpu_s
+            return False, rest * info.hull[-1].gpu_s
         return True, plan[0]
 
-    def _item(self, members: list[SchedRequest], now_s: float, t_next: float, batch_step_s: float | None = None) -> _Item:
-        """Knapsack options of one request (or of a batch, run at degree 1 with batch_step_s)."""
+    def _item(self, members: list[SchedRequest], now_s: float, t_next: float, batch: int = 1) -> _Item:
+        """Knapsack options of one request, or of `batch` same-shape requests run batched at degree 1."""
         r0 = members[0]
-        w, h = r0.width, r0.height
+        info = self._res(r0.width, r0.height)
         tau = self.round_s
         # "none": resume at the next round.
         sv_none = 0
         cost_none = 0.0
         for r in members:
-            ok, c = self._survives(r, 0, t_next, t_next)
+            ok, c = self._survives(r, info, 0, t_next, t_next)
             sv_none += ok
             cost_none += c
         options: list[tuple[int, float]] = [(0, float(sv_none))]
         steps_of: list[int] = [0]
         savings: list[float] = [0.0]
-        if batch_step_s is not None:
-            candidates = [(1, batch_step_s, min(min(r.remaining_steps for r in members), steps_in(tau, batch_step_s)))]
+        if batch > 1:
+            t = info.batch_step_s[batch]
+            runs = [(1, t, min(min(r.remaining_steps for r in members), steps_in(tau, t)))]
         else:
-            plan = self.allocate(w, h, r0.remaining_steps, r0.deadline - now_s - self.cost.decode_s(w, h))
-            segs = plan[1] if plan else [(self.hull(w, h)[-1].degree, r0.remaining_steps)]
-            candidates = []
+            plan = _allocate(info.hull, r0.remaining_steps, r0.deadline - now_s - info.decode_s)
+            segs = plan[1] if plan else [(info.hull[-1].degree, r0.remaining_steps)]
+            runs = []
             for i, (d, n) in enumerate(segs):
-                if d > self.max_degree:
-                    continue
-                t = self.cost.step_s(w, h, d)
+                t = info.step_s[d]
                 q = steps_in(tau, t)
+                # The cheap first segment is capped at its planned length: more steps at that
+                # degree would eat time the rest of the plan needs.
                 q = min(q, n) if i == 0 and len(segs) > 1 else min(q, r0.remaining_steps)
-                candidates.append((d, t, q))
-        for d, t, q in candidates:
+                runs.append((d, t, q))
+        for d, t, q in runs:
             end = now_s + q * t
             sv = 0
             spent = 0.0
             for r in members:
-                ok, c = self._survives(r, q, end, t_next)
+                ok, c = self._survives(r, info, q, end, t_next)
                 sv += ok
                 spent += c + q * t * d / len(members)
             options.append((d, float(sv)))
             steps_of.append(q)
             savings.append(cost_none - spent)
-        return _Item(members, options, steps_of, len(members) if batch_step_s is not None else 1, savings)
+        return _Item(members, options, steps_of, batch, savings)
 
     def _normalise(self, items: list[_Item]) -> None:
         """Fold the tie-breaks into the option values, each level too small to outweigh the one
@@ -296,59 +351,148 @@ class TetriPolicy(Policy):
 
     # ---- 6. selective batching -----------------------------------------------------------------
 
-    def _batch_items(self, items: list[_Item], now_s: float, t_next: float) -> list[_Item]:
+    def _batch_items(self, items: list[_Item], spare: list[SchedRequest], capacity: int, now_s: float,
+                     t_next: float) -> tuple[list[_Item], list[SchedRequest]]:
+        """Merge identical-resolution degree-1 requests into batches where no member's deadline
+        suffers (each member must still survive at the batched step time). Members may come from
+        the requests the knapsack would not see (`spare`); those are taken out of `spare`."""
         by_shape: dict[tuple[int, int], list[_Item]] = {}
         for it in items:
             r = it.members[0]
-            first_degree = it.options[1][0] if len(it.options) > 1 else 0
-            if first_degree == 1 and self.cost.max_batch(r.width, r.height, 1) > 1:
+            if len(it.options) > 1 and it.options[1][0] == 1 and self._res(r.width, r.height).batch_step_s:
                 by_shape.setdefault((r.width, r.height), []).append(it)
-        if not by_shape:
-            return items
+        for r in spare:  # deadline order
+            info = self._res(r.width, r.height)
+            if not info.batch_step_s:
+                continue
+            pool = by_shape.setdefault((r.width, r.height), [])
+            # Enough to turn the devices' worth of requests into batches, not the whole queue.
+            if len(pool) < 2 * capacity + max(info.batch_step_s):
+                it = self._item([r], now_s, t_next)
+                if len(it.options) > 1 and it.options[1][0] == 1:
+                    pool.append(it)
         replaced: set[int] = set()
         batches: list[_Item] = []
         for (w, h), group in by_shape.items():
-            sizes = [b for b in self.cost.batch_sizes(w, h, 1) if b > 1]
-            pool = list(group)  # deadline order
+            sizes = sorted(self._res(w, h).batch_step_s, reverse=True)
+            pool = sorted(group, key=lambda it: (it.members[0].deadline, it.members[0].arrival_s))
             while len(pool) >= 2:
-                fits = [b for b in sizes if b <= len(pool)]
-                if not fits:
-                    break
                 made = None
-                for b in sorted(fits, reverse=True):
-                    members = [it.members[0] for it in pool[:b]]
-                    candidate = self._item(members, now_s, t_next, self.cost.step_s(w, h, 1, b))
-                    # Batch only if no member loses its deadline by being batched.
-                    if candidate.options[1][1] >= len(members):
-                        made = (b, candidate)
+                for b in sizes:
+                    if b > len(pool):
+                        continue
+                    candidate = self._item([it.members[0] for it in pool[:b]], now_s, t_next, batch=b)
+                    if candidate.options[1][1] >= b:  # every member survives batched
+                        made = candidate
                         break
                 if made is None:
                     break
-                b, candidate = made
-                batches.append(candidate)
-                replaced.update(id(it) for it in pool[:b])
-                pool = pool[b:]
+                batches.append(made)
+                replaced.update(id(it.members[0]) for it in pool[:made.batch])
+                pool = pool[made.batch:]
         if not batches:
-            return items
-        out = [it for it in items if id(it) not in replaced] + batches
+            return items, spare
+        out = [it for it in items if id(it.members[0]) not in replaced] + batches
         out.sort(key=lambda it: min((m.deadline, m.arrival_s) for m in it.members))
-        return out
+        return out, [r for r in spare if id(r) not in replaced]
 
     # ---- round fill ----------------------------------------------------------------------------
 
     def _fill(self, specs: list[GroupSpec]) -> list[GroupSpec]:
-        """Raise each group's step count to use the round's full length (the longest group)."""
+        """Choose the round's length and every group's step count so that the devices idle least.
+
+        Groups have different step times, so with one length for all some idle at the end of the
+        round. Candidate lengths are the group ends (k steps, + decode when k finishes the request)
+        within [ROUND_MIN, ROUND_MAX] x tau (and at least the longest single step); each group then
+        runs as many steps as fit, and the length wasting the fewest device-seconds (per second of
+        round) wins."""
+        tau = self.round_s
         reqs = self._requests
-        length = max(self.group_s([reqs[rid] for rid in s.request_ids], len(s.device_ids), s.num_steps)
-                     for s in specs)
-        out = []
+        groups = []
         for s in specs:
             members = [reqs[rid] for rid in s.request_ids]
             r0 = members[0]
-            t = self.cost.step_s(r0.width, r0.height, len(s.device_ids), len(members))
+            info = self._res(r0.width, r0.height)
+            t = info.step_s[len(s.device_ids)] if len(members) == 1 else info.batch_step_s[len(members)]
             remaining = min(r.remaining_steps for r in members)
-            q = max(s.num_steps, min(remaining, int(math.floor(length / t + 1e-9))))
-            if q >= remaining and self.group_s(members, len(s.device_ids), remaining) > length + 1e-9:
-                q = max(s.num_steps, remaining - 1)  # finishing would outlast the round; finish next one
-            out.append(GroupSpec(s.device_ids, s.request_ids, q))
-        return out
+            decode = sum(self._res(r.width, r.height).decode_s for r in members if r.remaining_steps == remaining)
+            groups.append((s, t, remaining, decode))
+        shortest_round = max(t + (decode if remaining == 1 else 0.0) for _, t, remaining, decode in groups)
+        lo = max(ROUND_MIN * tau, shortest_round)
+        hi = max(ROUND_MAX * tau, lo)
+        candidates = {lo, hi}
+        for _, t, remaining, decode in groups:
+            k = max(1, math.ceil(lo / t - 1e-9))
+            while k <= remaining:
+                end = k * t + (decode if k == remaining else 0.0)
+                if end > hi + 1e-9:
+                    break
+                if end >= lo - 1e-9:
+                    candidates.add(end)
+                k += 1
+
+        def steps_within(length: float, t: float, remaining: int, decode: float) -> int:
+            q = min(remaining, int(math.floor(length / t + 1e-9)))
+            if q == remaining and q * t + decode > length + 1e-9:
+                q -= 1  # the decode would outlast the round: finish next round
+            return q
+
+        best = None
+        for length in sorted(candidates):
+            idle = 0.0
+            for s, t, remaining, decode in groups:
+                q = steps_within(length, t, remaining, decode)
+                idle += len(s.device_ids) * (length - q * t - (decode if q == remaining else 0.0))
+            score = idle / length
+            if best is None or score < best[0] - 1e-9:
+                best = (score, length)
+        length = best[1]
+        return [GroupSpec(s.device_ids, s.request_ids, max(1, steps_within(length, t, remaining, decode)))
+                for s, t, remaining, decode in groups]
+
+
+def _lower_hull(points: list[HullPoint]) -> list[HullPoint]:
+    """Cheapest-first lower convex hull of (step time, GPU-seconds) after dropping dominated points."""
+    pareto: list[HullPoint] = []
+    for p in sorted(points, key=lambda p: (p.gpu_s, p.step_s)):
+        if not pareto or p.step_s < pareto[-1].step_s:  # keep only points faster than all cheaper ones
+            pareto.append(p)
+    hull: list[HullPoint] = []
+    for p in pareto:
+        while len(hull) >= 2:
+            a, b = hull[-2], hull[-1]
+            # b on or above the chord a-p: mixing a and p is never worse than using b.
+            if (b.step_s - a.step_s) * (p.gpu_s - a.gpu_s) - (b.gpu_s - a.gpu_s) * (p.step_s - a.step_s) >= 0:
+                hull.pop()
+            else:
+                break
+        hull.append(p)
+    return hull
+
+
+def _allocate(hull: list[HullPoint], steps: int, budget_s: float) -> tuple[float, list[tuple[int, int]]] | None:
+    """Cheapest (GPU-seconds) split of `steps` over the hull's degrees finishing within budget_s.
+
+    The LP optimum mixes the two adjacent hull points around budget/steps; rounding the fast
+    share up keeps it feasible (and matched brute force on the test profiles)."""
+    if steps <= 0:
+        return (0.0, []) if budget_s >= -1e-9 else None
+    first = hull[0]
+    if steps * first.step_s <= budget_s + 1e-9:
+        return steps * first.gpu_s, [(first.degree, steps)]
+    for a, b in zip(hull, hull[1:]):
+        if steps * b.step_s <= budget_s + 1e-9:
+            n_fast = math.ceil((steps * a.step_s - budget_s) / (a.step_s - b.step_s) - 1e-9)
+            n_fast = min(max(n_fast, 0), steps)
+            n_slow = steps - n_fast
+            segs = [(a.degree, n_slow)] if n_slow else []
+            segs.append((b.degree, n_fast))
+            return n_slow * a.gpu_s + n_fast * b.gpu_s, segs
+    return None
+
+
+def _chain_items(items: list[_Item], spare: list[SchedRequest], make) -> Iterator[_Item]:
+    """The knapsack's left-out items, then items made on demand for requests it never saw."""
+    yield from items
+    for r in spare:
+        yield make(r)

@@ -1,0 +1,106 @@
+"""How long does one scheduling decision take? (issue 4 target: p99 < 1 ms, 100 queued, 8 GPUs)
+
+Keeps `--queue` requests in the scheduler at all times (a finished request is replaced by a new
+arrival), of the paper's four resolutions with deadlines from the SLO rule x a random scale in
+[0.5, 1.5] (so some are late, some tight, some slack: every branch of a round runs), and times each
+`schedule(now_s)` call with time.perf_counter over `--rounds` rounds, the executor simulated by the
+cost model. Writes one JSON line per policy (to --out, and stdout) and prints a short table.
+
+    .venv/bin/python bench/sched_overhead.py --queue 100 --gpus 8 --rounds 2000
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import random
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from tetri_engine.sched import CostModel, RoundResult, SchedRequest, make_policy, slo_s  # noqa: E402
+
+DEFAULT_PROFILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "profiles", "flux-dev-h200-modelled.json")
+
+
+def percentile(values: list[float], q: float) -> float:
+    values = sorted(values)
+    return values[min(len(values) - 1, int(q * len(values)))]
+
+
+def measure(policy_name: str, cost: CostModel, gpus: int, queue: int, rounds: int, seed: int) -> dict:
+    rng = random.Random(seed)
+    policy = make_policy(policy_name, gpus, cost)
+    sides = (256, 512, 1024, 2048)
+    counter = [0]
+
+    def new_request(now_s: float) -> SchedRequest:
+        side = rng.choice(sides)
+        counter[0] += 1
+        deadline = now_s + slo_s(side, side, 50, cost, rng.uniform(0.5, 1.5), gpus)
+        return SchedRequest(f"r{counter[0]}", side, side, 50, now_s, deadline)
+
+    now = 0.0
+    for _ in range(queue):
+        policy.add_request(new_request(now))
+    times: list[float] = []
+    queue_seen: list[int] = []
+    while len(times) < rounds:
+        queue_seen.append(policy.queue_depth)
+        t0 = time.perf_counter()
+        plan = policy.schedule(now)
+        dt = time.perf_counter() - t0
+        if plan.is_empty:
+            raise RuntimeError(f"{policy_name}: empty plan with every device idle")
+        times.append(dt)
+        # Run the whole plan (all groups end by the longest), then top the queue back up.
+        now += plan.expected_s
+        steps = {rid: g.num_steps for g in plan.groups for rid in g.request_ids}
+        done = policy.update_from_output(plan, RoundResult(now, steps))
+        for _ in done:
+            policy.add_request(new_request(now))
+    return {
+        "bench": "sched_overhead",
+        "policy": policy_name,
+        "gpus": gpus,
+        "queue": queue,
+        "rounds": len(times),
+        "mean_queue": sum(queue_seen) / len(queue_seen),
+        "p50_ms": 1e3 * percentile(times, 0.50),
+        "p99_ms": 1e3 * percentile(times, 0.99),
+        "max_ms": 1e3 * max(times),
+        "mean_ms": 1e3 * sum(times) / len(times),
+    }
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--profile", default=DEFAULT_PROFILE)
+    parser.add_argument("--gpus", type=int, default=8)
+    parser.add_argument("--queue", type=int, default=100)
+    parser.add_argument("--rounds", type=int, default=2000)
+    parser.add_argument("--policies", default="tetri,fixed2,rssp,edf2")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", default=None, help="append JSON lines here")
+    args = parser.parse_args()
+    cost = CostModel.from_json(args.profile)
+    rows = []
+    for name in [p for p in args.policies.split(",") if p]:
+        row = measure(name, cost, args.gpus, args.queue, args.rounds, args.seed)
+        row.update(machine=f"{platform.machine()} {os.cpu_count()} cpus, Python {platform.python_version()}",
+                   date=time.strftime("%Y-%m-%d"))
+        rows.append(row)
+        print(json.dumps(row))
+        if args.out:
+            with open(args.out, "a", encoding="utf-8") as f:
+                f.write(json.dumps(row) + "\n")
+    print(f"\n{'policy':<8} {'queue':>6} {'p50 ms':>8} {'p99 ms':>8} {'max ms':>8}")
+    for r in rows:
+        print(f"{r['policy']:<8} {r['mean_queue']:>6.0f} {r['p50_ms']:>8.3f} {r['p99_ms']:>8.3f} {r['max_ms']:>8.3f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
