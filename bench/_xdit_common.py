@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Callable, Iterable, Sequence
 
 # FLUX.1-dev transformer, as in black-forest-labs/FLUX.1-dev/transformer/config.json (11.9 B parameters).
@@ -87,7 +87,8 @@ TRACE_FIELDS = ("arrival_s", "width", "height", "steps", "slo_ms")
 
 @dataclass(frozen=True)
 class TraceRequest:
-    """One line of the project's trace format (JSON lines: arrival_s, width, height, steps, slo_ms)."""
+    """One line of the project's trace format (tetri_engine/sched/trace.py: JSON lines with arrival_s,
+    width, height, steps, slo_ms; slo_ms is the deadline after arrival at SLO scale 1.0)."""
 
     index: int            # position in the trace (FCFS order is arrival order, ties by index)
     request_id: str
@@ -95,11 +96,10 @@ class TraceRequest:
     width: int
     height: int
     steps: int
-    slo_ms: float         # deadline = arrival_s + slo_ms / 1000
+    slo_ms: float         # at SLO scale 1.0: deadline = arrival_s + scale * slo_ms / 1000
 
-    @property
-    def deadline_s(self) -> float:
-        return self.arrival_s + self.slo_ms / 1000.0
+    def deadline_at(self, slo_scale: float = 1.0) -> float:
+        return self.arrival_s + slo_scale * self.slo_ms / 1000.0
 
     @property
     def image_tokens(self) -> int:
@@ -151,7 +151,7 @@ def parse_trace_lines(lines: Iterable[str], source: str = "<trace>") -> list[Tra
         except ValueError as exc:
             raise ValueError(f"{where}: {exc}") from None
         index = len(requests)
-        request_id = str(row.get("request_id", row.get("id", f"r{index:05d}")))
+        request_id = str(row.get("request_id", row.get("id", f"req-{index:05d}")))
         requests.append(TraceRequest(index, request_id, arrival_s, width, height, steps, slo_ms))
     # FCFS: arrival order; a stable sort keeps the file order for equal arrivals.
     requests.sort(key=lambda r: (r.arrival_s, r.index))
@@ -223,9 +223,23 @@ def flux_sigmas(num_steps: int, image_seq_len: int) -> list[float]:
 
 # ------------------------------------------------------------------------------------ FCFS replay model
 
+def scale_key(slo_scale: float) -> str:
+    return f"{slo_scale:g}"
+
+
+def parse_scales(text: str) -> list[float]:
+    """'1.0,1.1,1.2,1.5' -> [1.0, 1.1, 1.2, 1.5]; the first is the primary scale."""
+    scales = [float(x) for x in text.split(",") if x.strip()]
+    if not scales or any(not (math.isfinite(x) and x > 0) for x in scales):
+        raise ValueError("SLO scales must be positive numbers")
+    return scales
+
+
 @dataclass
 class RequestRecord:
-    """What the replay records per request (one JSON line)."""
+    """What the replay records per request (one JSON line). xDiT's FCFS run does not depend on the
+    deadlines, so one replay gives the outcome at every SLO scale: `met_by_scale`; `deadline_s` and
+    `deadline_met` are at the primary (first) scale."""
 
     kind: str
     request_index: int
@@ -233,8 +247,9 @@ class RequestRecord:
     width: int
     height: int
     steps: int
-    slo_ms: float
+    slo_ms: float                       # at SLO scale 1.0, as in the trace
     arrival_s: float
+    slo_scale: float
     deadline_s: float
     status: str                         # completed | failed | not_run_budget
     start_s: float | None = None        # replay clock: seconds since the replay started
@@ -245,14 +260,34 @@ class RequestRecord:
     transformer_s: float | None = None  # the denoising steps (transformer + scheduler update)
     decode_s: float | None = None       # VAE decode
     deadline_met: bool = False
+    met_by_scale: dict = field(default_factory=dict)
     error: str | None = None
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=False)
 
 
+NOT_RUN_ERROR = "wall-clock budget (--max-seconds) ran out before this request could start"
+
+
+def make_record(r: TraceRequest, scales: Sequence[float], status: str, start_s: float | None = None,
+                finish_s: float | None = None, transformer_s: float | None = None,
+                decode_s: float | None = None, error: str | None = None) -> RequestRecord:
+    """A request's record; a deadline is met only by a completed request finishing by it."""
+    done = status == "completed" and finish_s is not None
+    met = {scale_key(x): bool(done and finish_s <= r.deadline_at(x) + 1e-9) for x in scales}
+    return RequestRecord(
+        "request", r.index, r.request_id, r.width, r.height, r.steps, r.slo_ms, r.arrival_s, scales[0],
+        r.deadline_at(scales[0]), status, start_s=start_s, finish_s=finish_s,
+        latency_s=(finish_s - r.arrival_s) if done else None,
+        queue_s=(start_s - r.arrival_s) if start_s is not None else None,
+        service_s=(finish_s - start_s) if (start_s is not None and finish_s is not None) else None,
+        transformer_s=transformer_s, decode_s=decode_s, deadline_met=met[scale_key(scales[0])],
+        met_by_scale=met, error=error if error is not None else (NOT_RUN_ERROR if status == "not_run_budget" else None))
+
+
 def simulate_fcfs(requests: Sequence[TraceRequest], service_s: Callable[[TraceRequest], float],
-                  budget_s: float | None = None) -> list[RequestRecord]:
+                  scales: Sequence[float] = (1.0,), budget_s: float | None = None) -> list[RequestRecord]:
     """One request at a time, first come first served, non-preemptive (xDiT's HTTP service).
     A request whose predicted finish would pass `budget_s` (replay clock) is not run, nor is any
     after it: they are marked not_run_budget (missed) — the same rule the live replay uses."""
@@ -260,45 +295,15 @@ def simulate_fcfs(requests: Sequence[TraceRequest], service_s: Callable[[TraceRe
     clock = 0.0
     stopped = False
     for r in requests:
-        if stopped:
-            records.append(_not_run(r))
-            continue
         start = max(clock, r.arrival_s)
         s = service_s(r)
-        if budget_s is not None and start + s > budget_s:
+        if stopped or (budget_s is not None and start + s > budget_s):
             stopped = True
-            records.append(_not_run(r))
+            records.append(make_record(r, scales, "not_run_budget"))
             continue
-        finish = start + s
-        clock = finish
-        records.append(completed_record(r, start, finish, transformer_s=None, decode_s=None))
+        clock = start + s
+        records.append(make_record(r, scales, "completed", start_s=start, finish_s=clock))
     return records
-
-
-def _not_run(r: TraceRequest) -> RequestRecord:
-    return RequestRecord("request", r.index, r.request_id, r.width, r.height, r.steps, r.slo_ms,
-                         r.arrival_s, r.deadline_s, "not_run_budget",
-                         error="wall-clock budget (--max-seconds) ran out before this request could start")
-
-
-def not_run_record(r: TraceRequest) -> RequestRecord:
-    return _not_run(r)
-
-
-def completed_record(r: TraceRequest, start_s: float, finish_s: float, transformer_s: float | None,
-                     decode_s: float | None) -> RequestRecord:
-    return RequestRecord(
-        "request", r.index, r.request_id, r.width, r.height, r.steps, r.slo_ms, r.arrival_s, r.deadline_s,
-        "completed", start_s=start_s, finish_s=finish_s, latency_s=finish_s - r.arrival_s,
-        queue_s=start_s - r.arrival_s, service_s=finish_s - start_s, transformer_s=transformer_s,
-        decode_s=decode_s, deadline_met=finish_s <= r.deadline_s + 1e-9)
-
-
-def failed_record(r: TraceRequest, start_s: float, finish_s: float, error: str) -> RequestRecord:
-    return RequestRecord(
-        "request", r.index, r.request_id, r.width, r.height, r.steps, r.slo_ms, r.arrival_s, r.deadline_s,
-        "failed", start_s=start_s, finish_s=finish_s, latency_s=None, queue_s=start_s - r.arrival_s,
-        service_s=finish_s - start_s, deadline_met=False, error=error)
 
 
 def percentile(values: Sequence[float], q: float) -> float | None:
@@ -315,15 +320,18 @@ def median(values: Sequence[float]) -> float | None:
     return percentile(values, 50.0)
 
 
-def summarize(records: Sequence[RequestRecord], replay_span_s: float | None = None) -> dict:
-    """SAR = met / all requests in the trace (not run and failed count as missed); also the SAR of the
-    requests that ran, latency of completed requests, and the server's busy fraction."""
+def summarize(records: Sequence[RequestRecord], scales: Sequence[float] = (1.0,),
+              replay_span_s: float | None = None) -> dict:
+    """SAR = met / all requests in the trace (not run and failed count as missed), at every SLO scale
+    (`sar` is the primary, first, scale); also the SAR of the requests that ran, latency of completed
+    requests, and the server's busy fraction over the replay."""
     total = len(records)
     by_status: dict[str, int] = {}
     for rec in records:
         by_status[rec.status] = by_status.get(rec.status, 0) + 1
     ran = [r for r in records if r.status != "not_run_budget"]
-    met = sum(1 for r in records if r.deadline_met)
+    keys = [scale_key(x) for x in scales]
+    met = {k: sum(1 for r in records if r.met_by_scale.get(k)) for k in keys}
     latencies = [r.latency_s for r in records if r.status == "completed" and r.latency_s is not None]
     busy = sum(r.service_s for r in ran if r.service_s is not None)
     if replay_span_s is None:
@@ -331,21 +339,25 @@ def summarize(records: Sequence[RequestRecord], replay_span_s: float | None = No
         replay_span_s = max(finishes) if finishes else 0.0
     per_res: dict[str, dict] = {}
     for rec in records:
-        key = f"{rec.width}x{rec.height}"
-        d = per_res.setdefault(key, {"requests": 0, "met": 0, "completed": 0})
+        d = per_res.setdefault(f"{rec.width}x{rec.height}", {"requests": 0, "completed": 0, "met_by_scale": {}})
         d["requests"] += 1
-        d["met"] += int(rec.deadline_met)
         d["completed"] += int(rec.status == "completed")
+        for k in keys:
+            d["met_by_scale"][k] = d["met_by_scale"].get(k, 0) + int(bool(rec.met_by_scale.get(k)))
     for d in per_res.values():
-        d["sar"] = d["met"] / d["requests"] if d["requests"] else None
+        d["sar_by_scale"] = {k: v / d["requests"] for k, v in d["met_by_scale"].items()}
+        d["sar"] = d["sar_by_scale"][keys[0]]
     return {
         "requests": total,
         "completed": by_status.get("completed", 0),
         "failed": by_status.get("failed", 0),
         "not_run_budget": by_status.get("not_run_budget", 0),
-        "deadline_met": met,
-        "sar": met / total if total else None,
-        "sar_of_run": (met / len(ran)) if ran else None,
+        "slo_scale": scales[0],
+        "deadline_met": met[keys[0]],
+        "sar": met[keys[0]] / total if total else None,
+        "sar_of_run": (met[keys[0]] / len(ran)) if ran else None,
+        "sar_by_scale": {k: (met[k] / total if total else None) for k in keys},
+        "sar_of_run_by_scale": {k: (met[k] / len(ran) if ran else None) for k in keys},
         "latency_mean_s": (sum(latencies) / len(latencies)) if latencies else None,
         "latency_p50_s": percentile(latencies, 50),
         "latency_p99_s": percentile(latencies, 99),

@@ -5,10 +5,12 @@ run through xfuser's own Ulysses sequence parallelism, at a degree fixed for the
 
 * ``step``  — one forward (= one denoising step) per resolution, median of --iters after --warmup;
   also checks the parallel output against a one-GPU diffusers forward of the same weights (issue 3).
-* ``serve`` — replay a trace (JSON lines: arrival_s, width, height, steps, slo_ms) in real time, one
-  request at a time, first come first served, as xDiT's HTTP service does; per-request finish time,
-  latency, deadline met, and the SAR (issue 7). Only rank 0 reads the clock and decides; it
-  broadcasts each decision, so both ranks always run the same forward.
+* ``serve`` — replay a trace (tetri_engine/sched/trace.py's JSON lines: arrival_s, width, height, steps,
+  slo_ms at SLO scale 1.0) in real time, one request at a time, first come first served, as xDiT's HTTP
+  service does; per-request finish time, latency, deadline met, and the SAR (issue 7). FCFS does not
+  look at deadlines, so one replay is scored at every ``--slo-scales`` value (deadline = arrival +
+  scale x slo_ms). Only rank 0 reads the clock and decides; it broadcasts each decision, so both ranks
+  always run the same forward.
 
 Which xDiT code runs (``--path``, reported in every output line as ``path``):
 
@@ -32,8 +34,8 @@ Run on 2 GPUs (rank 0 writes --output; the env vars are also defaulted at the to
       --resolutions 256,512,1024,2048 --iters 10 --output bench/results/xdit-step-2xH200.jsonl
 
   NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 \\
-    torchrun --standalone --nproc_per_node=2 bench/xdit_baseline.py serve \\
-      --trace trace.jsonl --max-seconds 540 --output bench/results/xdit-serve-2xH200.jsonl
+    torchrun --standalone --nproc_per_node=2 bench/xdit_baseline.py serve --trace trace.jsonl \\
+      --slo-scales 1.0,1.1,1.2,1.5 --max-seconds 540 --output bench/results/xdit-serve-2xH200.jsonl
 
   # short smoke of the serve path: every request 2 steps, first 8 requests
   ... bench/xdit_baseline.py serve --trace trace.jsonl --steps-override 2 --max-requests 8 --max-seconds 240
@@ -51,7 +53,8 @@ above + the flow-match Euler update of FluxPipeline's sigma schedule] + a VAE de
 --text-tokens tokens stand in for CLIP/T5), image post-processing and PNG, HTTP. ``--max-seconds``
 bounds the whole run from process start (model build and warm-up included): a request whose
 predicted finish would pass it is not started, nor is any later one; they are written as
-``not_run_budget`` and count as missed in the SAR (the summary says how many).
+``not_run_budget`` and count as missed in the SAR (the summary says how many). Times in the output are
+on the trace's clock; the replay begins at the first arrival (an idle server before it changes nothing).
 """
 from __future__ import annotations
 
@@ -130,11 +133,15 @@ def build_parser() -> argparse.ArgumentParser:
     p_serve = sub.add_parser("serve", help="real-time FCFS replay of a trace, one request at a time (issue 7)")
     common_args(p_serve)
     p_serve.add_argument("--trace", required=True, help="JSON lines: arrival_s, width, height, steps, slo_ms")
-    p_serve.add_argument("--max-seconds", type=float, required=True,
-                         help="wall-clock budget from process start; requests that cannot finish in it are not run")
+    p_serve.add_argument("--max-seconds", type=float, default=None,
+                         help="required: wall-clock budget from process start; requests that cannot finish in it "
+                              "are not run (optional with --dry-run)")
     p_serve.add_argument("--steps-override", type=int, default=None,
                          help="run every request with this many steps (a short smoke; arrivals and SLOs kept)")
     p_serve.add_argument("--max-requests", type=int, default=None, help="only the first N requests by arrival")
+    p_serve.add_argument("--slo-scales", default="1.0",
+                         help="comma list of SLO scales (deadline = arrival + scale * slo_ms); FCFS does not depend "
+                              "on deadlines, so one replay scores them all; the first is the primary")
     p_serve.add_argument("--no-vae-decode", dest="vae_decode", action="store_false",
                          help="do not time a VAE decode after the steps")
     p_serve.add_argument("--estimate-from", default=None,
@@ -157,12 +164,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         if args.iters < 1 or args.warmup < 0:
             parser.error("--iters must be >= 1 and --warmup >= 0")
     else:
-        if args.max_seconds <= 0:
+        if args.max_seconds is None and not args.dry_run:
+            parser.error("serve needs --max-seconds (the wall-clock budget of the run)")
+        if args.max_seconds is not None and args.max_seconds <= 0:
             parser.error("--max-seconds must be > 0")
         if args.steps_override is not None and args.steps_override < 1:
             parser.error("--steps-override must be >= 1")
         if args.max_requests is not None and args.max_requests < 1:
             parser.error("--max-requests must be >= 1")
+        try:
+            args.scales = common.parse_scales(args.slo_scales)
+        except ValueError as exc:
+            parser.error(f"--slo-scales: {exc}")
     if args.dtype is None:
         args.dtype = "bf16" if args.device == "cuda" else "fp32"
     if args.output is None:
@@ -200,9 +213,13 @@ def dry_run(args: argparse.Namespace) -> int:
     def service_s(r: common.TraceRequest) -> float:
         return r.steps * est_step_ms(r.width, r.height) / 1000.0
 
-    budget_replay_s = args.max_seconds - args.dry_run_setup_s
-    records = common.simulate_fcfs(requests, service_s, budget_s=budget_replay_s)
-    summary = common.summarize(records)
+    first_arrival = requests[0].arrival_s  # the replay clock starts at the first arrival, as the live run's does
+    budget_replay_s = (None if args.max_seconds is None
+                       else first_arrival + args.max_seconds - args.dry_run_setup_s)
+    records = common.simulate_fcfs(requests, service_s, args.scales, budget_s=budget_replay_s)
+    finishes = [r.finish_s for r in records if r.finish_s is not None]
+    summary = common.summarize(records, args.scales,
+                               replay_span_s=(max(finishes) - first_arrival) if finishes else 0.0)
     mix: dict[str, int] = {}
     for r in requests:
         mix[f"{r.width}x{r.height}"] = mix.get(f"{r.width}x{r.height}", 0) + 1
@@ -210,10 +227,12 @@ def dry_run(args: argparse.Namespace) -> int:
           f"{requests[-1].arrival_s:.1f} s, mix {mix}, steps {sorted({r.steps for r in requests})}"
           f"{' (--steps-override)' if args.steps_override else ''}")
     print(f"[dry-run] predicted with step times from {source}, transformer only, "
-          f"{args.dry_run_setup_s:.0f} s assumed for set-up, replay budget {budget_replay_s:.0f} s:")
+          + (f"{args.dry_run_setup_s:.0f} s assumed for set-up, replay budget "
+             f"{budget_replay_s - first_arrival:.0f} s from the first arrival:"
+             if budget_replay_s is not None else "no budget (--max-seconds not given):"))
+    sars = ", ".join(f"{v:.3f} @ {k}" for k, v in summary["sar_by_scale"].items())
     print(f"[dry-run]   would run {len(requests) - summary['not_run_budget']} of {len(requests)}; predicted SAR "
-          f"{summary['sar']:.3f} (of those run {summary['sar_of_run'] or 0:.3f}); replay span "
-          f"{summary['replay_span_s']:.1f} s")
+          f"{sars} (SLO scale); replay span {summary['replay_span_s']:.1f} s")
     show = records[:12]
     print(common.format_table([vars(r) for r in show], [
         ("request_id", "request"), ("width", "w"), ("height", "h"), ("steps", "steps"), ("arrival_s", "arrival"),
@@ -871,9 +890,14 @@ def run_serve_mode(args: argparse.Namespace, ctx: DistContext, tcfg: dict, vcfg:
     deadline_abs = _SCRIPT_START_S + args.max_seconds
     ctx.sync()
     ctx.barrier()
-    t0 = ctx.broadcast([time.time()])[0]
-    ctx.log(f"replay of {len(requests)} requests starts; {deadline_abs - t0:.0f} s of budget left "
-            f"(set-up took {t0 - _SCRIPT_START_S:.0f} s)")
+    # Trace clock: t0 + arrival_s is when a request arrives. It starts at the first arrival (an idle
+    # server before it changes nothing), so no budget is spent waiting for the trace to begin.
+    first_arrival = requests[0].arrival_s
+    replay_start_abs = ctx.broadcast([time.time()])[0]
+    t0 = replay_start_abs - first_arrival
+    ctx.log(f"replay of {len(requests)} requests starts at trace time {first_arrival:.2f} s; "
+            f"{deadline_abs - replay_start_abs:.0f} s of budget left (set-up took "
+            f"{replay_start_abs - _SCRIPT_START_S:.0f} s)")
     records: list[common.RequestRecord] = []
     budget_stop_at: int | None = None
     keepalive_s = min(KEEPALIVE_S, args.dist_timeout_s / 4)
@@ -897,7 +921,7 @@ def run_serve_mode(args: argparse.Namespace, ctx: DistContext, tcfg: dict, vcfg:
                 break
         if action == ACTION_STOP:
             budget_stop_at = i
-            records.extend(common.not_run_record(r) for r in requests[i:])
+            records.extend(common.make_record(r, args.scales, "not_run_budget") for r in requests[i:])
             ctx.log(f"budget: {len(requests) - i} requests from #{i} not run (marked missed)")
             break
         # 2. Both ranks run it.
@@ -911,22 +935,24 @@ def run_serve_mode(args: argparse.Namespace, ctx: DistContext, tcfg: dict, vcfg:
         ok = ctx.agree(error is None)
         finish_s = time.time() - t0
         if ok:
-            rec = common.completed_record(req, start_s, finish_s, transformer_s=tr_s, decode_s=dec_s)
+            rec = common.make_record(req, args.scales, "completed", start_s, finish_s, transformer_s=tr_s,
+                                     decode_s=dec_s)
         else:
-            rec = common.failed_record(req, start_s, finish_s, error or "failed on another rank")
+            rec = common.make_record(req, args.scales, "failed", start_s, finish_s,
+                                     error=error or "failed on another rank")
             _free(ctx)
         records.append(rec)
         writer.write({**asdict(rec), "path": runner.path, "attention": runner.attention})
         ctx.log(f"#{i} {req.request_id} {req.width}x{req.height} {req.steps} steps: arrival {req.arrival_s:.2f} "
                 f"start {start_s:.2f} finish {finish_s:.2f} latency {finish_s - req.arrival_s:.2f} s "
-                f"(slo {req.slo_ms / 1000:.2f}) {'met' if rec.deadline_met else 'MISSED'}"
+                f"(deadline +{rec.deadline_s - req.arrival_s:.2f}) {'met' if rec.deadline_met else 'MISSED'}"
                 + (f" [{rec.status}]" if rec.status != "completed" else ""))
-    replay_span = time.time() - t0
+    replay_span = time.time() - replay_start_abs
     if budget_stop_at is not None:
         for rec in records[budget_stop_at:]:
             writer.write({**asdict(rec), "path": runner.path, "attention": runner.attention})
 
-    summary = {"kind": "summary", **common.summarize(records, replay_span_s=replay_span)}
+    summary = {"kind": "summary", **common.summarize(records, args.scales, replay_span_s=replay_span)}
     summary.update({
         "trace": args.trace,
         "steps_override": args.steps_override,
@@ -939,7 +965,9 @@ def run_serve_mode(args: argparse.Namespace, ctx: DistContext, tcfg: dict, vcfg:
         "timed": timed,
         "warmup_estimates_ms": {f"{w}x{h}": {"step_ms": e[0] * 1000, "decode_ms": e[1] * 1000}
                                 for (w, h), e in estimates.items()},
-        "setup_s": t0 - _SCRIPT_START_S,
+        "setup_s": replay_start_abs - _SCRIPT_START_S,
+        "trace_clock_note": "arrival_s/start_s/finish_s/deadline_s are on the trace's clock; the replay began at "
+                            "the first arrival",
         "total_wall_s": time.time() - _SCRIPT_START_S,
         **meta,
     })
@@ -955,10 +983,17 @@ def run_serve_mode(args: argparse.Namespace, ctx: DistContext, tcfg: dict, vcfg:
             print(f"NOTE: BUDGET RAN OUT — {summary['budget_note']}")
         print(common.format_table([summary], [
             ("requests", "requests"), ("completed", "done"), ("failed", "failed"), ("not_run_budget", "not run"),
-            ("deadline_met", "met"), ("sar", "SAR"), ("sar_of_run", "SAR(run)"), ("latency_mean_s", "mean s"),
+            ("slo_scale", "scale"), ("deadline_met", "met"), ("sar", "SAR"), ("sar_of_run", "SAR(run)"),
+            ("latency_mean_s", "mean s"),
             ("latency_p50_s", "p50 s"), ("latency_p99_s", "p99 s"), ("busy_fraction", "busy")]))
-        print(common.format_table([{"size": k, **v} for k, v in summary["by_resolution"].items()], [
-            ("size", "size"), ("requests", "requests"), ("completed", "done"), ("met", "met"), ("sar", "SAR")]))
+        keys = list(summary["sar_by_scale"])
+        print(common.format_table(
+            [{"size": "all", "requests": summary["requests"], "completed": summary["completed"],
+              **{f"sar@{k}": v for k, v in summary["sar_by_scale"].items()}}]
+            + [{"size": k, "requests": v["requests"], "completed": v["completed"],
+                **{f"sar@{x}": y for x, y in v["sar_by_scale"].items()}} for k, v in summary["by_resolution"].items()],
+            [("size", "size"), ("requests", "requests"), ("completed", "done")]
+            + [(f"sar@{k}", f"SAR@{k}") for k in keys]))
         print(f"wrote {args.output}")
     return 0
 

@@ -44,8 +44,8 @@ def test_trace_is_loaded_in_arrival_order_with_comments_and_extra_keys(tmp_path)
     reqs = common.load_trace(path)
     assert [r.arrival_s for r in reqs] == [0.5, 0.5, 2.0]
     assert [r.width for r in reqs] == [256, 512, 1024]       # equal arrivals keep file order
-    assert reqs[0].request_id == "a" and reqs[1].request_id == "r00002"
-    assert reqs[2].deadline_s == pytest.approx(5.0)
+    assert reqs[0].request_id == "a" and reqs[1].request_id == "req-00002"
+    assert reqs[2].deadline_at(1.0) == pytest.approx(5.0) and reqs[2].deadline_at(1.5) == pytest.approx(6.5)
     assert reqs[2].image_tokens == 4096
 
 
@@ -96,17 +96,28 @@ def test_fcfs_queues_one_at_a_time_and_stops_at_the_budget(tmp_path):
     reqs = common.load_trace(_write_trace(tmp_path, [
         _req(0.0, steps=10, slo_ms=1500), _req(0.2, steps=10, slo_ms=1500), _req(5.0, steps=10, slo_ms=1500),
         _req(6.0, steps=10, slo_ms=1500)]))
-    recs = common.simulate_fcfs(reqs, lambda r: r.steps * 0.1, budget_s=6.5)
+    scales = common.parse_scales("1.0,1.5")
+    recs = common.simulate_fcfs(reqs, lambda r: r.steps * 0.1, scales, budget_s=6.5)
     assert [(r.start_s, r.finish_s) for r in recs[:3]] == [(0.0, 1.0), (1.0, 2.0), (5.0, 6.0)]
     assert [r.deadline_met for r in recs] == [True, False, True, False]
-    assert recs[3].status == "not_run_budget" and recs[3].finish_s is None
+    # the second request waits 0.8 s behind the first: late at scale 1.0 (1.7 s), in time at 1.5 (2.45 s)
+    assert [r.met_by_scale for r in recs[:2]] == [{"1": True, "1.5": True}, {"1": False, "1.5": True}]
+    assert recs[3].status == "not_run_budget" and recs[3].finish_s is None and "budget" in recs[3].error
 
-    s = common.summarize(recs)
+    s = common.summarize(recs, scales)
     assert s["requests"] == 4 and s["deadline_met"] == 2 and s["not_run_budget"] == 1
     assert s["sar"] == pytest.approx(0.5)             # the request not run counts as missed
+    assert s["sar_by_scale"] == pytest.approx({"1": 0.5, "1.5": 0.75})
     assert s["sar_of_run"] == pytest.approx(2 / 3)
     assert s["busy_s"] == pytest.approx(3.0) and s["replay_span_s"] == pytest.approx(6.0)
     assert s["by_resolution"]["512x512"]["sar"] == pytest.approx(0.5)
+
+
+def test_a_failed_request_is_missed_at_every_scale(tmp_path):
+    req = common.load_trace(_write_trace(tmp_path, [_req(0.0, slo_ms=9000)]))[0]
+    rec = common.make_record(req, [1.0, 2.0], "failed", 0.0, 0.5, error="OOM")
+    assert rec.met_by_scale == {"1": False, "2": False} and rec.latency_s is None and rec.error == "OOM"
+    assert json.loads(rec.to_json())["status"] == "failed"
 
 
 def test_percentiles_interpolate_like_numpy():
@@ -135,6 +146,8 @@ def test_serve_needs_a_budget_and_refuses_time_scaling(tmp_path, capsys):
         xdit.parse_args(["serve", "--trace", trace, "--max-seconds", "60", "--time-scale", "0.1"])
     with pytest.raises(SystemExit):
         xdit.parse_args(["serve", "--trace", trace, "--max-seconds", "60", "--steps-override", "0"])
+    with pytest.raises(SystemExit):
+        xdit.parse_args(["serve", "--trace", trace, "--max-seconds", "60", "--slo-scales", "1.0,-1"])
     args = xdit.parse_args(["serve", "--trace", trace, "--max-seconds", "60", "--steps-override", "2"])
     assert args.steps_override == 2 and args.dtype == "bf16" and args.output.endswith("xdit-serve.jsonl")
 
@@ -149,10 +162,11 @@ def test_dry_runs_plan_without_xfuser_or_a_gpu(tmp_path, capsys):
     trace = _write_trace(tmp_path, [_req(0.0, 256, slo_ms=1500), _req(1.0, 2048, slo_ms=5000),
                                     _req(400.0, 512, slo_ms=2000)])
     out_path = tmp_path / "never-written.jsonl"
-    assert xdit.main(["serve", "--trace", trace, "--max-seconds", "300", "--dry-run", "--output", str(out_path)]) == 0
+    assert xdit.main(["serve", "--trace", trace, "--max-seconds", "300", "--dry-run", "--output", str(out_path),
+                      "--slo-scales", "1.0,1.5"]) == 0
     text = capsys.readouterr().out
     assert "would run 2 of 3" in text                      # the third arrives after the budget
-    assert "not_run_budget" in text and "r00001" in text
+    assert "not_run_budget" in text and "req-00001" in text and "@ 1.5" in text
     assert xdit.main(["step", "--resolutions", "256,2048", "--dry-run"]) == 0
     text = capsys.readouterr().out
     assert "16896" in text                                 # 2048²: 16384 image + 512 text tokens
