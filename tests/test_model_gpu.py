@@ -57,3 +57,27 @@ def test_flux_dev_degree_schedule_on_gpus(flux_dev, cache):
         stats = ex.request_stats("moving")
         assert stats["steps_at_degree"] == {1: 2, 2: 2} and stats["regroups"] == 3
         assert stats["peak_memory_bytes"] > 20 * 2**30  # the 24 GB of weights are on each device
+
+
+def test_failure_on_one_gpu_only_does_not_hang_the_group(flux_dev, cache, monkeypatch):
+    """Rank 1 fails a request before its first exchange while rank 0 queues the whole forward's NCCL
+    exchanges: rank 1 replays them, the group stays usable, only that request fails."""
+    from tetri_engine.model import ulysses
+
+    with Executor(flux_dev, DEVICES, cache) as ex:
+        for rid, seed in (("good", 1), ("bad", 666)):
+            ex.submit_encode(rid, GenerationRequest(prompt="a cat", width=512, height=512, seed=seed,
+                                                    num_inference_steps=4)).result()
+        velocity = flux_dev.adapter.velocity
+
+        def fails_on_rank_1(transformer, latents, prepared, step_indices, inputs):
+            if ulysses.current_context().rank == 1 and any(p.seed == 666 for p in prepared):
+                raise torch.cuda.OutOfMemoryError("injected on cuda:1")
+            return velocity(transformer, latents, prepared, step_indices, inputs)
+
+        monkeypatch.setattr(flux_dev.adapter, "velocity", fails_on_rank_1)
+        result = ex.submit_steps(["good", "bad"], (0, 1), 2).result()
+        assert result["good"].error is None and result["good"].steps_done == 2
+        assert "CUDA out of memory" in result["bad"].error
+        monkeypatch.setattr(flux_dev.adapter, "velocity", velocity)
+        assert ex.submit_steps(["good"], (0, 1), 2, decode_after=True).result().errors == {}

@@ -9,10 +9,13 @@ Phases of a job, on every rank:
        inside attention), the Euler update of each shard, then a barrier where the ranks compare
        outcomes, so that every rank commits or drops the same step for the same requests:
          - all ranks fine: commit;
-         - the step failed but every rank issued the same exchanges (the communicator is in step):
-           a batch is retried one request at a time, and the requests that fail alone fail;
-         - the ranks issued different exchanges: the communicator is out of step, every request of
-           the job fails (on NCCL, the group's pending exchanges may never complete).
+         - the step failed somewhere: the ranks first get back in step (below), then a batch is
+           retried one request at a time, and the requests that fail alone fail;
+         - the ranks cannot get back in step: every request of the job fails.
+       In step = every rank completed the same exchanges. The thread backend keeps them so by itself
+       (a rank waiting for a failed one times out and withdraws its call). On NCCL the exchanges of the
+       ranks that went on are queued on their GPUs waiting for the one that failed: that rank replays
+       them with zero-filled buffers of the logged shapes, so that they complete and nothing hangs.
     3. wait for the devices; rank 0 decodes the finished requests when asked (one at a time).
 
 The last rank to finish resolves the future and hands the requests back (`RequestState.idle`).
@@ -73,9 +76,10 @@ class StepsJob:
         self.regroup_s = 0.0
         self.job_error: str | None = None  # the whole job failed (requests that cannot be batched, ...)
         self.start_step: dict[str, int] = {}
-        # Phase 2 outcome reports, [step parity][rank] -> (error or None, exchanges issued); double
+        # Phase 2 outcome reports, [step parity][rank] -> (error or None, exchange log); double
         # buffered so that one barrier per step suffices.
-        self.reports: list[list[tuple[str | None, int]]] = [[(None, 0)] * self.degree for _ in range(2)]
+        self.reports: list[list[tuple]] = [[(None, [])] * self.degree for _ in range(2)]
+        self.drained: list[list[bool]] = [[True] * self.degree for _ in range(2)]
         self.report_parity = [0] * self.degree
         # Results, written by the ranks as they agree (identical on every rank) and read at the end.
         self.final_step: dict[str, int] = {}
@@ -225,7 +229,7 @@ class StepsJob:
     def _step(self, rank, active, step, context, transformer, adapter, inputs) -> tuple[str, str] | None:
         """One step of `active` on this rank, agreed with the other ranks. None: committed on every rank;
         else (kind, message), kind "failed" (every rank stayed in step) or "out_of_step"."""
-        context.exchanges = 0
+        context.exchange_log = []
         new_shards, error = [], None
         try:
             if isinstance(inputs, Exception):
@@ -244,19 +248,19 @@ class StepsJob:
             error = describe_error(exc)
             if self.ex.log_errors:
                 traceback.print_exc()
-        outcome = self._agree(rank, error, context.exchanges)
+        outcome = self._agree(rank, error, context)
         if outcome is None:
             for s, new in zip(active, new_shards):
                 s.shards[rank] = new
                 step[s.request_id] += 1
         return outcome
 
-    def _agree(self, rank: int, error: str | None, exchanges: int) -> tuple[str, str] | None:
-        """Every rank reports its outcome; all return the same verdict (reports are read before any
-        rank can pass the next barrier and overwrite this parity's slots)."""
+    def _agree(self, rank: int, error: str | None, context: SPContext) -> tuple[str, str] | None:
+        """Every rank reports its outcome; all return the same verdict. (The slots of one parity are read
+        before any rank can pass the next barrier and overwrite them.)"""
         parity = self.report_parity[rank]
         self.report_parity[rank] ^= 1
-        self.reports[parity][rank] = (error, exchanges)
+        self.reports[parity][rank] = (error, list(context.exchange_log))
         self._sync()
         reports = list(self.reports[parity])
         if all(e is None for e, _ in reports):
@@ -265,7 +269,23 @@ class StepsJob:
             return "failed", reports[0][0]
         message = "; ".join(f"rank {r} ({self.ex.devices[self.device_indices[r]]}): {e}"
                             for r, (e, _) in enumerate(reports) if e is not None)
-        if len({n for _, n in reports}) == 1:
+        longest = max((log for _, log in reports), key=len)
+        if all(len(log) == len(longest) for _, log in reports):
+            return "failed", message
+        # Out of step: ranks that fell behind replay the exchanges the others completed (NCCL only:
+        # there the others' exchanges are queued on their GPUs; the thread backend never gets here).
+        drained = False
+        if getattr(self.comm, "backend", None) == "nccl":
+            try:
+                device = self.ex.torch_device(self.device_indices[rank])
+                for shape, dtype in longest[len(reports[rank][1]):]:
+                    self.comm.all_to_all(rank, torch.zeros(shape, dtype=dtype, device=device))
+                drained = True
+            except Exception:
+                traceback.print_exc()
+        self.drained[parity][rank] = drained
+        self._sync()
+        if all(self.drained[parity]):
             return "failed", message
         return "out_of_step", ("the group's ranks went out of step in a failed step, so its communicator "
                                "cannot be trusted: " + message)

@@ -72,8 +72,15 @@ class SPContext:
     rank: int
     degree: int
     lengths: dict[str, int]
-    exchanges: int = 0  # all_to_all calls issued; lets the executor check that ranks stayed in step
+    # (shape, dtype) of every exchange this rank completed since the executor last cleared it: lets the
+    # ranks check that they stayed in step, and a rank that fell behind replay the missing ones.
+    exchange_log: list[tuple[tuple[int, ...], torch.dtype]] = field(default_factory=list)
     _key_index: dict[tuple, torch.Tensor | None] = field(default_factory=dict)
+
+    def exchange(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.comm.all_to_all(self.rank, x)
+        self.exchange_log.append((tuple(x.shape), x.dtype))  # logged once returned: a timed-out call is not
+        return out
 
     def local_length(self, stream: str) -> int:
         return shard_length(self.lengths[stream], self.degree)
@@ -131,7 +138,7 @@ def sp_attention(
     if ctx is None or ctx.degree == 1:
         return local_attention(query, key, value)
 
-    degree, rank, comm = ctx.degree, ctx.rank, ctx.comm
+    degree, rank = ctx.degree, ctx.rank
     batch, length, heads, head_dim = query.shape
     check_heads(heads, degree)
     expected = sum(ctx.local_length(s) for s in streams)
@@ -145,8 +152,7 @@ def sp_attention(
     #    per-token layout [3, h, D] makes the received buffer SDPA's input as it is (batch 1: no copy).
     send = torch.stack([t.view(batch, length, degree, heads_local, head_dim).permute(2, 0, 1, 3, 4)
                         for t in (query, key, value)], dim=3)  # [degree, B, L, 3, h, D]
-    ctx.exchanges += 1
-    received = comm.all_to_all(rank, send)  # chunk j: rank j's tokens, my head group
+    received = ctx.exchange(send)  # chunk j: rank j's tokens, my head group
     received = received.transpose(0, 1).reshape(batch, degree * length, 3, heads_local, head_dim)
     q_all, k_all, v_all = received.unbind(2)  # [B, S, h, D]: the whole sequence, my heads
 
@@ -160,6 +166,5 @@ def sp_attention(
 
     # 3. Send every rank the rows of its own tokens back: chunk j = rank j's tokens, my head group.
     send = out.reshape(batch, degree, length, heads_local, head_dim).transpose(0, 1).contiguous()
-    ctx.exchanges += 1
-    received = comm.all_to_all(rank, send)  # chunk j: my tokens, head group j: [degree, B, L, h, D]
+    received = ctx.exchange(send)  # chunk j: my tokens, head group j: [degree, B, L, h, D]
     return received.permute(1, 2, 0, 3, 4).reshape(batch, length, heads, head_dim)
