@@ -818,6 +818,17 @@ def run_step_mode(args: argparse.Namespace, ctx: DistContext, tcfg: dict) -> int
 
 # ---------------------------------------------------------------------------------------- serve mode
 
+def vae_decode(vae, latents, width: int, height: int, ctx: DistContext) -> float:
+    """FluxPipeline's decode of a packed latent (unpack, un-scale, AutoencoderKL.decode); seconds."""
+    t0 = time.perf_counter()
+    with ctx.torch.no_grad():
+        z = unpack_latents(latents, width, height)
+        z = z / vae.config.scaling_factor + vae.config.shift_factor
+        vae.decode(z.to(ctx.dtype), return_dict=False)
+    ctx.sync()
+    return time.perf_counter() - t0
+
+
 def serve_one(runner, vae, req_w: int, req_h: int, steps: int, args, ctx: DistContext, tcfg: dict,
               seed: int) -> tuple[float, float | None]:
     """One request: `steps` denoising steps (transformer + flow-match Euler update), then the VAE decode.
@@ -834,15 +845,9 @@ def serve_one(runner, vae, req_w: int, req_h: int, steps: int, args, ctx: DistCo
                                timestep=torch.full((1,), sigmas[s], device=ctx.device, dtype=ctx.dtype))
             noise_pred = runner.forward(step_inputs)
             latents = (latents.float() + (sigmas[s + 1] - sigmas[s]) * noise_pred.float()).to(ctx.dtype)
-        ctx.sync()
-        t1 = time.perf_counter()
-        if vae is None:
-            return t1 - t0, None
-        z = unpack_latents(latents, req_w, req_h)
-        z = z / vae.config.scaling_factor + vae.config.shift_factor
-        vae.decode(z.to(ctx.dtype), return_dict=False)
-        ctx.sync()
-    return t1 - t0, time.perf_counter() - t1
+    ctx.sync()
+    transformer_s = time.perf_counter() - t0
+    return transformer_s, (vae_decode(vae, latents, req_w, req_h, ctx) if vae is not None else None)
 
 
 def run_serve_mode(args: argparse.Namespace, ctx: DistContext, tcfg: dict, vcfg: dict) -> int:
@@ -861,30 +866,47 @@ def run_serve_mode(args: argparse.Namespace, ctx: DistContext, tcfg: dict, vcfg:
             vae = None
             vae_error = vae_error or "failed on another rank"
             ctx.log(f"VAE not built, decode not timed: {vae_error}", all_ranks=True)
-    timed = (f"per request: steps x [{runner.path} transformer forward (Ulysses-{runner.degree}: input split, "
-             f"all-to-all attention, output all-gather) + flow-match Euler update]"
-             + (f" + VAE decode (random-weight FLUX AutoencoderKL, {args.dtype}, on every rank)" if vae is not None else
-                "; no VAE decode" + (f" (VAE failed: {vae_error})" if vae_error else " (--no-vae-decode)"))
-             + ". Not timed: text encoding (random prompt embeddings), post-processing/PNG, HTTP.")
-
-    # Warm-up per size: one 1-step request (kernel selection, allocator), then a 2-step one timed for the
-    # budget guard's estimate. Rank 0's estimate is the one used (only rank 0 decides).
+    # Warm-up per size: a 1-step request (kernel selection, allocator), then a 2-step one timed for the
+    # budget guard's estimate; then two VAE decodes (the second timed). A decode that fails at any size
+    # (memory) turns the decode off for the whole replay, said in `timed`, rather than failing requests.
+    # Rank 0's estimates are the ones used (only rank 0 decides).
     estimates: dict[tuple[int, int], tuple[float, float]] = {}
     for w, h in sizes:
         error = None
         try:
-            serve_one(runner, vae, w, h, 1, args, ctx, tcfg, seed=99)
-            tr_s, dec_s = serve_one(runner, vae, w, h, 2, args, ctx, tcfg, seed=98)
-            estimates[(w, h)] = (ctx.all_max(tr_s) / 2, ctx.all_max(dec_s or 0.0))
+            serve_one(runner, None, w, h, 1, args, ctx, tcfg, seed=99)
+            tr_s, _ = serve_one(runner, None, w, h, 2, args, ctx, tcfg, seed=98)
         except Exception as exc:  # noqa: BLE001
             error = _short_exc(exc)
             ctx.log(f"warm-up {w}x{h} failed: {error}", all_ranks=True)
         if not ctx.agree(error is None):
             estimates[(w, h)] = (float("inf"), 0.0)  # requests of this size will be tried and fail fast
-        else:
-            ctx.log(f"warm-up {w}x{h}: {estimates[(w, h)][0] * 1000:.1f} ms/step, decode "
-                    f"{estimates[(w, h)][1] * 1000:.1f} ms")
+            _free(ctx)
+            continue
+        step_s, dec_s = ctx.all_max(tr_s) / 2, 0.0
+        if vae is not None:
+            try:
+                latents = make_inputs(w, h, args.text_tokens, tcfg, ctx, seed=97)["hidden_states"]
+                vae_decode(vae, latents, w, h, ctx)
+                dec_s = vae_decode(vae, latents, w, h, ctx)
+                del latents
+            except Exception as exc:  # noqa: BLE001
+                error = _short_exc(exc)
+            if not ctx.agree(error is None):
+                vae, vae_error = None, f"decode at {w}x{h} failed in warm-up: {error or 'on another rank'}"
+                ctx.log(f"VAE decode turned off for the replay: {vae_error}", all_ranks=True)
+                dec_s = 0.0
+                for key in estimates:
+                    estimates[key] = (estimates[key][0], 0.0)
+            dec_s = ctx.all_max(dec_s)
+        estimates[(w, h)] = (step_s, dec_s)
+        ctx.log(f"warm-up {w}x{h}: {step_s * 1000:.1f} ms/step, decode {dec_s * 1000:.1f} ms")
         _free(ctx)
+    timed = (f"per request: steps x [{runner.path} transformer forward (Ulysses-{runner.degree}: input split, "
+             f"all-to-all attention, output all-gather) + flow-match Euler update]"
+             + (f" + VAE decode (random-weight FLUX AutoencoderKL, {args.dtype}, on every rank)" if vae is not None else
+                "; no VAE decode" + (f" (VAE: {vae_error})" if vae_error else " (--no-vae-decode)"))
+             + ". Not timed: text encoding (random prompt embeddings), post-processing/PNG, HTTP.")
 
     writer = JsonlWriter(args.output if ctx.is_main else None)
     deadline_abs = _SCRIPT_START_S + args.max_seconds
@@ -963,6 +985,7 @@ def run_serve_mode(args: argparse.Namespace, ctx: DistContext, tcfg: dict, vcfg:
                         if budget_stop_at is not None else "all requests ran"),
         "policy": f"xDiT fixed SP={runner.degree}, FCFS, one request at a time, non-preemptive",
         "timed": timed,
+        "vae_decode_timed": vae is not None,
         "warmup_estimates_ms": {f"{w}x{h}": {"step_ms": e[0] * 1000, "decode_ms": e[1] * 1000}
                                 for (w, h), e in estimates.items()},
         "setup_s": replay_start_abs - _SCRIPT_START_S,
