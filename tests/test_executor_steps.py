@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import io
+import time
 import numpy as np
 import pytest
 import torch
@@ -181,10 +182,10 @@ def test_a_failing_request_fails_alone(ex, runtime, monkeypatch, devices):
 
 
 def test_a_failure_on_one_rank_only(runtime, monkeypatch):
-    """A request that fails on rank 1 only, before the first exchange: rank 0 waits in that exchange
-    until the communicator's timeout and withdraws, the ranks are in step again, the batch is retried
-    request by request, and only that request fails; a one-off failure in a batch costs nothing."""
-    with Executor(runtime, DEVICES, ops.CommCache(timeout_s=0.5)) as ex:
+    """A request that fails on rank 1 only, before the first exchange: rank 1 catches up with the
+    exchanges rank 0 goes on with (no timeout), the batch is retried request by request, and only that
+    request fails; a one-off failure in a batch costs nothing."""
+    with Executor(runtime, DEVICES, ops.CommCache(timeout_s=20.0)) as ex:
         reference, _ = run_schedule(ex, [((0, 1), 2)], seed=1)
         good, bad = encode(ex, seed=1), encode(ex, seed=666)
         flaky, other = encode(ex, seed=1), encode(ex, seed=1)
@@ -201,13 +202,43 @@ def test_a_failure_on_one_rank_only(runtime, monkeypatch):
             return velocity(transformer, latents, prepared, step_indices, inputs)
 
         monkeypatch.setattr(runtime.adapter, "velocity", fails_on_rank_1)
+        start = time.perf_counter()
         result = ex.submit_steps([good, bad], (0, 1), 2).result()
+        assert time.perf_counter() - start < 10  # nobody waited for the 20 s timeout
         assert result[good].error is None and result[good].steps_done == 2
-        assert "rank 1 (cpu:1): RuntimeError: injected on rank 1" in result[bad].error
-        assert "CommTimeoutError" in result[bad].error  # what rank 0 saw
+        assert result[bad].error == "rank 1 (cpu:1): RuntimeError: injected on rank 1"
         torch.testing.assert_close(ex.latent(good), reference)
         result = ex.submit_steps([flaky, other], (0, 1), 2).result()
         assert flaky_calls and result.errors == {}
         monkeypatch.setattr(runtime.adapter, "velocity", velocity)
         torch.testing.assert_close(ex.latent(flaky), reference)
         torch.testing.assert_close(ex.latent(other), reference)
+
+
+@pytest.mark.parametrize("model,devices", [("tiny", (0, 1, 2, 3)), ("tiny-sd3", (2, 0))])
+def test_catch_up_matches_every_exchange_of_the_forward(model, devices, monkeypatch):
+    """The exchange plan each adapter declares is the forward's real sequence (padded streams, SD3.5's
+    image-only attention, classifier-free guidance rows): the last rank fails a batched forward at its
+    second attention, catches up, the batch is retried request by request and both requests succeed."""
+    runtime = load_runtime(model, DEVICES)
+    with Executor(runtime, DEVICES, ops.CommCache(timeout_s=20.0)) as ex:
+        alone = [run_schedule(ex, [(devices, 1)], width=48, height=80, seed=s)[0] for s in (1, 2)]
+        a, b = encode(ex, width=48, height=80, seed=1), encode(ex, width=48, height=80, seed=2)
+        real = ulysses.sp_attention
+        batch_rows = 2 * (1 if model == "tiny" else 2)
+        calls = []
+
+        def fails_midway(query, key, value, streams):
+            if ulysses.current_context().rank == len(devices) - 1 and query.shape[0] == batch_rows:
+                calls.append(streams)
+                if len(calls) == 2:
+                    raise RuntimeError("injected midway")
+            return real(query, key, value, streams)
+
+        monkeypatch.setattr(f"tetri_engine.model.{'flux' if model == 'tiny' else 'sd3'}.sp_attention", fails_midway)
+        start = time.perf_counter()
+        result = ex.submit_steps([a, b], devices, 1).result()
+        assert time.perf_counter() - start < 10  # nobody waited for the timeout
+        assert len(calls) == 2 and result.errors == {}
+        torch.testing.assert_close(ex.latent(a), alone[0])
+        torch.testing.assert_close(ex.latent(b), alone[1])

@@ -9,13 +9,12 @@ Phases of a job, on every rank:
        inside attention), the Euler update of each shard, then a barrier where the ranks compare
        outcomes, so that every rank commits or drops the same step for the same requests:
          - all ranks fine: commit;
-         - the step failed somewhere: the ranks first get back in step (below), then a batch is
-           retried one request at a time, and the requests that fail alone fail;
-         - the ranks cannot get back in step: every request of the job fails.
-       In step = every rank completed the same exchanges. The thread backend keeps them so by itself
-       (a rank waiting for a failed one times out and withdraws its call). On NCCL the exchanges of the
-       ranks that went on are queued on their GPUs waiting for the one that failed: that rank replays
-       them with zero-filled buffers of the logged shapes, so that they complete and nothing hangs.
+         - the step failed somewhere, every rank completed the same exchanges: a batch is retried
+           one request at a time, and the requests that fail alone fail;
+         - the ranks completed different exchanges: every request of the job fails.
+       A rank whose forward raises first issues the exchanges of the forward it did not reach, with
+       zero buffers (`ulysses.catch_up`): the others' exchanges then complete instead of waiting (on
+       NCCL, for ever, with their GPU queues filling behind them), and the ranks stay in step.
     3. wait for the devices; rank 0 decodes the finished requests when asked (one at a time).
 
 The last rank to finish resolves the future and hands the requests back (`RequestState.idle`).
@@ -33,7 +32,7 @@ import torch
 
 from tetri_engine.executor.state import RequestState, RequestStepResult, StepsResult
 from tetri_engine.model.adapter import flow_match_euler_step
-from tetri_engine.model.ulysses import SPContext, sequence_parallel, shard_length, valid_tokens
+from tetri_engine.model.ulysses import SPContext, catch_up, sequence_parallel, shard_length, valid_tokens
 
 if TYPE_CHECKING:  # pragma: no cover
     from tetri_engine.executor.executor import Executor
@@ -79,7 +78,6 @@ class StepsJob:
         # Phase 2 outcome reports, [step parity][rank] -> (error or None, exchange log); double
         # buffered so that one barrier per step suffices.
         self.reports: list[list[tuple]] = [[(None, [])] * self.degree for _ in range(2)]
-        self.drained: list[list[bool]] = [[True] * self.degree for _ in range(2)]
         self.report_parity = [0] * self.degree
         # Results, written by the ranks as they agree (identical on every rank) and read at the end.
         self.final_step: dict[str, int] = {}
@@ -231,10 +229,10 @@ class StepsJob:
         else (kind, message), kind "failed" (every rank stayed in step) or "out_of_step"."""
         context.exchange_log = []
         new_shards, error = [], None
+        shards = [s.shards[rank] for s in active]
         try:
             if isinstance(inputs, Exception):
                 raise inputs
-            shards = [s.shards[rank] for s in active]
             step_indices = [step[s.request_id] for s in active]
             with sequence_parallel(context):
                 velocities = adapter.velocity(transformer, shards, [s.prepared for s in active], step_indices, inputs)
@@ -248,6 +246,13 @@ class StepsJob:
             error = describe_error(exc)
             if self.ex.log_errors:
                 traceback.print_exc()
+        # (outside the except block, so that the failed forward's activations are already freed)
+        if error is not None and self.degree > 1:
+            try:
+                catch_up(context, adapter.exchange_plan(), sum(s.prepared.rows for s in active),
+                         adapter.num_heads, adapter.head_dim, self.ex.runtime.dtype, shards[0].device)
+            except Exception as exc:
+                error += f" (and catching up with the group failed: {describe_error(exc)})"
         outcome = self._agree(rank, error, context)
         if outcome is None:
             for s, new in zip(active, new_shards):
@@ -269,23 +274,7 @@ class StepsJob:
             return "failed", reports[0][0]
         message = "; ".join(f"rank {r} ({self.ex.devices[self.device_indices[r]]}): {e}"
                             for r, (e, _) in enumerate(reports) if e is not None)
-        longest = max((log for _, log in reports), key=len)
-        if all(len(log) == len(longest) for _, log in reports):
-            return "failed", message
-        # Out of step: ranks that fell behind replay the exchanges the others completed (NCCL only:
-        # there the others' exchanges are queued on their GPUs; the thread backend never gets here).
-        drained = False
-        if getattr(self.comm, "backend", None) == "nccl":
-            try:
-                device = self.ex.torch_device(self.device_indices[rank])
-                for shape, dtype in longest[len(reports[rank][1]):]:
-                    self.comm.all_to_all(rank, torch.zeros(shape, dtype=dtype, device=device))
-                drained = True
-            except Exception:
-                traceback.print_exc()
-        self.drained[parity][rank] = drained
-        self._sync()
-        if all(self.drained[parity]):
+        if len({len(log) for _, log in reports}) == 1:
             return "failed", message
         return "out_of_step", ("the group's ranks went out of step in a failed step, so its communicator "
                                "cannot be trusted: " + message)

@@ -173,7 +173,15 @@ class ModelAdapter:
     def num_heads(self) -> int:
         return int(self.pipeline.transformer.config.num_attention_heads)
 
+    @property
+    def head_dim(self) -> int:
+        return int(self.pipeline.transformer.config.attention_head_dim)
+
     def install_attention(self, transformer: torch.nn.Module) -> None:
+        raise NotImplementedError
+
+    def exchange_plan(self) -> list[tuple[str, ...]]:
+        """The token streams of each attention call of one forward, in call order (for `catch_up`)."""
         raise NotImplementedError
 
     def latent_channels(self) -> int:

@@ -99,6 +99,10 @@ class FluxAdapter(ModelAdapter):
     def install_attention(self, transformer) -> None:
         transformer.set_attn_processor(UlyssesFluxAttnProcessor())
 
+    def exchange_plan(self):
+        config = self.pipeline.transformer.config
+        return [UlyssesFluxAttnProcessor.STREAMS] * (config.num_layers + config.num_single_layers)
+
     def latent_channels(self) -> int:
         return int(self.pipeline.transformer.config.in_channels)
 

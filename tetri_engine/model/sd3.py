@@ -116,6 +116,14 @@ class SD3Adapter(ModelAdapter):
     def install_attention(self, transformer) -> None:
         transformer.set_attn_processor(UlyssesJointAttnProcessor())
 
+    def exchange_plan(self):
+        plan = []
+        for block in self.pipeline.transformer.transformer_blocks:  # joint attention, then SD3.5's attn2
+            plan.append(("image", "text"))
+            if block.use_dual_attention:
+                plan.append(("image",))
+        return plan
+
     def latent_channels(self) -> int:
         return int(self.pipeline.transformer.config.in_channels) * 4
 

@@ -168,3 +168,22 @@ def sp_attention(
     send = out.reshape(batch, degree, length, heads_local, head_dim).transpose(0, 1).contiguous()
     received = ctx.exchange(send)  # chunk j: my tokens, head group j: [degree, B, L, h, D]
     return received.permute(1, 2, 0, 3, 4).reshape(batch, length, heads, head_dim)
+
+
+def catch_up(context: SPContext, plan: list[tuple[str, ...]], rows: int, heads: int, head_dim: int,
+             dtype: torch.dtype, device: torch.device) -> None:
+    """After this rank failed mid-forward: issue, with zero buffers, the exchanges of the forward it did
+    not reach, so that the other ranks' exchanges complete (NCCL: they are queued on their GPUs and
+    would wait for ever; thread backend: they would wait until the timeout).
+
+    plan: the token streams of every attention call of one forward, in order (`ModelAdapter.exchange_plan`);
+    each call makes two exchanges, [degree, rows, L, 3, h, D] then [degree, rows, L, h, D].
+    """
+    local_heads = heads // context.degree
+    shapes = []
+    for streams in plan:
+        length = sum(context.local_length(s) for s in streams)
+        shapes.append((context.degree, rows, length, 3, local_heads, head_dim))
+        shapes.append((context.degree, rows, length, local_heads, head_dim))
+    for shape in shapes[len(context.exchange_log):]:
+        context.exchange(torch.zeros(shape, dtype=dtype, device=device))
