@@ -127,6 +127,8 @@ def main() -> int:
     degrees = [int(d) for d in args.degrees.split(",")]
     machine = (f"{len(devices)}x{torch.cuda.get_device_name(0)}" if devices[0].startswith("cuda")
                else f"{len(devices)}xcpu-{platform.machine()}")
+    if args.output and os.path.dirname(args.output):
+        os.makedirs(os.path.dirname(args.output), exist_ok=True)
     out = open(args.output, "a") if args.output else None
     failures = []
 

@@ -171,7 +171,7 @@ class StepsJob:
         if rank == 0:
             self.steps_s = time.perf_counter() - start
             self.final_step = step
-            self.errors = failed
+            self.errors.update(failed)  # (phase 1 may have failed some already)
             if self.decode_after:
                 self._decode_finished()
 
