@@ -145,6 +145,17 @@ def test_submit_errors_are_raised_at_once(ex):
         ex.release(x)
 
 
+def test_a_request_whose_encode_failed_does_not_stop_its_batch(ex):
+    good = encode(ex, seed=1)
+    with pytest.raises(ValueError):
+        ex.submit_encode("broken", GenerationRequest(prompt="x", width=64, height=64, num_inference_steps=0)).result()
+    result = ex.submit_steps([good, "broken"], (0, 1), 2).result()
+    assert result[good].error is None and result[good].steps_done == 2
+    assert "num_inference_steps" in result["broken"].error and result["broken"].steps_done == 0
+    for x in (good, "broken"):
+        ex.release(x)
+
+
 def test_batch_of_different_sizes_fails_cleanly(ex):
     a, b = encode(ex, width=64, height=64), encode(ex, width=64, height=48)
     result = ex.submit_steps([a, b], (0,), 1).result()

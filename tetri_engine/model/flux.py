@@ -177,7 +177,7 @@ class FluxAdapter(ModelAdapter):
         inputs["img_ids"] = self.cached(
             ("img_ids", first.latent_h, first.latent_w, dtype, str(device), rank, degree),
             lambda: apply_sp_plan(self.sp_plan, {"img_ids": latent_image_ids(
-                2 * (first.height // 16), 2 * (first.width // 16), device, dtype)}, lengths, rank, degree)["img_ids"],
+                first.latent_h, first.latent_w, device, dtype)}, lengths, rank, degree)["img_ids"],
         )
         inputs["txt_ids"] = self.cached(
             ("txt_ids", text_tokens, dtype, str(device), rank, degree),
