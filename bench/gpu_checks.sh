@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# One pass of the GPU checks on a multi-GPU host (used on the lent 2xH200 machine):
+# build the CUDA extension, run the GPU tests, then the micro-benchmarks. Logs and JSON lines go to
+# $OUT (default out/gpu). Stages can be picked: `bench/gpu_checks.sh build tests regroup runtime xdit`.
+#   On a machine without network, install the carried wheels first (see README "GPU machines").
+set -u
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONUNBUFFERED=1
+OUT=${OUT:-out/gpu}; mkdir -p "$OUT"
+PY=${PY:-python3}
+stages=${*:-build tests regroup runtime xdit}
+ngpu=$($PY -c "import torch; print(torch.cuda.device_count())")
+devs=$($PY -c "print(','.join(f'cuda:{i}' for i in range($ngpu)))")
+run() {  # run NAME TIMEOUT_S CMD...: log to $OUT/NAME.log, print its tail
+  local name=$1 limit=$2; shift 2
+  echo "=== $name ($(date +%T))"
+  timeout "$limit" "$@" > "$OUT/$name.log" 2>&1; echo "rc=$?"; tail -n 25 "$OUT/$name.log"
+}
+for s in $stages; do case $s in
+  build)   nvidia-smi topo -m > "$OUT/topo.txt" 2>&1
+           if ls tetri_engine/_C*.so >/dev/null 2>&1; then echo "=== build: using existing $(ls tetri_engine/_C*.so)"
+           else TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS=16 run build 600 $PY setup.py build_ext --inplace; fi
+           $PY -c "import tetri_engine.ops as o; print(o.backend_info())" ;;
+  tests)   run gpu-tests 240 $PY -m pytest -q -x -p no:cacheprovider tests/test_ops_gpu.py tests/test_model_gpu.py ;;
+  regroup) run regroup 120 $PY bench/regroup.py --device cuda --output "$OUT/regroup.jsonl" ;;
+  runtime) run runtime 300 $PY bench/runtime_check.py --models flux-dev --devices "$devs" --sizes 256,512,1024,2048 --output "$OUT/runtime.jsonl" ;;
+  runtime-sd3) run runtime-sd3 200 $PY bench/runtime_check.py --models sd3-medium --devices "$devs" --sizes 512,1024,2048 --output "$OUT/runtime-sd3.jsonl" ;;
+  xdit)    run xdit-step 240 $PY -m torch.distributed.run --standalone --nproc_per_node=2 bench/xdit_baseline.py step --resolutions 256,512,1024,2048 --iters 10 --output "$OUT/xdit-step.jsonl" ;;
+  *) echo "unknown stage $s" ;;
+esac; done
