@@ -6,7 +6,7 @@ Install it against the torch that is already installed:
 
 What gets built:
   * CUDA build (CUDAExtension) when torch has CUDA (torch.version.cuda), nvcc is found (CUDA_HOME) with
-    the same major CUDA version as torch's, and NCCL headers are found: the CPU sources, plus the CUDA kernels (csrc/latent_ops.cu) and the NCCL
+    the same major CUDA version as torch's, and NCCL headers are found: the CPU sources, plus the CUDA kernels (csrc/latent_kernels.cu) and the NCCL
     communicator (csrc/nccl_comm.cpp). NCCL is the one torch itself loads: the `nvidia-nccl-cu*` pip
     package (site-packages/nvidia/nccl/{include,lib/libnccl.so.2}), linked with an rpath to it, so the
     process holds a single NCCL; failing that, a system NCCL (/usr/include/nccl.h, -lnccl).
@@ -38,7 +38,7 @@ ROOT = os.path.dirname(os.path.abspath(__file__))
 CSRC = "csrc"
 # Few translation units on purpose: each one that includes torch headers takes tens of seconds.
 CPU_SOURCES = ["bindings.cpp", "latent_ops.cpp", "thread_comm.cpp", "comm_cache.cpp", "devices.cpp"]
-CUDA_SOURCES = ["latent_ops.cu", "nccl_comm.cpp"]
+CUDA_SOURCES = ["latent_kernels.cu", "nccl_comm.cpp"]
 
 
 def _flag(name: str) -> bool:

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Compile-check the CUDA build's sources on a machine without a GPU or a CUDA torch: nvcc builds the
-# kernels (csrc/latent_ops.cu) and the host compiler builds the CUDA-only C++ (nccl_comm.cpp, and
+# kernels (csrc/latent_kernels.cu) and the host compiler builds the CUDA-only C++ (nccl_comm.cpp, and
 # latent_ops.cpp / bindings.cpp with TETRI_WITH_CUDA) against the installed torch's headers, nvcc's
 # CUDA headers and an NCCL header. Nothing is linked (a CPU torch has no libc10_cuda to link).
 #
@@ -24,8 +24,8 @@ echo "#pragma once
 STD=-std=c++20
 FLAGS="$STD -idirafter $OUT/shim -O2 -fPIC -DTETRI_WITH_CUDA=1 -DTORCH_EXTENSION_NAME=_C -Wall -Wextra -Wno-unused-parameter -Icsrc $TORCH_INC -I$PY_INC -I$CUDA_HOME/include -I$NCCL_INCLUDE"
 
-echo "nvcc latent_ops.cu (sm_90)"
-"$CUDA_HOME/bin/nvcc" $STD -O3 -arch=sm_90 -Xcompiler -fPIC -Xcompiler -Wall -Icsrc -c csrc/latent_ops.cu -o "$OUT/latent_ops_cu.o"
+echo "nvcc latent_kernels.cu (sm_90)"
+"$CUDA_HOME/bin/nvcc" $STD -O3 -arch=sm_90 -Xcompiler -fPIC -Xcompiler -Wall -Icsrc -c csrc/latent_kernels.cu -o "$OUT/latent_kernels.o"
 for src in nccl_comm.cpp latent_ops.cpp comm_cache.cpp bindings.cpp; do
   echo "c++ $src (TETRI_WITH_CUDA)"
   ${CXX:-c++} $FLAGS -c "csrc/$src" -o "$OUT/${src%.cpp}.o"

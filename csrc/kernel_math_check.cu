@@ -1,10 +1,10 @@
-// Host-side check of the CUDA kernels' index arithmetic and copy-unit choice (latent_ops.cu), for
+// Host-side check of the CUDA kernels' index arithmetic and copy-unit choice (latent_kernels.cu), for
 // machines without a GPU: the per-element functions are __host__ __device__, so they run here on the
 // CPU against a plain loop. Built and run by tests/test_ops_kernels.py when nvcc is installed.
 #include <cstdio>
 #include <vector>
 
-#include "latent_ops.cu"
+#include "latent_kernels.cu"
 
 using namespace tetri;
 

@@ -1,7 +1,7 @@
 // Latent shard / gather / regroup / pack: the reference implementation, built with ATen ops so that
 // it runs on CPU tensors (the virtual devices) and CUDA tensors alike. Copies between GPUs go
 // through Tensor::copy_, which issues peer copies and orders them against both devices' current
-// streams. In CUDA builds two hot paths use the kernels of latent_ops.cu instead: sharding on one
+// streams. In CUDA builds two hot paths use the kernels of latent_kernels.cu instead: sharding on one
 // GPU (copy + zero padding for all shards in one launch) and packing (one launch for all latents).
 #include "latent_ops.h"
 

@@ -1,4 +1,4 @@
-// CUDA kernels behind the latent ops (latent_ops.cu). Plain pointers and byte counts only, so
+// CUDA kernels behind the latent ops (latent_kernels.cu). Plain pointers and byte counts only, so
 // that nvcc never parses torch headers; latent_ops.cpp does the tensor bookkeeping.
 #pragma once
 

@@ -1,5 +1,5 @@
 """The CUDA kernels' index arithmetic, checked on the CPU: csrc/kernel_math_check.cu includes
-csrc/latent_ops.cu and runs the kernels' per-element functions on the host against a plain loop.
+csrc/latent_kernels.cu and runs the kernels' per-element functions on the host against a plain loop.
 Needs nvcc (not a GPU); skipped without it. The kernels themselves run in tests/test_ops_gpu.py."""
 from __future__ import annotations
 
