@@ -21,6 +21,10 @@ Build switches (environment variables, read when this file runs):
                         against torch headers needs about 2 GB of memory). Read by torch's builder.
   TORCH_CUDA_ARCH_LIST  GPU architectures for the .cu (e.g. "9.0" for H100/H200); torch's default is
                         the visible GPUs' architectures. Read by torch's builder.
+  CXX / CC              the host compiler torch's builder uses. It must link libstdc++ dynamically:
+                        a wrapper that links a private static copy (seen: the GPU image's
+                        /opt/gcc/bin/g++) gives an extension whose iostreams segfault on first use.
+                        There, build with `CXX=g++ CC=gcc` (bench/gpu_checks.sh does).
 """
 from __future__ import annotations
 

@@ -18,7 +18,9 @@ run() {  # run NAME TIMEOUT_S CMD...: log to $OUT/NAME.log, print its tail
 for s in $stages; do case $s in
   build)   nvidia-smi topo -m > "$OUT/topo.txt" 2>&1
            if ls tetri_engine/_C*.so >/dev/null 2>&1; then echo "=== build: using existing $(ls tetri_engine/_C*.so)"
-           else TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS=16 run build 600 $PY setup.py build_ext --inplace; fi
+           # The GPU image's CXX (/opt/gcc/bin/g++) links a private static libstdc++ into the .so, whose
+           # iostreams crash on first use: build with the system compiler.
+           else CXX=$(command -v g++) CC=$(command -v gcc) TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS=16 run build 600 $PY setup.py build_ext --inplace; fi
            $PY -c "import tetri_engine.ops as o; print(o.backend_info())" ;;
   tests)   run gpu-tests 240 $PY -m pytest -q -x -p no:cacheprovider tests/test_ops_gpu.py tests/test_model_gpu.py ;;
   regroup) run regroup 120 $PY bench/regroup.py --device cuda --output "$OUT/regroup.jsonl" ;;
