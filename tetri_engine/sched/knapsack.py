@@ -25,16 +25,18 @@ def group_knapsack(items: Sequence[Sequence[tuple[int, float]]], capacity: int) 
     best = [0.0] * (capacity + 1)
     choices: list[list[int]] = []  # choices[i][c]: option taken by item i in the best solution within c
     for options in items:
-        new = [NEG_INF] * (capacity + 1)
-        pick = [-1] * (capacity + 1)
-        for j, (width, value) in enumerate(options):
-            if width > capacity:
-                continue
+        width0, value0 = options[0]
+        if width0 == 0:  # the usual "skip" option first: a shifted copy, no inner loop
+            new = [b + value0 for b in best]
+            pick = [0] * (capacity + 1)
+            rest = enumerate(options[1:], 1)
+        else:
+            new = [NEG_INF] * (capacity + 1)
+            pick = [-1] * (capacity + 1)
+            rest = enumerate(options)
+        for j, (width, value) in rest:
             for c in range(width, capacity + 1):
-                prev = best[c - width]
-                if prev == NEG_INF:
-                    continue
-                v = prev + value
+                v = best[c - width] + value  # -inf stays -inf
                 if v > new[c]:
                     new[c] = v
                     pick[c] = j

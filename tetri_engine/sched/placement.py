@@ -20,12 +20,18 @@ the lowest index.
 """
 from __future__ import annotations
 
+import functools
 from typing import Iterable, Sequence
+
+
+@functools.lru_cache(maxsize=256)
+def _blocks(num_devices: int, degree: int) -> tuple[tuple[int, ...], ...]:
+    return tuple(tuple(range(start, start + degree)) for start in range(0, num_devices - degree + 1, degree))
 
 
 def aligned_blocks(num_devices: int, degree: int) -> list[tuple[int, ...]]:
     """Every aligned contiguous block of `degree` devices among 0..num_devices-1."""
-    return [tuple(range(start, start + degree)) for start in range(0, num_devices - degree + 1, degree)]
+    return list(_blocks(num_devices, degree))
 
 
 def all_groups(num_devices: int, degrees: Iterable[int]) -> list[tuple[int, ...]]:
@@ -59,10 +65,14 @@ def place(
     out: dict[object, tuple[int, ...]] = {}
     for i in order:
         key, degree, current = requests[i]
+        if len(current) == degree and current in _blocks(num_devices, degree) and free.issuperset(current):
+            out[key] = current  # the common case: stay where the latent is
+            free.difference_update(current)
+            continue
         cur = set(current)
         best: tuple | None = None
         best_block: tuple[int, ...] | None = None
-        for block in aligned_blocks(num_devices, degree):
+        for block in _blocks(num_devices, degree):
             if not free.issuperset(block):
                 continue
             others = sum(1 for d in block if d in claimed and claimed[d] != key)

@@ -65,6 +65,7 @@ class Policy:
         self._aborted_in_flight: set[str] = set()
         self._next_round = 0
         self._round_end_s = 0.0  # expected end of the synchronous round in flight
+        self._fastest_cache: dict[tuple[int, int], tuple[float, float]] = {}  # (w, h) -> (fastest step s, decode s)
         # Device tuples used by some group so far: their communicators exist in the engine's cache.
         self.known_groups: set[tuple[int, ...]] = set()
 
@@ -265,8 +266,14 @@ class Policy:
         """Cannot make its deadline any more, even at the fastest degree from now."""
         if req.deadline_s is None:
             return False
-        _, fastest = self.cost.fastest_step(req.width, req.height, self.max_degree)
-        return now_s + req.remaining_steps * fastest + self.cost.decode_s(req.width, req.height) > req.deadline + 1e-9
+        key = (req.width, req.height)
+        lower_bound = self._fastest_cache.get(key)
+        if lower_bound is None:
+            lower_bound = (self.cost.fastest_step(req.width, req.height, self.max_degree)[1],
+                           self.cost.decode_s(req.width, req.height))
+            self._fastest_cache[key] = lower_bound
+        step_s, decode_s = lower_bound
+        return now_s + req.remaining_steps * step_s + decode_s > req.deadline + 1e-9
 
 
 def steps_in(seconds: float, step_s: float) -> int:

@@ -34,6 +34,7 @@ that ends by the round's expected end (`_backfill`), e.g. a request that just ar
 """
 from __future__ import annotations
 
+import heapq
 import math
 from dataclasses import dataclass, field
 from typing import Iterator
@@ -48,10 +49,13 @@ from tetri_engine.sched.policy import GroupSpec, Policy, steps_in
 # A round's length is chosen in [ROUND_MIN, ROUND_MAX] x tau to waste the least device time (_fill).
 ROUND_MIN = 0.8
 ROUND_MAX = 1.25
+FINE_STEP = 0.1  # groups whose step is shorter than this x tau do not propose round lengths
 # When a request left out of a round can run again: the nominal round length. (The worst case,
 # ROUND_MAX x tau, is safer on paper but scored lower on the tuning traces, seeds 1-2; the reported
 # results use seed 0.)
 RESUME_AFTER = 1.0
+# Knapsack items per free device (bounds the DP and the per-request work whatever the queue length).
+CANDIDATES_PER_DEVICE = 2
 
 
 @dataclass(frozen=True)
@@ -81,6 +85,8 @@ class _Res:
     fast_s: float  # fastest step on this machine
     decode_s: float
     batch_step_s: dict[int, float]  # batch size (> 1) -> seconds per batched step at degree 1
+    round_steps: dict[int, int]  # degree -> steps that fit in one round (at least 1)
+    round_steps_batched: dict[int, int]  # batch size -> steps that fit in one round at degree 1
 
 
 class TetriPolicy(Policy):
@@ -103,7 +109,9 @@ class TetriPolicy(Policy):
             step = {d: self.cost.step_s(width, height, d) for d in self.degrees}
             batches = {b: self.cost.step_s(width, height, 1, b) for b in self.cost.batch_sizes(width, height, 1) if b > 1}
             hull = _lower_hull([HullPoint(d, t, d * t) for d, t in step.items()])
-            info = _Res(step, hull, hull[-1].step_s, self.cost.decode_s(width, height), batches)
+            info = _Res(step, hull, hull[-1].step_s, self.cost.decode_s(width, height), batches,
+                        {d: steps_in(self.round_s, t) for d, t in step.items()},
+                        {b: steps_in(self.round_s, t) for b, t in batches.items()})
             self._res_cache[(width, height)] = info
         return info
 
@@ -128,27 +136,39 @@ class TetriPolicy(Policy):
         late: list[SchedRequest] = []
         critical: list[SchedRequest] = []
         waitable: list[SchedRequest] = []
+        tightness: dict[int, float] = {}  # id(request) -> time its cheapest degree needs / time left
+        res_cache = self._res_cache
         for r in ready:
-            info = self._res(r.width, r.height)
-            fastest = r.remaining_steps * info.fast_s + info.decode_s
-            if now_s + fastest > r.deadline + 1e-9:
+            info = res_cache.get((r.width, r.height)) or self._res(r.width, r.height)
+            deadline = math.inf if r.deadline_s is None else r.deadline_s
+            steps = r.num_steps - r.steps_done
+            fastest = steps * info.fast_s + info.decode_s
+            if now_s + fastest > deadline + 1e-9:
                 late.append(r)
-            elif t_next + fastest > r.deadline + 1e-9:
+            elif t_next + fastest > deadline + 1e-9:
                 critical.append(r)
             else:
                 waitable.append(r)
+                tightness[id(r)] = steps * info.hull[0].step_s / (deadline - now_s - info.decode_s)
 
-        # Knapsack candidates. At most `capacity` requests can run, so besides every request that
-        # cannot wait (the only ones whose survival depends on this round), the earliest deadlines
-        # and the tightest plans (where waiting costs GPU-seconds) are enough: this bounds the DP
-        # at (critical + 2 x capacity) items whatever the queue length.
-        by_deadline = sorted(waitable, key=lambda r: (r.deadline, r.arrival_s))
-        chosen_ids = {id(r) for r in by_deadline[:capacity]}
-        tight = sorted(waitable, key=lambda r: -self._tightness(r, now_s))[:capacity]
-        chosen_ids.update(id(r) for r in tight)
-        candidates = critical + [r for r in by_deadline if id(r) in chosen_ids]
-        candidates.sort(key=lambda r: (r.deadline, r.arrival_s))
-        spare = [r for r in by_deadline if id(r) not in chosen_ids]
+        # Knapsack candidates. At most `capacity` requests can run, so a few per device are enough:
+        # the requests that cannot wait (the only ones whose survival depends on this round; when
+        # there are more than capacity, those whose plan starts narrowest, since saving the most
+        # requests means running the narrow ones), the earliest deadlines, and the tightest plans
+        # (where waiting costs GPU-seconds), half and half. The DP sees at most 2 x capacity items
+        # whatever the queue length; the rest wait (or fill leftover devices in step 4a).
+        max_critical = max(1, (CANDIDATES_PER_DEVICE - 1) * capacity)
+        if len(critical) > max_critical:
+            critical.sort(key=lambda r: (self._first_degree(r, now_s), r.deadline, r.arrival_s))
+            waitable.extend(critical[max_critical:])  # still on time: may fill leftover devices
+            critical = critical[:max_critical]
+        by_deadline = _deadline_order
+        room = max(capacity // 2, CANDIDATES_PER_DEVICE * capacity - len(critical))
+        picked = heapq.nsmallest((room + 1) // 2, waitable, key=by_deadline)
+        picked += heapq.nlargest(room // 2, waitable, key=lambda r: tightness.get(id(r), math.inf))
+        picked_ids = {id(r) for r in picked}
+        candidates = sorted(critical + [r for r in waitable if id(r) in picked_ids], key=by_deadline)
+        spare = [r for r in waitable if id(r) not in picked_ids]  # unordered
 
         # 1 + 2: options per request, then the knapsack.
         items = [self._item([r], now_s, t_next) for r in candidates]
@@ -277,60 +297,59 @@ class TetriPolicy(Policy):
         free.difference_update(devs)
         return GroupSpec(devs, (r.request_id,), q)
 
-    def _tightness(self, r: SchedRequest, now_s: float) -> float:
-        """Time the cheapest degree needs over the time left: > 1 means the plan must go parallel."""
+    def _first_degree(self, r: SchedRequest, now_s: float) -> int:
+        """Degree of the first segment of r's cheapest plan (the fastest degree when none meets it)."""
         info = self._res(r.width, r.height)
-        left = r.deadline - now_s - info.decode_s
-        return math.inf if left <= 0 else r.remaining_steps * info.hull[0].step_s / left
-
-    def _survives(self, r: SchedRequest, info: _Res, steps: int, end_s: float, t_next: float) -> tuple[bool, float]:
-        """After running `steps` more steps ending at end_s: can r still meet its deadline, and the
-        GPU-seconds of the cheapest plan for its remaining steps (resuming at the next round)."""
-        rest = r.remaining_steps - steps
-        if rest <= 0:
-            return end_s + info.decode_s <= r.deadline + 1e-9, 0.0
-        plan = _allocate(info.hull, rest, r.deadline - max(end_s, t_next) - info.decode_s)
-        if plan is None:
-            return False, rest * info.hull[-1].gpu_s
-        return True, plan[0]
+        plan = _allocate(info.hull, r.remaining_steps, r.deadline - now_s - info.decode_s)
+        return plan[1][0][0] if plan else info.hull[-1].degree
 
     def _item(self, members: list[SchedRequest], now_s: float, t_next: float, batch: int = 1) -> _Item:
         """Knapsack options of one request, or of `batch` same-shape requests run batched at degree 1."""
         r0 = members[0]
         info = self._res(r0.width, r0.height)
-        tau = self.round_s
+        hull, decode = info.hull, info.decode_s
         # "none": resume at the next round.
         sv_none = 0
         cost_none = 0.0
         for r in members:
-            ok, c = self._survives(r, info, 0, t_next, t_next)
-            sv_none += ok
-            cost_none += c
+            plan = _allocate(hull, r.remaining_steps, r.deadline - t_next - decode)
+            if plan is None:
+                cost_none += r.remaining_steps * hull[-1].gpu_s
+            else:
+                sv_none += 1
+                cost_none += plan[0]
         options: list[tuple[int, float]] = [(0, float(sv_none))]
         steps_of: list[int] = [0]
         savings: list[float] = [0.0]
         if batch > 1:
             t = info.batch_step_s[batch]
-            runs = [(1, t, min(min(r.remaining_steps for r in members), steps_in(tau, t)))]
+            runs = [(1, t, min(min(r.remaining_steps for r in members), info.round_steps_batched[batch]))]
         else:
-            plan = _allocate(info.hull, r0.remaining_steps, r0.deadline - now_s - info.decode_s)
-            segs = plan[1] if plan else [(info.hull[-1].degree, r0.remaining_steps)]
+            plan = _allocate(hull, r0.remaining_steps, r0.deadline - now_s - decode)
+            segs = plan[1] if plan else [(hull[-1].degree, r0.remaining_steps)]
             runs = []
             for i, (d, n) in enumerate(segs):
-                t = info.step_s[d]
-                q = steps_in(tau, t)
                 # The cheap first segment is capped at its planned length: more steps at that
                 # degree would eat time the rest of the plan needs.
+                q = info.round_steps[d]
                 q = min(q, n) if i == 0 and len(segs) > 1 else min(q, r0.remaining_steps)
-                runs.append((d, t, q))
+                runs.append((d, info.step_s[d], q))
         for d, t, q in runs:
             end = now_s + q * t
+            resume = end if end > t_next else t_next
             sv = 0
-            spent = 0.0
+            spent = q * t * d  # shared by the members of a batch
             for r in members:
-                ok, c = self._survives(r, info, q, end, t_next)
-                sv += ok
-                spent += c + q * t * d / len(members)
+                rest = r.remaining_steps - q
+                if rest <= 0:
+                    sv += end + decode <= r.deadline + 1e-9
+                    continue
+                plan = _allocate(hull, rest, r.deadline - resume - decode)
+                if plan is None:
+                    spent += rest * hull[-1].gpu_s
+                else:
+                    sv += 1
+                    spent += plan[0]
             options.append((d, float(sv)))
             steps_of.append(q)
             savings.append(cost_none - spent)
@@ -356,45 +375,65 @@ class TetriPolicy(Policy):
         """Merge identical-resolution degree-1 requests into batches where no member's deadline
         suffers (each member must still survive at the batched step time). Members may come from
         the requests the knapsack would not see (`spare`); those are taken out of `spare`."""
-        by_shape: dict[tuple[int, int], list[_Item]] = {}
+        pools: dict[tuple[int, int], list[SchedRequest]] = {}
         for it in items:
             r = it.members[0]
             if len(it.options) > 1 and it.options[1][0] == 1 and self._res(r.width, r.height).batch_step_s:
-                by_shape.setdefault((r.width, r.height), []).append(it)
-        for r in spare:  # deadline order
-            info = self._res(r.width, r.height)
-            if not info.batch_step_s:
-                continue
-            pool = by_shape.setdefault((r.width, r.height), [])
-            # Enough to turn the devices' worth of requests into batches, not the whole queue.
-            if len(pool) < 2 * capacity + max(info.batch_step_s):
-                it = self._item([r], now_s, t_next)
-                if len(it.options) > 1 and it.options[1][0] == 1:
-                    pool.append(it)
-        replaced: set[int] = set()
+                pools.setdefault((r.width, r.height), []).append(r)
+        extra: dict[tuple[int, int], list[SchedRequest]] = {}
+        batchable = {shape for shape, info in self._res_cache.items() if info.batch_step_s}
+        for r in spare:
+            if (r.width, r.height) in batchable:
+                extra.setdefault((r.width, r.height), []).append(r)
+        for shape, rs in extra.items():
+            info = self._res(*shape)
+            # A couple of full batches' worth, not the whole queue.
+            for r in heapq.nsmallest(2 * max(info.batch_step_s), rs, key=_deadline_order):
+                plan = _allocate(info.hull, r.remaining_steps, r.deadline - now_s - info.decode_s)
+                if plan is not None and plan[1][0][0] == 1:
+                    pools.setdefault(shape, []).append(r)
+        batched: set[int] = set()
         batches: list[_Item] = []
-        for (w, h), group in by_shape.items():
+        max_batches = max(1, capacity // 2)  # batching is for when devices are short, not a default
+        for (w, h), pool in pools.items():
+            if len(pool) < 2:
+                continue
             sizes = sorted(self._res(w, h).batch_step_s, reverse=True)
-            pool = sorted(group, key=lambda it: (it.members[0].deadline, it.members[0].arrival_s))
-            while len(pool) >= 2:
+            pool.sort(key=lambda r: (r.deadline, r.arrival_s))
+            info = self._res(w, h)
+            while len(pool) >= 2 and len(batches) < max_batches:
                 made = None
                 for b in sizes:
-                    if b > len(pool):
-                        continue
-                    candidate = self._item([it.members[0] for it in pool[:b]], now_s, t_next, batch=b)
-                    if candidate.options[1][1] >= b:  # every member survives batched
-                        made = candidate
+                    if b <= len(pool) and self._all_survive_batched(pool[:b], info, b, now_s, t_next):
+                        made = self._item(pool[:b], now_s, t_next, batch=b)
                         break
                 if made is None:
                     break
                 batches.append(made)
-                replaced.update(id(it.members[0]) for it in pool[:made.batch])
+                batched.update(id(r) for r in pool[:made.batch])
                 pool = pool[made.batch:]
         if not batches:
             return items, spare
-        out = [it for it in items if id(it.members[0]) not in replaced] + batches
+        out = [it for it in items if id(it.members[0]) not in batched] + batches
         out.sort(key=lambda it: min((m.deadline, m.arrival_s) for m in it.members))
-        return out, [r for r in spare if id(r) not in replaced]
+        return out, [r for r in spare if id(r) not in batched]
+
+    def _all_survive_batched(self, members: list[SchedRequest], info: _Res, batch: int, now_s: float,
+                             t_next: float) -> bool:
+        """Would every member still meet its deadline after this round's steps run batched?
+        (The survival test of `_item`, without its GPU-second accounting.)"""
+        t = info.batch_step_s[batch]
+        q = min(min(r.remaining_steps for r in members), info.round_steps_batched[batch])
+        end = now_s + q * t
+        resume = end if end > t_next else t_next
+        for r in members:
+            rest = r.remaining_steps - q
+            if rest <= 0:
+                if end + info.decode_s > r.deadline + 1e-9:
+                    return False
+            elif resume + rest * info.fast_s + info.decode_s > r.deadline + 1e-9:
+                return False
+        return True
 
     # ---- round fill ----------------------------------------------------------------------------
 
@@ -422,6 +461,8 @@ class TetriPolicy(Policy):
         hi = max(ROUND_MAX * tau, lo)
         candidates = {lo, hi}
         for _, t, remaining, decode in groups:
+            if t < FINE_STEP * tau and remaining * t > hi:
+                continue  # short steps fit any length well (< FINE_STEP x tau idle): no candidates
             k = max(1, math.ceil(lo / t - 1e-9))
             while k <= remaining:
                 end = k * t + (decode if k == remaining else 0.0)
@@ -491,8 +532,13 @@ def _allocate(hull: list[HullPoint], steps: int, budget_s: float) -> tuple[float
     return None
 
 
+def _deadline_order(r: SchedRequest) -> tuple[float, float]:
+    return (r.deadline, r.arrival_s)
+
+
 def _chain_items(items: list[_Item], spare: list[SchedRequest], make) -> Iterator[_Item]:
-    """The knapsack's left-out items, then items made on demand for requests it never saw."""
+    """The knapsack's left-out items, then items made on demand for the requests it never saw,
+    earliest deadline first."""
     yield from items
-    for r in spare:
+    for r in sorted(spare, key=_deadline_order):
         yield make(r)
