@@ -1,36 +1,38 @@
 """TetriServe: round-based, deadline-aware packing with step-level sequence parallelism.
 
-Each round (length tau, about `round_steps` steps of a typical request) starting at `now`, with
-t_next = now + tau, over the devices and requests that are free:
+Each round (length tau, about `round_steps` steps of a typical request) starting at `now`, over
+the devices and requests that are free:
 
 1. Allocation. For each request, the cheapest plan in GPU-seconds (sum of degree x step time) that
    still finishes (decode included) by its deadline: `allocate()`. The time/GPU-seconds trade-off of
    the degrees of one resolution is a convex curve, so the optimum uses one degree, or two adjacent
-   degrees on the curve's lower hull (LP with two constraints), e.g. "20 steps at 1, 30 at 2".
+   degrees on the curve's lower hull (an LP with two constraints), e.g. "20 steps at 1, 30 at 2".
    The cheap segment runs first. Requests that cannot finish even at the fastest degree are *late*.
 2. Packing (group knapsack, knapsack.py). Options per on-time request: none; its first segment's
-   degree; the second segment's degree. Running q = min(steps left in that segment, steps fitting
-   in tau) steps. Value, lexicographically: survival (1 when, after the option, the request can
-   still meet its deadline: deferred requests resume at t_next), then GPU-seconds saved compared
-   with not running this round (deferring makes the rest of a tight request's plan more parallel,
-   hence dearer), then earliest deadline.
-3. Placement preservation (placement.py): aligned groups, keep latents where they are, reuse
-   communicators.
+   degree; its second segment's degree; each runs q = min(steps left in that segment, steps that
+   fit in tau) steps. Value, lexicographically: survival (1 when, after the option, the request can
+   still meet its deadline at the fastest degree, resuming tau later), then GPU-seconds saved
+   compared with not running this round (deferring makes the rest of a tight plan more parallel,
+   hence dearer), then earliest deadline. So that a round's work does not grow with the queue, the
+   knapsack sees at most 2 items per free device: the requests that cannot wait a round, then the
+   earliest deadlines and the tightest plans (CANDIDATES_PER_DEVICE).
+3. Placement preservation (placement.py): aligned groups, latents stay where they are, existing
+   communicators are reused.
 4. Work-conserving elastic scale-up: devices still idle go to on-time requests not yet running
-   (earliest deadline first), then double the degree of running groups whose step time drops,
-   biggest time saving per added device first.
-5. Late requests get one device each, best effort, from what is left after 1-4.
+   (earliest deadline first), then double the degree of running groups whose step time drops by
+   5% or more, biggest time saving per added device first.
+5. Late requests get one device each, best effort, least remaining work first, from what is left
+   after 1-4.
 6. Selective batching: when on-time requests want more devices than are free, identical
-   resolutions whose first segment is degree 1 and whose profile has batch sizes > 1 are merged
-   into one batched forward, but only if every member can still meet its deadline at the batched
-   step time.
+   resolutions whose plan starts at degree 1 and whose profile has batch sizes > 1 are merged into
+   one batched forward, only if every member can still meet its deadline at the batched step time.
 
 Rounds are synchronous: the next round is planned when every group of this one has finished.
 Groups have different step times, so the round's length is then chosen within [0.8, 1.25] x tau
-to leave the fewest device-seconds idle, and every group runs as many steps as fit (`_fill`). A
-request left out is assumed to resume tau later (RESUME_AFTER). Devices that
-still fall idle mid-round (a request finished, or nothing was waiting) are backfilled with work
-that ends by the round's expected end (`_backfill`), e.g. a request that just arrived.
+to leave the fewest device-seconds idle, and every group runs as many steps as fit (`_fill`).
+Devices that still fall idle mid-round (a request finished, or nothing was waiting) are
+backfilled with work that ends by the round's expected end (`_backfill`), e.g. a request that just
+arrived.
 """
 from __future__ import annotations
 
@@ -199,7 +201,7 @@ class TetriPolicy(Policy):
             while used < capacity:
                 best = None
                 for idx, (it, d, _) in enumerate(chosen):
-                    if it.batch > 1 or 2 * d > capacity - used + d:
+                    if it.batch > 1 or d > capacity - used:  # doubling takes d more devices
                         continue
                     r = it.members[0]
                     step = self._res(r.width, r.height).step_s
