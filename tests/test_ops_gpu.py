@@ -140,7 +140,7 @@ def test_nccl_cache_reuse(nccl_pair):
 
 
 @pytest.mark.multi_gpu
-@pytest.mark.parametrize("nbytes", (2 * 64, 4_194_304, 67_108_864))
+@pytest.mark.parametrize("nbytes", (2 * 2 * 64, 4_194_304, 67_108_864))  # >= 2 rows: one per rank
 def test_nccl_all_to_all_from_two_threads_does_not_deadlock(nccl_pair, nbytes):
     """Two threads in one NCCL exchange: only works if the binding releases the GIL."""
     _, comm = nccl_pair
