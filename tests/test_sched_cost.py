@@ -55,6 +55,8 @@ def test_out_of_range_and_unknown_degree_are_clear_errors():
         cost.step_s(1024, 1024, 1, batch=2)
     with pytest.raises(ValueError, match="power of two"):
         CostModel({(256, 256, 3, 1): 1.0})
+    with pytest.raises(ValueError, match="no degree-1"):
+        CostModel({(256, 256, 2, 1): 1.0})
 
 
 def test_decode_extrapolates_proportionally_to_pixels():

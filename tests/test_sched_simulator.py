@@ -50,7 +50,8 @@ def check_invariants(result, trace, cost, num_devices):
 
 
 @pytest.mark.parametrize("policy", POLICIES)
-@pytest.mark.parametrize("num_devices,mix,arrival", [(8, "skewed", "poisson"), (4, "uniform", "gamma"), (2, "uniform", "poisson")])
+@pytest.mark.parametrize("num_devices,mix,arrival", [(8, "skewed", "poisson"), (4, "uniform", "gamma"),
+                                                     (2, "uniform", "poisson"), (3, "skewed", "gamma")])
 def test_invariants_on_random_traces(cost, policy, num_devices, mix, arrival):
     try:
         make_policy(policy, num_devices, cost)

@@ -270,6 +270,12 @@ def test_new_arrival_mid_round_is_backfilled():
     fill = p.schedule(0.03)
     assert fill.backfill and fill.request_ids == ("B",)
     assert 0.03 + fill.expected_s <= plan.expected_s + 1e-9
+    # Without backfill (the paper's strict rounds) B waits for the next round.
+    q = TetriPolicy(2, toy(), round_s=0.1, scale_up=False, backfill=False)
+    q.add_request(req("A", 1024, 50, 10.0))
+    q.schedule(0.0)
+    q.add_request(req("B", 256, 50, 10.0, arrival_s=0.03))
+    assert q.schedule(0.03).is_empty
 
 
 def test_abort_and_failure():

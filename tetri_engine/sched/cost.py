@@ -80,8 +80,9 @@ class CostModel:
         self._decode_curve = _curve((num_tokens(w, h), ms) for (w, h), ms in self.decode_ms.items())
         # Degrees profiled at batch 1, the ones a single request can run at.
         self.degrees: tuple[int, ...] = tuple(sorted({d for d, b in self._curves if b == 1}))
-        if not self.degrees:
-            raise ValueError("profile has no batch-1 step times")
+        if 1 not in self.degrees:
+            # Every request must be able to run on one device (late requests, fixed1, baselines).
+            raise ValueError(f"profile has no degree-1 step times (degrees: {self.degrees})")
         self._step_cache: dict[tuple[int, int, int, int], float] = {}
 
     # ---- loading -------------------------------------------------------------------------------

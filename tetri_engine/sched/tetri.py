@@ -96,11 +96,13 @@ class TetriPolicy(Policy):
     synchronous_rounds = True
 
     def __init__(self, num_devices: int, cost: CostModel, *, round_steps: int = 5, round_s: float | None = None,
-                 batching: bool = True, scale_up: bool = True, fill_rounds: bool = True):
+                 batching: bool = True, scale_up: bool = True, fill_rounds: bool = True, backfill: bool = True):
         super().__init__(num_devices, cost, round_steps=round_steps, round_s=round_s)
+        # Switches for ablations (bench/sim_ablation.py); all on by default.
         self.batching = batching
         self.scale_up = scale_up
         self.fill_rounds = fill_rounds
+        self.backfill = backfill
         self._res_cache: dict[tuple[int, int], _Res] = {}
 
     # ---- 1. allocation -------------------------------------------------------------------------
@@ -246,6 +248,8 @@ class TetriPolicy(Policy):
         run on-time requests, most urgent first, at their plan's current degree (or the widest
         hull degree that fits), for the steps that end by the round's end; then late ones on one
         device. No knapsack: the next round re-plans everything."""
+        if not self.backfill:
+            return []
         window = round_end_s - now_s
         free = set(idle)
         specs: list[GroupSpec] = []
