@@ -1,0 +1,307 @@
+"""Step-time profiling: the table T(resolution, degree, batch) the scheduler plans with, measured on the
+real executor for one model on these devices. One implementation behind three users:
+
+- the engine at start-up, when no profile is given (`load_or_measure_profile`, cached on disk under
+  `cache_dir/profiles/`, keyed by model, devices, dtype and torch version): a short measurement;
+- `tetri-engine profile` (commands/profile.py) and `bench/profile.py`: the long measurement
+  (median of >= 20 steps after warm-up per entry) that writes `bench/profiles/<model>-<machine>.json`.
+
+How a step is timed. Steps run as the engine runs them: `submit_steps` calls of `chunk_steps` steps
+(a round's worth); each call's `StepsResult.seconds` (the executor's wall time for the steps, devices
+synchronised on GPUs, latent moves and decode excluded) divided by its steps is one sample; the entry
+is the median over the samples, `steps` steps in all, after `warmup_steps` untimed steps at the same
+shape. Decode: `submit_decode` after the steps, the executor's decode time (VAE + PNG). Encode: the
+executor's prompt-encode time (text encoders + seeded noise), median over every request encoded.
+
+Covering every size the engine admits. The cost model refuses sizes outside the profiled token range
+(it never guesses). A short start-up measurement therefore adds two *extrapolated* batch-1 entries per
+degree, at the smallest and the largest admitted size, from a least-squares fit ms = a + b*T + c*T^2
+in token count T (c, b >= 0) over the measured points; they carry `"extrapolated": true` and the
+profile lists them under "extrapolated". Between measured points the cost model interpolates.
+"""
+from __future__ import annotations
+
+import datetime
+import hashlib
+import json
+import logging
+import os
+import platform
+import statistics
+import time
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+log = logging.getLogger("tetri_engine.profile")
+
+PROFILE_CODE_VERSION = 1  # bump when the measurement changes meaning: cached profiles are re-measured
+MIN_SIDE_PX = 64  # engine/admission.MIN_SIZE_PX
+PATCH_PX = 16
+
+
+@dataclass(frozen=True)
+class ProfileSettings:
+    resolutions: tuple[tuple[int, int], ...]  # (width, height)
+    degrees: tuple[int, ...]
+    batches: tuple[int, ...] = (1,)
+    steps: int = 20  # timed steps per entry
+    warmup_steps: int = 2
+    chunk_steps: int = 5  # steps per submit_steps call (one sample per call)
+    decode_repeats: int = 3
+    batch_max_px: int = 512  # batch > 1 only for sizes with both sides <= this, at degree 1
+    # Extrapolated batch-1 anchors at these (width, height) when outside the measured range.
+    anchors: tuple[tuple[int, int], ...] = ()
+
+    def key_dict(self) -> dict:
+        return {
+            "resolutions": [list(r) for r in self.resolutions], "degrees": list(self.degrees),
+            "batches": list(self.batches), "steps": self.steps, "warmup_steps": self.warmup_steps,
+            "chunk_steps": self.chunk_steps, "decode_repeats": self.decode_repeats,
+            "batch_max_px": self.batch_max_px, "anchors": [list(a) for a in self.anchors],
+        }
+
+
+def parse_resolutions(text: str) -> tuple[tuple[int, int], ...]:
+    """"256,512,1024x768" -> ((256, 256), (512, 512), (1024, 768))."""
+    out = []
+    for item in text.split(","):
+        item = item.strip().lower()
+        if not item:
+            continue
+        w, _, h = item.partition("x")
+        out.append((int(w), int(h or w)))
+    return tuple(out)
+
+
+def parse_ints(text: str) -> tuple[int, ...]:
+    return tuple(int(x) for x in text.split(",") if x.strip())
+
+
+def machine_name(devices: Sequence[str]) -> str:
+    """A short machine label for file names: "2xH200", "4xcpu-2cores"."""
+    n = len(devices)
+    if devices and devices[0].startswith("cuda"):
+        import torch
+
+        name = torch.cuda.get_device_name(int(devices[0].split(":")[1]))
+        short = name.replace("NVIDIA", "").strip().split()[0] if name else "gpu"
+        return f"{n}x{short}"
+    return f"{n}xcpu-{os.cpu_count()}cores"
+
+
+def usable_degrees(requested: Sequence[int], num_devices: int, num_heads: int) -> tuple[int, ...]:
+    """The requested degrees that these devices and this model can run (power of two, <= devices,
+    dividing the head count for Ulysses)."""
+    return tuple(sorted({d for d in requested
+                         if d >= 1 and d & (d - 1) == 0 and d <= num_devices and num_heads % d == 0}))
+
+
+def default_startup_settings(runtime, num_devices: int, max_width: int, max_height: int) -> ProfileSettings:
+    """The short start-up measurement: a few sizes, every usable degree, batch 1, a few steps.
+
+    Tiny models on a CPU: 64/256/512 px (seconds). Full-size models: the paper's sizes up to the
+    engine's maximum (each entry a couple of steps; 2048^2 FLUX is ~1 s a step on one H200).
+    """
+    degrees = usable_degrees([2**i for i in range(8)], num_devices, runtime.num_heads)
+    on_gpu = str(runtime.devices[0]).startswith("cuda")
+    if on_gpu:
+        sides = [s for s in (256, 512, 1024, 2048) if s <= min(max_width, max_height)]
+        settings = dict(steps=4, warmup_steps=2, chunk_steps=2, decode_repeats=1)
+    else:
+        sides = [s for s in (64, 256, 512) if s <= min(max_width, max_height)]
+        settings = dict(steps=2, warmup_steps=1, chunk_steps=2, decode_repeats=1)
+    anchors = ((MIN_SIDE_PX, MIN_SIDE_PX), (max_width, max_height))
+    return ProfileSettings(resolutions=tuple((s, s) for s in sides), degrees=degrees, anchors=anchors, **settings)
+
+
+def measure_profile(runtime, executor, devices: Sequence[str], settings: ProfileSettings, *, model_name: str,
+                    progress: Callable[[str], None] | None = None) -> dict:
+    """Measure a profile on `executor` (whose devices are `devices`). Returns the profile dict
+    (docs/ARCHITECTURE.md, "Profile JSON"), with a per-entry "n" (samples) and "cv" (spread)."""
+    from tetri_engine.request import GenerationRequest
+
+    say = progress or (lambda message: log.info("%s", message))
+    degrees = usable_degrees(settings.degrees, len(devices), runtime.num_heads)
+    skipped = sorted(set(settings.degrees) - set(degrees))
+    if skipped:
+        say(f"skipping degrees {skipped}: not a power of two <= {len(devices)} devices dividing "
+            f"{runtime.num_heads} heads")
+    if not degrees:
+        raise ValueError(f"no usable degree among {list(settings.degrees)} on {len(devices)} devices")
+    total_steps = settings.warmup_steps + settings.steps
+    step_entries: list[dict] = []
+    decode_entries: list[dict] = []
+    encode_samples_s: list[float] = []
+    counter = 0
+
+    def encode(width: int, height: int, count: int) -> list[str]:
+        nonlocal counter
+        ids = []
+        for _ in range(count):
+            counter += 1
+            rid = f"__profile__/{counter}"
+            request = GenerationRequest(prompt="a profile of the step time", width=width, height=height,
+                                        num_inference_steps=total_steps, seed=counter, request_id=rid)
+            result = executor.submit_encode(rid, request).result()
+            encode_samples_s.append(result.encode_s)
+            ids.append(rid)
+        return ids
+
+    def run_steps(ids: list[str], degree: int, steps: int) -> list[float]:
+        """Per-step seconds of each call, `chunk_steps` steps at a time."""
+        samples = []
+        left = steps
+        while left > 0:
+            n = min(settings.chunk_steps, left)
+            result = executor.submit_steps(ids, list(range(degree)), n).result()
+            errors = result.errors
+            if errors:
+                raise RuntimeError(f"profiling step failed: {errors}")
+            samples.append(result.seconds / n)
+            left -= n
+        return samples
+
+    for width, height in settings.resolutions:
+        decoded = False
+        for degree in degrees:
+            batches = [1] + [b for b in settings.batches if b > 1 and degree == 1
+                             and max(width, height) <= settings.batch_max_px]
+            for batch in batches:
+                ids = encode(width, height, batch)
+                try:
+                    if settings.warmup_steps:
+                        run_steps(ids, degree, settings.warmup_steps)
+                    samples = run_steps(ids, degree, settings.steps)
+                    median_s = statistics.median(samples)
+                    cv = statistics.pstdev(samples) / statistics.mean(samples) if len(samples) > 1 else 0.0
+                    step_entries.append({"width": width, "height": height, "degree": degree, "batch": batch,
+                                         "ms": round(median_s * 1e3, 4), "n": settings.steps,
+                                         "calls": len(samples), "cv": round(cv, 4)})
+                    say(f"{width}x{height} degree {degree} batch {batch}: {median_s * 1e3:.2f} ms/step")
+                    if not decoded and batch == 1:
+                        decode_s = []
+                        for _ in range(max(1, settings.decode_repeats)):
+                            before = executor.request_stats(ids[0])["decode_s"]
+                            executor.submit_decode(ids[0], 0).result()
+                            decode_s.append(executor.request_stats(ids[0])["decode_s"] - before)
+                        decode_entries.append({"width": width, "height": height,
+                                               "ms": round(statistics.median(decode_s) * 1e3, 4)})
+                        say(f"{width}x{height} decode: {statistics.median(decode_s) * 1e3:.2f} ms")
+                        decoded = True
+                finally:
+                    for rid in ids:
+                        executor.release(rid)
+
+    extrapolated = _add_anchors(step_entries, settings.anchors, degrees)
+    profile = {
+        "model": model_name,
+        "machine": machine_name(devices),
+        "dtype": str(runtime.dtype).replace("torch.", ""),
+        "created": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "num_devices": len(devices),
+        "devices": list(devices),
+        "torch": _torch_version(),
+        "source": (f"measured by tetri_engine.engine.profiling: median of {settings.steps} steps after "
+                   f"{settings.warmup_steps} warm-up steps, {settings.chunk_steps} steps per call"),
+        "settings": settings.key_dict(),
+        "step_ms": step_entries,
+        "decode_ms": decode_entries,
+        "encode_ms": round(statistics.median(encode_samples_s) * 1e3, 4) if encode_samples_s else 0.0,
+    }
+    if extrapolated:
+        profile["extrapolated"] = extrapolated
+    return profile
+
+
+def _fit_ms(points: list[tuple[int, float]]) -> Callable[[int], float]:
+    """ms(T) = a + b*T + c*T^2 through (tokens, ms) points, least squares with b, c >= 0 (a step
+    never gets cheaper with more tokens); fewer points: a lower-order fit."""
+    import numpy as np
+
+    xs = np.array([p[0] for p in points], dtype=float)
+    ys = np.array([p[1] for p in points], dtype=float)
+    best = None
+    for cols in ((0, 1, 2), (0, 1), (0, 2), (0,)):
+        if len(points) < len(cols):
+            continue
+        design = np.stack([xs**k for k in cols], axis=1)
+        coef, *_ = np.linalg.lstsq(design, ys, rcond=None)
+        if any(c < 0 for k, c in zip(cols, coef) if k > 0):
+            continue
+        err = float(np.sum((design @ coef - ys) ** 2))
+        if best is None or err < best[0] - 1e-12:
+            best = (err, cols, coef)
+    _, cols, coef = best
+    return lambda t: float(sum(c * float(t) ** k for k, c in zip(cols, coef)))
+
+
+def _add_anchors(step_entries: list[dict], anchors: Sequence[tuple[int, int]], degrees: Sequence[int]) -> list[dict]:
+    """Append extrapolated batch-1 entries at `anchors` outside each degree's measured token range."""
+    added = []
+    for degree in degrees:
+        points = sorted((e["width"] * e["height"] // PATCH_PX**2, e["ms"]) for e in step_entries
+                        if e["degree"] == degree and e["batch"] == 1)
+        if not points:
+            continue
+        fit = _fit_ms(points)
+        lo, hi = points[0][0], points[-1][0]
+        for width, height in anchors:
+            tokens = width * height // PATCH_PX**2
+            if lo <= tokens <= hi:
+                continue
+            if tokens > hi:  # never cheaper than the largest measured step
+                ms = max(fit(tokens), points[-1][1])
+            else:  # small steps are launch-bound: at most the smallest measured, at least half of it
+                ms = min(points[0][1], max(fit(tokens), 0.5 * points[0][1]))
+            entry = {"width": width, "height": height, "degree": degree, "batch": 1, "ms": round(ms, 4),
+                     "extrapolated": True}
+            step_entries.append(entry)
+            added.append({k: entry[k] for k in ("width", "height", "degree", "ms")})
+    return added
+
+
+def _torch_version() -> str:
+    import torch
+
+    return torch.__version__
+
+
+def cache_path(cache_dir: str, model_name: str, devices: Sequence[str], dtype: str, settings: ProfileSettings) -> str:
+    key = json.dumps({"model": model_name, "devices": list(devices), "dtype": dtype, "torch": _torch_version(),
+                      "python": platform.python_version(), "code": PROFILE_CODE_VERSION,
+                      "machine": machine_name(devices), "settings": settings.key_dict()}, sort_keys=True)
+    digest = hashlib.sha1(key.encode()).hexdigest()[:16]
+    safe_model = "".join(c if c.isalnum() or c in "-_." else "_" for c in os.path.basename(model_name.rstrip("/")))
+    return os.path.join(cache_dir, "profiles", f"{safe_model}-{digest}.json")
+
+
+def load_or_measure_profile(runtime, executor, devices: Sequence[str], model_name: str, *, cache_dir: str,
+                            max_width: int, max_height: int, settings: ProfileSettings | None = None) -> dict:
+    """The start-up profile: from the disk cache when this model/devices/dtype/torch was measured
+    before, else measured now (short) and cached. A corrupt cache file is measured over."""
+    settings = settings or default_startup_settings(runtime, len(devices), max_width, max_height)
+    dtype = str(runtime.dtype).replace("torch.", "")
+    path = cache_path(cache_dir, model_name, devices, dtype, settings)
+    try:
+        with open(path, encoding="utf-8") as f:
+            profile = json.load(f)
+        log.info("step-time profile from cache %s", path)
+        return profile
+    except FileNotFoundError:
+        pass
+    except (OSError, ValueError) as exc:
+        log.warning("ignoring unreadable profile cache %s: %s", path, exc)
+    start = time.perf_counter()
+    profile = measure_profile(runtime, executor, devices, settings, model_name=model_name,
+                              progress=lambda m: log.debug("profile: %s", m))
+    log.info("measured the step-time profile of %s on %s in %.1f s (cached at %s)", model_name,
+             ",".join(devices), time.perf_counter() - start, path)
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        tmp = f"{path}.{os.getpid()}.tmp"
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(profile, f, indent=1)
+        os.replace(tmp, path)  # atomic: a concurrent start-up never reads half a file
+    except OSError as exc:
+        log.warning("could not cache the profile at %s: %s", path, exc)
+    return profile
