@@ -1,0 +1,57 @@
+"""Shared pieces of the server tests (no tests here): a small config, SSE parsing, waiting for idle.
+
+Every server test runs the real engine with the tiny model on virtual CPU devices, on loopback.
+"""
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+
+from tetri_engine.server import ServerConfig
+
+CPU_DEVICES = ["cpu:0", "cpu:1", "cpu:2", "cpu:3"]
+
+
+def small_config(**overrides) -> ServerConfig:
+    """Tiny model, 4 CPU devices, small limits so that bad sizes and bodies are cheap to send."""
+    values = dict(model="tiny", devices=list(CPU_DEVICES), max_width=256, max_height=256,
+                  max_steps=20, max_n=3, default_size="64x64", max_queue=8,
+                  max_body_bytes=64 * 1024, port=0)
+    values.update(overrides)
+    return ServerConfig(**values)
+
+
+def parse_sse(text: str) -> list[tuple[str, dict]]:
+    """Complete SSE frames of `text` as (event, data) pairs."""
+    frames = []
+    for block in text.split("\n\n"):
+        if not block.strip():
+            continue
+        fields = {}
+        for line in block.split("\n"):
+            name, _, value = line.partition(": ")
+            fields[name] = value
+        frames.append((fields.get("event", "message"), json.loads(fields["data"])))
+    return frames
+
+
+def png_size(data: bytes) -> tuple[int, int]:
+    from PIL import Image
+
+    with Image.open(io.BytesIO(data)) as image:
+        assert image.format == "PNG"
+        return image.size
+
+
+async def wait_until_idle(client, max_polls: int = 400) -> dict:
+    """Poll /health until nothing is queued or running; return that /health body.
+
+    Bounded in polls, not timed: the test fails if the engine never gets there."""
+    for _ in range(max_polls):
+        resp = await client.get("/health")
+        body = await resp.json()
+        if body.get("status") == "ok" and body["queue_depth"] == 0 and body["running"] == 0:
+            return body
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"the engine did not become idle: {body}")

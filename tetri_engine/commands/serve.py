@@ -1,0 +1,121 @@
+"""`tetri-engine serve`: the OpenAI-compatible HTTP server (tetri_engine.server) on one host.
+
+The port opens at once and answers 503 while the engine starts; when the engine is ready a `curl`
+line that works against this server is printed. SIGINT / SIGTERM: stop listening, let in-flight
+requests finish (at most --drain-timeout-s), shut the engine down, exit 0. A second signal exits
+at once. Runs on uvloop when it is installed.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import sys
+
+from tetri_engine.server.config import API_KEY_ENV, ServerConfig
+
+EXAMPLE_PROMPT = "a lighthouse on a cliff at dawn"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    ServerConfig.add_arguments(parser)
+
+
+def run(args: argparse.Namespace) -> int:
+    config = ServerConfig.from_args(args)
+    logging.basicConfig(level=config.log_level.upper(),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    return run_event_loop(serve(config))
+
+
+def run_event_loop(main) -> int:
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run(main)
+    return uvloop.run(main)
+
+
+async def serve(config: ServerConfig) -> int:
+    # Imported here so that `tetri-engine serve --help` stays quick.
+    from aiohttp import web
+
+    from tetri_engine.server import create_app, wait_until_ready
+
+    app = create_app(config)
+    # handler_cancellation: a client that disconnects cancels its handler, which aborts its
+    # requests in the engine. shutdown_timeout: how long in-flight requests may take to drain.
+    runner = web.AppRunner(app, handler_cancellation=True, shutdown_timeout=config.drain_timeout_s,
+                           handle_signals=False)
+    await runner.setup()
+    try:
+        await web.TCPSite(runner, config.host, config.port).start()
+    except OSError as exc:
+        print(f"tetri-engine serve: cannot listen on {config.host}:{config.port}: {exc}",
+              file=sys.stderr)
+        await runner.cleanup()
+        return 1
+    base_url = f"http://{_client_host(config.host)}:{config.port}"
+    print(f"tetri-engine: listening on http://{config.host}:{config.port}; starting the engine "
+          f"(model {config.model}) ...", flush=True)
+
+    stop = asyncio.Event()
+    _install_signal_handlers(stop)
+    ready = asyncio.create_task(wait_until_ready(app))
+    stopped = asyncio.create_task(stop.wait())
+    await asyncio.wait({ready, stopped}, return_when=asyncio.FIRST_COMPLETED)
+    status = 0
+    if ready.done() and not ready.cancelled() and ready.exception() is not None:
+        print(f"tetri-engine serve: the engine failed to start: {ready.exception()}",
+              file=sys.stderr)
+        status = 1
+    elif ready.done():
+        key_note = f" (with {API_KEY_ENV} set to the API key)" if config.api_key else ""
+        print(f"tetri-engine: ready. Model '{config.model_name}'. Try{key_note}:\n\n"
+              f"{example_curl(config, base_url)}\n", flush=True)
+        await stopped
+    ready.cancel()
+    stopped.cancel()
+    print(f"tetri-engine: shutting down (in-flight requests get up to {config.drain_timeout_s:g} s; "
+          "signal again to exit now) ...", flush=True)
+    await runner.cleanup()
+    print("tetri-engine: stopped.", flush=True)
+    return status
+
+
+def _install_signal_handlers(stop: asyncio.Event) -> None:
+    loop = asyncio.get_running_loop()
+
+    def on_signal(signum: int) -> None:
+        if stop.is_set():
+            print(f"tetri-engine: {signal.Signals(signum).name} again: exiting now.",
+                  file=sys.stderr, flush=True)
+            os._exit(128 + signum)  # skips the drain on purpose: the user asked twice
+        stop.set()
+
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, on_signal, signum)
+
+
+def _client_host(host: str) -> str:
+    """Where a client on this machine reaches the server."""
+    if host in ("", "0.0.0.0"):
+        return "127.0.0.1"
+    if host == "::":
+        return "[::1]"
+    return f"[{host}]" if ":" in host else host
+
+
+def example_curl(config: ServerConfig, base_url: str) -> str:
+    """A shell command that generates one image and writes it to image.png (or prints the error)."""
+    size = "256x256" if config.max_width >= 256 and config.max_height >= 256 else config.default_size
+    body = f'{{"prompt": "{EXAMPLE_PROMPT}", "size": "{size}"}}'
+    auth = f' -H "Authorization: Bearer ${API_KEY_ENV}"' if config.api_key else ""
+    # Double quotes only inside, so that the whole snippet sits in one pair of single quotes.
+    decode = ('import sys, json, base64; r = json.load(sys.stdin); '
+              'open("image.png", "wb").write(base64.b64decode(r["data"][0]["b64_json"])) '
+              'if "data" in r else sys.exit(r)')
+    return (f"curl -s {base_url}/v1/images/generations -H 'Content-Type: application/json'{auth} "
+            f"-d '{body}' | python3 -c '{decode}' && echo wrote image.png")
