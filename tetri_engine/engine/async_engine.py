@@ -168,6 +168,11 @@ class AsyncEngine:
         return self._policy.name if self._policy is not None else self.config.policy
 
     @property
+    def started_s(self) -> float:
+        """Monotonic time the engine became ready: round records count their times from here."""
+        return self._t0_s
+
+    @property
     def runtime(self):
         """The model runtime (None before start())."""
         return self._runtime

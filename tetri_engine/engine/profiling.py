@@ -49,6 +49,7 @@ class ProfileSettings:
     chunk_steps: int = 5  # steps per submit_steps call (one sample per call)
     decode_repeats: int = 3
     batch_max_px: int = 512  # batch > 1 only for sizes with both sides <= this, at degree 1
+    decode_max_px: int | None = None  # decode measured only up to this side (None: every size)
     # Extrapolated batch-1 anchors at these (width, height) when outside the measured range.
     anchors: tuple[tuple[int, int], ...] = ()
 
@@ -57,7 +58,8 @@ class ProfileSettings:
             "resolutions": [list(r) for r in self.resolutions], "degrees": list(self.degrees),
             "batches": list(self.batches), "steps": self.steps, "warmup_steps": self.warmup_steps,
             "chunk_steps": self.chunk_steps, "decode_repeats": self.decode_repeats,
-            "batch_max_px": self.batch_max_px, "anchors": [list(a) for a in self.anchors],
+            "batch_max_px": self.batch_max_px, "decode_max_px": self.decode_max_px,
+            "anchors": [list(a) for a in self.anchors],
         }
 
 
@@ -99,8 +101,9 @@ def usable_degrees(requested: Sequence[int], num_devices: int, num_heads: int) -
 def default_startup_settings(runtime, num_devices: int, max_width: int, max_height: int) -> ProfileSettings:
     """The short start-up measurement: a few sizes, every usable degree, batch 1, a few steps.
 
-    Tiny models on a CPU: 64/256/512 px (seconds). Full-size models: the paper's sizes up to the
-    engine's maximum (each entry a couple of steps; 2048^2 FLUX is ~1 s a step on one H200).
+    CPU devices: 64/256/512/768 px, decode up to 512 px (it scales with pixels): about 3 s for the
+    tiny model on 2 cores. GPUs: the paper's sizes up to the engine's maximum (a few steps each;
+    2048^2 FLUX is ~1 s a step on one H200).
     """
     degrees = usable_degrees([2**i for i in range(8)], num_devices, runtime.num_heads)
     on_gpu = str(runtime.devices[0]).startswith("cuda")
@@ -108,8 +111,8 @@ def default_startup_settings(runtime, num_devices: int, max_width: int, max_heig
         sides = [s for s in (256, 512, 1024, 2048) if s <= min(max_width, max_height)]
         settings = dict(steps=4, warmup_steps=2, chunk_steps=2, decode_repeats=1)
     else:
-        sides = [s for s in (64, 256, 512) if s <= min(max_width, max_height)]
-        settings = dict(steps=2, warmup_steps=1, chunk_steps=2, decode_repeats=1)
+        sides = [s for s in (64, 256, 512, 768) if s <= min(max_width, max_height)]
+        settings = dict(steps=2, warmup_steps=1, chunk_steps=2, decode_repeats=1, decode_max_px=512)
     anchors = ((MIN_SIDE_PX, MIN_SIDE_PX), (max_width, max_height))
     return ProfileSettings(resolutions=tuple((s, s) for s in sides), degrees=degrees, anchors=anchors, **settings)
 
@@ -178,7 +181,8 @@ def measure_profile(runtime, executor, devices: Sequence[str], settings: Profile
                                          "ms": round(median_s * 1e3, 4), "n": settings.steps,
                                          "calls": len(samples), "cv": round(cv, 4)})
                     say(f"{width}x{height} degree {degree} batch {batch}: {median_s * 1e3:.2f} ms/step")
-                    if not decoded and batch == 1:
+                    wants_decode = settings.decode_max_px is None or max(width, height) <= settings.decode_max_px
+                    if not decoded and batch == 1 and wants_decode:
                         decode_s = []
                         for _ in range(max(1, settings.decode_repeats)):
                             before = executor.request_stats(ids[0])["decode_s"]
@@ -236,11 +240,13 @@ def _fit_ms(points: list[tuple[int, float]]) -> Callable[[int], float]:
 
 
 def _add_anchors(step_entries: list[dict], anchors: Sequence[tuple[int, int]], degrees: Sequence[int]) -> list[dict]:
-    """Append extrapolated batch-1 entries at `anchors` outside each degree's measured token range."""
+    """Append extrapolated batch-1 entries at `anchors` outside each degree's measured token range.
+    An extrapolated degree-k step is never taken to be more than k times faster than degree 1 there."""
     added = []
-    for degree in degrees:
+    degree1_ms: dict[tuple[int, int], float] = {}
+    for degree in sorted(degrees):
         points = sorted((e["width"] * e["height"] // PATCH_PX**2, e["ms"]) for e in step_entries
-                        if e["degree"] == degree and e["batch"] == 1)
+                        if e["degree"] == degree and e["batch"] == 1 and not e.get("extrapolated"))
         if not points:
             continue
         fit = _fit_ms(points)
@@ -253,6 +259,10 @@ def _add_anchors(step_entries: list[dict], anchors: Sequence[tuple[int, int]], d
                 ms = max(fit(tokens), points[-1][1])
             else:  # small steps are launch-bound: at most the smallest measured, at least half of it
                 ms = min(points[0][1], max(fit(tokens), 0.5 * points[0][1]))
+            if degree == 1:
+                degree1_ms[(width, height)] = ms
+            elif (width, height) in degree1_ms:
+                ms = max(ms, degree1_ms[(width, height)] / degree)
             entry = {"width": width, "height": height, "degree": degree, "batch": 1, "ms": round(ms, 4),
                      "extrapolated": True}
             step_entries.append(entry)
@@ -305,3 +315,53 @@ def load_or_measure_profile(runtime, executor, devices: Sequence[str], model_nam
     except OSError as exc:
         log.warning("could not cache the profile at %s: %s", path, exc)
     return profile
+
+
+def profile_model(model_name: str, devices: Sequence[str], settings: ProfileSettings, *, dtype: str = "auto",
+                  progress: Callable[[str], None] | None = None) -> dict:
+    """Load `model_name` on `devices`, start an executor, measure, shut down: the whole profile run
+    of `tetri-engine profile` and bench/profile.py."""
+    from tetri_engine import ops
+    from tetri_engine.executor import Executor
+    from tetri_engine.model import load_runtime
+
+    runtime = load_runtime(model_name, devices=list(devices), dtype=dtype)
+    executor = Executor(runtime, list(devices), ops.CommCache())
+    try:
+        return measure_profile(runtime, executor, devices, settings, model_name=model_name, progress=progress)
+    finally:
+        executor.shutdown()
+
+
+def format_table(profile: dict) -> str:
+    """A markdown table of a profile (for bench/RESULTS.md): ms per step by size and degree, the
+    speed-up of each degree over degree 1, batch entries, decode and encode."""
+    steps = profile["step_ms"]
+    degrees = sorted({e["degree"] for e in steps})
+    sizes = sorted({(e["width"], e["height"]) for e in steps}, key=lambda s: s[0] * s[1])
+    by = {(e["width"], e["height"], e["degree"], e.get("batch", 1)): e for e in steps}
+    decode = {(e["width"], e["height"]): e["ms"] for e in profile.get("decode_ms", [])}
+    head = ["size"] + [f"degree {d} ms/step" for d in degrees] + [f"x{d} speed-up" for d in degrees if d > 1]
+    head.append("decode ms")
+    lines = [f"{profile.get('model')} on {profile.get('machine')} ({profile.get('dtype')}), "
+             f"{profile.get('source', '')}; * = extrapolated, not measured", "",
+             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for w, h in sizes:
+        row = [f"{w}x{h}"]
+        for d in degrees:
+            e = by.get((w, h, d, 1))
+            row.append("-" if e is None else f"{e['ms']:.2f}{'*' if e.get('extrapolated') else ''}")
+        for d in degrees:
+            if d == 1:
+                continue
+            one, other = by.get((w, h, 1, 1)), by.get((w, h, d, 1))
+            row.append("-" if not one or not other else f"{one['ms'] / other['ms']:.2f}x")
+        row.append(f"{decode[(w, h)]:.1f}" if (w, h) in decode else "-")
+        lines.append("| " + " | ".join(row) + " |")
+    batched = sorted((k, e) for k, e in by.items() if k[3] > 1)
+    if batched:
+        lines += ["", "| size | degree | batch | ms/step | ms/image-step |", "|---|---|---|---|---|"]
+        for (w, h, d, b), e in batched:
+            lines.append(f"| {w}x{h} | {d} | {b} | {e['ms']:.2f} | {e['ms'] / b:.2f} |")
+    lines += ["", f"prompt encode: {profile.get('encode_ms', 0.0):.1f} ms"]
+    return "\n".join(lines)
