@@ -5,7 +5,7 @@ devices and write the profile JSON the scheduler plans with (docs/ARCHITECTURE.m
         --degrees 1,2 --batches 1,2,4 --steps 20 --output bench/profiles/flux-dev-2xH200.json
 
 The measurement itself is tetri_engine/engine/profiling.py (shared with the engine's start-up
-measurement and bench/profile.py).
+measurement and bench/profile_steps.py).
 """
 from __future__ import annotations
 

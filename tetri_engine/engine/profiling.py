@@ -3,7 +3,7 @@ real executor for one model on these devices. One implementation behind three us
 
 - the engine at start-up, when no profile is given (`load_or_measure_profile`, cached on disk under
   `cache_dir/profiles/`, keyed by model, devices, dtype and torch version): a short measurement;
-- `tetri-engine profile` (commands/profile.py) and `bench/profile.py`: the long measurement
+- `tetri-engine profile` (commands/profile.py) and `bench/profile_steps.py`: the long measurement
   (median of >= 20 steps after warm-up per entry) that writes `bench/profiles/<model>-<machine>.json`.
 
 How a step is timed. Steps run as the engine runs them: `submit_steps` calls of `chunk_steps` steps
@@ -320,7 +320,7 @@ def load_or_measure_profile(runtime, executor, devices: Sequence[str], model_nam
 def profile_model(model_name: str, devices: Sequence[str], settings: ProfileSettings, *, dtype: str = "auto",
                   progress: Callable[[str], None] | None = None) -> dict:
     """Load `model_name` on `devices`, start an executor, measure, shut down: the whole profile run
-    of `tetri-engine profile` and bench/profile.py."""
+    of `tetri-engine profile` and bench/profile_steps.py."""
     from tetri_engine import ops
     from tetri_engine.executor import Executor
     from tetri_engine.model import load_runtime

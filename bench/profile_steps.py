@@ -1,13 +1,17 @@
 """Step-time profile of a model on this machine: bench/profiles/<model>-<machine>.json plus a markdown
 table for bench/RESULTS.md (bench/profiles/<model>-<machine>.md), and one JSON line per entry.
 
+(Not bench/profile.py: a script directory is first on sys.path, and a file named profile.py there
+shadows the standard library's `profile`, which cProfile, hence torch._dynamo, hence diffusers, imports:
+every script in bench/ that loads the model would break.)
+
 Median of >= 20 steps after warm-up per (size, degree, batch), steps run 5 per executor call as the
 engine's rounds run them; VAE decode (+PNG) and prompt-encode times. Same implementation as
 `tetri-engine profile` (tetri_engine/engine/profiling.py). Examples:
 
-    python bench/profile.py --model tiny --devices cpu:0,cpu:1,cpu:2,cpu:3 --resolutions 256,512 --steps 20
+    python bench/profile_steps.py --model tiny --devices cpu:0,cpu:1,cpu:2,cpu:3 --resolutions 256,512 --steps 20
     NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 \
-        python bench/profile.py --model flux-dev --devices cuda:0,cuda:1
+        python bench/profile_steps.py --model flux-dev --devices cuda:0,cuda:1
 """
 from __future__ import annotations
 
