@@ -318,3 +318,31 @@ async def test_shutdown_without_drain_cancels_everything(cache_dir):
     stats = engine.stats()
     assert stats["states"]["cancelled"] == len(requests)
     assert stats["phase"] == "stopped"
+
+
+def poison_policy(num_devices, cost):
+    from tetri_engine.sched import GroupSpec, Policy
+
+    class PoisonPolicy(Policy):
+        """One device per request, all its steps; raises (a scheduler bug) when "poison" is waiting."""
+
+        name = "poison"
+
+        def _plan(self, now_s, idle, ready):
+            if any(r.request_id == "poison" for r in ready):
+                raise RuntimeError("scheduler bug on purpose")
+            return [GroupSpec((d,), (r.request_id,), r.remaining_steps) for d, r in zip(idle, ready)]
+
+    return PoisonPolicy(num_devices, cost)
+
+
+async def test_an_exception_in_the_round_loop_fails_requests_instead_of_hanging(cache_dir):
+    config = EngineConfig(model="tiny", devices=DEVICES, cache_dir=cache_dir)
+    async with AsyncEngine(config, policy_factory=poison_policy) as engine:
+        outputs, _ = await run_to_final(engine, GenerationRequest(prompt="p", width=64, height=64, request_id="poison",
+                                                                  num_inference_steps=2, deadline_s=600))
+        assert outputs[-1].state == RequestState.FAILED
+        assert "internal error while planning" in outputs[-1].error and "on purpose" in outputs[-1].error
+        outputs, _ = await run_to_final(engine, GenerationRequest(prompt="fine", width=64, height=64,
+                                                                  num_inference_steps=2, deadline_s=600))
+        assert outputs[-1].state == RequestState.COMPLETED

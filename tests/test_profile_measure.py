@@ -56,7 +56,7 @@ def test_extrapolated_anchors_are_bounded():
     added = profiling._add_anchors(entries, [(64, 64), (2048, 2048)], [1, 2])
     by = {(a["width"], a["degree"]): a["ms"] for a in added}
     assert 5.0 <= by[(64, 1)] <= 10.0  # small: at most the smallest measured, at least half of it
-    assert by[(2048, 1)] >= 60.0  # large: never cheaper than the largest measured
+    assert by[(2048, 1)] >= 60.0 * 16  # large: at least proportional to tokens from the largest measured
     assert by[(2048, 2)] >= by[(2048, 1)] / 2  # never more than linear speed-up, even extrapolated
     assert all(e["extrapolated"] for e in entries[5:])
 

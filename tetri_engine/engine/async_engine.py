@@ -518,12 +518,14 @@ class AsyncEngine:
                 if not wake.done():
                     wake.cancel()
             for future in done:
-                if future in self._inflight:
-                    try:
-                        self._complete_group(future)
-                    except Exception as exc:
-                        log.exception("handling a finished group failed")
-                        self._fail_group_after_error(future, f"internal error after a round: {type(exc).__name__}: {exc}")
+                info = self._inflight.pop(future, None)
+                if info is None:
+                    continue
+                try:
+                    self._complete_group(future, info)
+                except Exception as exc:  # an engine bug: fail the group's requests rather than hang them
+                    log.exception("handling a finished group failed")
+                    self._fail_group_after_error(info, f"internal error after a round: {type(exc).__name__}: {exc}")
 
     def _launch_next_plan(self) -> None:
         if not self._policy.has_work():
@@ -535,10 +537,20 @@ class AsyncEngine:
             return
         self._open_rounds[plan.round_index] = _OpenRound(plan, now_s, plan_s, {})
         for index, group in enumerate(plan.groups):
-            self._launch_group(plan, index, group)
+            dispatch_s = time.monotonic()
+            try:
+                future = self._launch_group(group)
+            except Exception as exc:  # refused at once, or a bookkeeping bug: the group fails as a unit
+                log.exception("launching a group of round %d failed", plan.round_index)
+                future = self._loop.create_future()
+                future.set_exception(exc)
+            self._inflight[future] = _InflightGroup(plan, index, dispatch_s)
 
-    def _launch_group(self, plan, index: int, group) -> None:
+    def _launch_group(self, group) -> asyncio.Future:
         names = self._names(group.device_ids)
+        missing = [rid for rid in group.request_ids if rid not in self._live]
+        if missing:
+            raise RuntimeError(f"the policy planned requests the engine does not hold: {missing}")
         now_s = time.monotonic()
         for rid in group.request_ids:
             tracked = self._live[rid]
@@ -548,14 +560,9 @@ class AsyncEngine:
             tracked.in_round = True
             tracked.device_ids = tuple(group.device_ids)
             tracked.outputs.put_nowait(tracked.output("round", degree=len(names), devices=names))
-        try:
-            cf = self._executor.submit_steps(list(group.request_ids), list(group.device_ids), group.num_steps,
-                                             on_step=self._make_on_step(), decode_after=group.decode_after)
-            future = asyncio.wrap_future(cf, loop=self._loop)
-        except Exception as exc:  # refused at once: the group fails like a group that raised
-            future = self._loop.create_future()
-            future.set_exception(exc)
-        self._inflight[future] = _InflightGroup(plan, index, now_s)
+        cf = self._executor.submit_steps(list(group.request_ids), list(group.device_ids), group.num_steps,
+                                         on_step=self._make_on_step(), decode_after=group.decode_after)
+        return asyncio.wrap_future(cf, loop=self._loop)
 
     def _make_on_step(self):
         loop = self._loop
@@ -575,10 +582,9 @@ class AsyncEngine:
         tracked.last_step_reported = step
         names = self._names(tracked.device_ids)
         tracked.outputs.put_nowait(tracked.output("step", step=step, degree=len(names), devices=names))
-    def _complete_group(self, future: asyncio.Future) -> None:
+    def _complete_group(self, future: asyncio.Future, info: _InflightGroup) -> None:
         from tetri_engine.sched import RoundResult
 
-        info = self._inflight.pop(future)
         group = info.plan.groups[info.index]
         end_s = time.monotonic()
         steps_done: dict[str, int] = {}
@@ -628,8 +634,13 @@ class AsyncEngine:
                             pass
 
         self._record_group(info, group, end_s, steps_done, executor_s, group_error)
-        self._policy.update_from_output(info.plan, RoundResult(end_s=end_s, steps_done=steps_done,
-                                                               failed=set(errors)))
+        try:
+            self._policy.update_from_output(info.plan, RoundResult(end_s=end_s, steps_done=steps_done,
+                                                                   failed=set(errors)))
+        except Exception as exc:  # the policy's books are off for these requests: they cannot go on
+            log.exception("policy.update_from_output failed for round %d", info.plan.round_index)
+            error = f"internal error in the scheduler after a round: {type(exc).__name__}: {exc}"
+            errors = {rid: error for rid in group.request_ids}
         for rid in group.request_ids:
             tracked = self._live.get(rid)
             if tracked is None:
@@ -714,24 +725,20 @@ class AsyncEngine:
             if tracked.encoded and not tracked.in_round:
                 self._finish(tracked, RequestState.FAILED, error=error)
 
-    def _fail_group_after_error(self, future: asyncio.Future, error: str) -> None:
-        info = self._inflight.pop(future, None)
-        plan_groups = info.plan.groups if info is not None else ()
-        request_ids = plan_groups[info.index].request_ids if info is not None else ()
+    def _fail_group_after_error(self, info: _InflightGroup, error: str) -> None:
+        request_ids = info.plan.groups[info.index].request_ids
         for rid in request_ids:
             tracked = self._live.get(rid)
             if tracked is not None:
                 tracked.in_round = False
                 self._finish(tracked, RequestState.FAILED, error=error)
-        if info is not None:
-            self._open_rounds.pop(info.plan.round_index, None)
-            # Free the group's devices in the policy even though its books may be off.
-            try:
-                from tetri_engine.sched import RoundResult
+        self._open_rounds.pop(info.plan.round_index, None)
+        try:  # free the group's devices in the policy, if its books allow
+            from tetri_engine.sched import RoundResult
 
-                self._policy.update_from_output(info.plan, RoundResult(end_s=time.monotonic(), failed=set(request_ids)))
-            except Exception:
-                log.exception("could not report the failed group to the policy")
+            self._policy.update_from_output(info.plan, RoundResult(end_s=time.monotonic(), failed=set(request_ids)))
+        except Exception:
+            log.exception("could not report the failed group to the policy")
 
     # ---- observation ---------------------------------------------------------------------------
 

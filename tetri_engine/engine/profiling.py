@@ -16,8 +16,10 @@ executor's prompt-encode time (text encoders + seeded noise), median over every 
 Covering every size the engine admits. The cost model refuses sizes outside the profiled token range
 (it never guesses). A short start-up measurement therefore adds two *extrapolated* batch-1 entries per
 degree, at the smallest and the largest admitted size, from a least-squares fit ms = a + b*T + c*T^2
-in token count T (c, b >= 0) over the measured points; they carry `"extrapolated": true` and the
-profile lists them under "extrapolated". Between measured points the cost model interpolates.
+in token count T (c, b >= 0) over the measured points, and above the largest measured size at least
+proportional to T from it (small steps are launch-bound: a fit over them underestimates the slope);
+they carry `"extrapolated": true` and the profile lists them under "extrapolated". Between measured
+points the cost model interpolates.
 """
 from __future__ import annotations
 
@@ -34,7 +36,7 @@ from typing import Callable, Sequence
 
 log = logging.getLogger("tetri_engine.profile")
 
-PROFILE_CODE_VERSION = 1  # bump when the measurement changes meaning: cached profiles are re-measured
+PROFILE_CODE_VERSION = 2  # bump when the measurement changes meaning: cached profiles are re-measured
 MIN_SIDE_PX = 64  # engine/admission.MIN_SIZE_PX
 PATCH_PX = 16
 
@@ -255,8 +257,9 @@ def _add_anchors(step_entries: list[dict], anchors: Sequence[tuple[int, int]], d
             tokens = width * height // PATCH_PX**2
             if lo <= tokens <= hi:
                 continue
-            if tokens > hi:  # never cheaper than the largest measured step
-                ms = max(fit(tokens), points[-1][1])
+            if tokens > hi:  # at least proportional to tokens from the largest measured step (small
+                # steps are launch-bound, so a fit over them underestimates the slope)
+                ms = max(fit(tokens), points[-1][1] * tokens / hi)
             else:  # small steps are launch-bound: at most the smallest measured, at least half of it
                 ms = min(points[0][1], max(fit(tokens), 0.5 * points[0][1]))
             if degree == 1:
