@@ -8,7 +8,12 @@ For each model (random weights of the real architecture, built on the GPUs in bf
   pipeline runs them);
 * ``step`` at degree 1 and at degree 2 (more with --degrees): ``Executor.submit_steps`` of --steps
   consecutive steps (forward + Euler update), per-step time = the call's seconds / steps;
-* ``check``: the model output of one step at degree 2 against degree 1, same inputs (bf16 tolerance).
+* ``check``: the model output of one step at degree 2 against degree 1, same inputs (bf16 tolerance);
+* with ``--graphs both`` (the default) every ``step`` is timed twice, eagerly and with CUDA graphs
+  (executor/cuda_graphs.py), and ``graph max|d|`` compares the latents after 2 steps with graphs to
+  those without, at each degree (expected 0, or bf16 rounding). GPU only; on CPU graphs are never used.
+  After each model the graph statistics are printed, with the text of every capture that failed (those
+  keys ran eagerly).
 
 Each timing is the median over --repeats calls after --warmup steps. Targets (2xH200, flux-dev):
 our degree-1 step within 3% of the bare forward; degree 2 at least 1.85x faster than degree 1 at
@@ -19,7 +24,7 @@ our degree-1 step within 3% of the bare forward; degree 2 at least 1.85x faster 
       --sizes 256,512,1024,2048 --output bench/results/runtime-check-2xH200.jsonl
 
   # on a CPU (virtual devices, the tiny model): the same code paths, small sizes
-  python bench/runtime_check.py --models tiny --devices cpu:0,cpu:1 --sizes 256,512 --steps 2 --repeats 2
+  python bench/runtime_check.py --models tiny --devices cpu:0,cpu:1 --sizes 256,512 --steps 2 --repeats 2 --graphs off
 """
 from __future__ import annotations
 
@@ -109,6 +114,27 @@ def step_s(ex, rid: str, group: tuple[int, ...], steps: int, warmup: int, repeat
     return statistics.median(samples)
 
 
+def graph_vs_eager(executors, rid: str, size: int, degrees: list[int], dtype) -> tuple[float, bool]:
+    """Max |difference| of the latents after 2 steps with CUDA graphs and without, over `degrees`."""
+    worst, ok = 0.0, True
+    for degree in degrees:
+        latents = {}
+        for mode, ex in executors.items():
+            name = f"{rid}-{degree}"
+            ex.submit_encode(name, GenerationRequest(prompt="a boat", width=size, height=size, seed=1,
+                                                     num_inference_steps=4)).result()
+            result = ex.submit_steps([name], tuple(range(degree)), 2).result()
+            assert result[name].error is None, result[name].error
+            latents[mode] = ex.latent(name).float()
+            ex.release(name)
+        diff = (latents["graph"] - latents["eager"]).abs().max().item()
+        scale = latents["eager"].abs().max().item()
+        tolerance = (2e-2 if dtype != torch.float32 else 1e-4) * max(1.0, scale)
+        worst = max(worst, diff)
+        ok = ok and diff <= tolerance and bool(torch.isfinite(latents["graph"]).all())
+    return worst, ok
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", default="flux-dev", help="comma-separated presets (flux-dev, sd3-medium, tiny)")
@@ -119,6 +145,8 @@ def main() -> int:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--no-check", action="store_true", help="skip the degree 2 vs 1 output check")
+    parser.add_argument("--graphs", choices=["on", "off", "both"], default="both",
+                        help="time the steps with CUDA graphs (on), without (off), or both (default)")
     parser.add_argument("--output", default=None, help="JSON lines file (appended)")
     args = parser.parse_args()
 
@@ -143,37 +171,53 @@ def main() -> int:
         runtime = load_runtime(model, devices)
         print(f"\n{model}: loaded on {devices} in {time.perf_counter() - start:.1f} s "
               f"({runtime.dtype}, {runtime.num_heads} heads)")
-        print(f"{'size':>6} {'diffusers ms':>13} " + " ".join(f"{'deg' + str(d) + ' ms':>10}" for d in degrees)
-              + f" {'ours/diff':>10} {'speedup':>8} {'check max|d|':>13}")
-        ex = Executor(runtime, devices, ops.CommCache())
+        comm_cache = ops.CommCache()
+        modes = {"off": ["eager"], "on": ["graph"], "both": ["eager", "graph"]}[args.graphs]
+        if not devices[0].startswith("cuda") and "graph" in modes:
+            print("(CPU devices: CUDA graphs are never used; the graph columns run eagerly)")
+        executors = {mode: Executor(runtime, devices, comm_cache, cuda_graphs=(mode == "graph")) for mode in modes}
+        for mode, ex in executors.items():
+            print(f"  {mode}: cuda graphs {'on' if ex.graphs is not None else 'off'}")
+        cols = [(mode, d) for mode in modes for d in degrees]
+        print(f"{'size':>6} {'diffusers ms':>13} " + " ".join(f"{mode[:5] + str(d) + ' ms':>10}" for mode, d in cols)
+              + " " + " ".join(f"{mode[:5] + '/diff':>10} {mode[:5] + ' x':>8}" for mode in modes)
+              + f" {'check max|d|':>13} {'graph max|d|':>13}")
         calls = args.warmup + (args.repeats * args.steps + args.warmup) * len(degrees) + 8
         for size in sizes:
             rid = f"{model}-{size}"
-            ex.submit_encode(rid, GenerationRequest(prompt="a lighthouse at dusk", width=size, height=size, seed=0,
-                                                    num_inference_steps=calls)).result()
+            for ex in executors.values():
+                ex.submit_encode(rid, GenerationRequest(prompt="a lighthouse at dusk", width=size, height=size,
+                                                        seed=0, num_inference_steps=calls)).result()
+            ex = next(iter(executors.values()))
             prepared = ex.prepared(rid)
             base_s = diffusers_forward_s(runtime, prepared, args.steps, args.warmup, args.repeats)
             emit({"kind": "diffusers_forward", "model": model, "width": size, "height": size, "degree": 1,
                   "ms": base_s * 1e3})
-            times = {}
-            for degree in degrees:
-                times[degree] = step_s(ex, rid, tuple(range(degree)), args.steps, args.warmup, args.repeats)
-                emit({"kind": "step", "model": model, "width": size, "height": size, "degree": degree,
-                      "ms": times[degree] * 1e3})
-            ratio = times[1] / base_s
-            speedup = times[1] / times[2] if 2 in times else None
-            emit({"kind": "summary", "model": model, "width": size, "height": size,
-                  "step_vs_diffusers": ratio, "speedup_2_vs_1": speedup})
+            times, ratios, speedups = {}, {}, {}
+            for mode, ex in executors.items():
+                for degree in degrees:
+                    times[mode, degree] = step_s(ex, rid, tuple(range(degree)), args.steps, args.warmup,
+                                                 args.repeats)
+                    emit({"kind": "step", "model": model, "width": size, "height": size, "degree": degree,
+                          "graphs": mode == "graph", "ms": times[mode, degree] * 1e3})
+                ratios[mode] = times[mode, 1] / base_s
+                speedups[mode] = times[mode, 1] / times[mode, 2] if 2 in degrees else None
+                emit({"kind": "summary", "model": model, "width": size, "height": size, "graphs": mode == "graph",
+                      "step_vs_diffusers": ratios[mode], "speedup_2_vs_1": speedups[mode]})
+            # Targets apply to the fastest mode that ran (graphs, when they did).
+            best = "graph" if "graph" in modes else "eager"
+            ratio, speedup = ratios[best], speedups[best]
             if ratio > TARGETS["step_vs_diffusers_max"]:
-                failures.append(f"{model} {size}: degree-1 step {ratio:.3f}x the bare forward (target <= 1.03)")
+                failures.append(f"{model} {size} ({best}): degree-1 step {ratio:.3f}x the bare forward "
+                                f"(target <= 1.03)")
             if speedup is not None and size in TARGETS["speedup_min"] and speedup < TARGETS["speedup_min"][size]:
-                failures.append(f"{model} {size}: degree 2 speedup {speedup:.2f}x "
+                failures.append(f"{model} {size} ({best}): degree 2 speedup {speedup:.2f}x "
                                 f"(target >= {TARGETS['speedup_min'][size]})")
 
             check = ""
             if not args.no_check and len(devices) >= 2:
-                one = verify.sp_velocity(runtime, prepared, devices[:1], ex.comm_cache)
-                two = verify.sp_velocity(runtime, prepared, devices[:2], ex.comm_cache)
+                one = verify.sp_velocity(runtime, prepared, devices[:1], comm_cache)
+                two = verify.sp_velocity(runtime, prepared, devices[:2], comm_cache)
                 max_diff = (two - one).abs().max().item()
                 scale = one.abs().max().item()
                 # bf16: a few units in the last place of the largest values (diffusers' own Ulysses-2:
@@ -187,11 +231,35 @@ def main() -> int:
                 if not ok:
                     failures.append(f"{model} {size}: degree 2 output differs from degree 1 by {max_diff} "
                                     f"(tolerance {tolerance})")
-            ex.release(rid)
-            print(f"{size:>6} {base_s * 1e3:>13.1f} " + " ".join(f"{times[d] * 1e3:>10.1f}" for d in degrees)
-                  + f" {ratio:>10.3f} {(f'{speedup:.2f}x' if speedup else '-'):>8} {check:>13}")
-        ex.shutdown()
-        del ex, runtime
+            graph_check = ""
+            if not args.no_check and len(modes) == 2:
+                worst, ok = graph_vs_eager(executors, f"{rid}-graph-check", size, degrees, runtime.dtype)
+                emit({"kind": "graph_check", "model": model, "width": size, "height": size,
+                      "max_abs_diff": worst, "ok": ok})
+                graph_check = f"{worst:.4f}{'' if ok else ' FAIL'}"
+                if not ok:
+                    failures.append(f"{model} {size}: steps with CUDA graphs differ from eager ones by {worst}")
+            for ex in executors.values():
+                ex.release(rid)
+            print(f"{size:>6} {base_s * 1e3:>13.1f} " + " ".join(f"{times[c] * 1e3:>10.1f}" for c in cols) + " "
+                  + " ".join(f"{ratios[m]:>10.3f} {(f'{speedups[m]:.2f}x' if speedups[m] else '-'):>8}"
+                             for m in modes)
+                  + f" {check:>13} {graph_check:>13}")
+        for mode, ex in executors.items():
+            stats = ex.graph_stats()
+            emit({"kind": "graph_stats", "model": model, "mode": mode, **stats})
+            if not stats["enabled"]:
+                continue
+            print(f"  graphs ({mode}): {stats['captures']} captured in {stats['capture_s']:.1f} s, "
+                  f"{stats['replays']} replays, {stats['graphs']} held, {stats['evictions']} evicted, "
+                  f"{stats['warmup_failures']} failed warm-ups, {stats['capture_failures']} failed captures")
+            for failure in stats["failures"]:
+                print(f"  CAPTURE FAILED on {failure['device']} for {failure['key']}:\n    {failure['error']}")
+                failures.append(f"{model}: CUDA graph capture failed on {failure['device']} (ran eagerly): "
+                                f"{failure['error']}")
+        for ex in executors.values():
+            ex.shutdown()
+        del ex, executors, runtime
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
 

@@ -41,3 +41,6 @@ class EngineConfig:
     max_steps: int = 100
     # Communicator cache size (least-recently-used groups beyond it are destroyed).
     comm_cache_size: int = 64
+    # CUDA graphs of the denoising steps (GPU only; executor/cuda_graphs.py): each batch's forward is
+    # captured once per shape, group and rank, then replayed. Off: every step launches eagerly.
+    cuda_graphs: bool = True

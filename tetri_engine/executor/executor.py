@@ -28,6 +28,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
+from tetri_engine.executor.cuda_graphs import DEFAULT_MAX_GRAPHS, CudaGraphs, graphs_wanted
 from tetri_engine.executor.state import EncodeResult, RequestState, StepsResult
 from tetri_engine.executor.steps import StepsJob, describe_error, encode_png
 from tetri_engine.model.runtime import ModelRuntime, torch_device
@@ -64,10 +65,14 @@ class Executor:
     devices: the device names of `runtime` this executor drives (default: all); `device_indices` in
     every call index this list. comm_cache: an `ops.CommCache` (a new one by default).
     log_errors: print the traceback of a failed step (the request's error carries the message).
+    cuda_graphs: replay each batch's forward as a CUDA graph (executor/cuda_graphs.py); None: on for
+    CUDA devices unless the environment sets TETRI_CUDA_GRAPHS=0; never on CPU devices. max_graphs:
+    graphs kept per device (least recently used beyond it are dropped).
     """
 
     def __init__(self, runtime: ModelRuntime, devices: Sequence[str] | None = None, comm_cache: Any = None,
-                 log_errors: bool = False):
+                 log_errors: bool = False, cuda_graphs: bool | None = None,
+                 max_graphs: int = DEFAULT_MAX_GRAPHS):
         from tetri_engine import ops
 
         self.runtime = runtime
@@ -78,6 +83,7 @@ class Executor:
         self.comm_cache = comm_cache if comm_cache is not None else ops.CommCache()
         self.log_errors = log_errors
         self._torch_devices = [torch_device(d) for d in self.devices]
+        self.graphs = CudaGraphs(max_graphs) if graphs_wanted(cuda_graphs, self._torch_devices) else None
         self._states: dict[str, RequestState] = {}
         self._lock = threading.Lock()  # states, and queuing a job on all of its threads at once
         self._closed = False
@@ -204,6 +210,12 @@ class Executor:
 
             self._workers[device_index].tasks.put(decode)
         return future
+
+    def graph_stats(self) -> dict[str, Any]:
+        """{"enabled": bool, ...`CudaGraphs.stats()`}: captures, replays, failures (key, device, error) ..."""
+        if self.graphs is None:
+            return {"enabled": False}
+        return {"enabled": True, **self.graphs.stats()}
 
     def placement(self, request_id: str) -> tuple[int, ...] | None:
         """Device indices holding the request's latent (rank order), None before its first steps."""

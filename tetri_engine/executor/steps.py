@@ -79,6 +79,9 @@ class StepsJob:
         # buffered so that one barrier per step suffices.
         self.reports: list[list[tuple]] = [[(None, [])] * self.degree for _ in range(2)]
         self.report_parity = [0] * self.degree
+        # Votes of the ranks on the CUDA graph of a batch (`_graph`), double buffered the same way.
+        self.votes: list[list] = [[None] * self.degree for _ in range(2)]
+        self.vote_parity = [0] * self.degree
         # Results, written by the ranks as they agree (identical on every rank) and read at the end.
         self.final_step: dict[str, int] = {}
         self.errors: dict[str, str] = {}
@@ -127,7 +130,7 @@ class StepsJob:
         first = self.states[0].prepared
         lengths = {"image": first.image_tokens, "text": first.text_tokens}
         context = SPContext(self.comm, rank, self.degree, lengths)
-        inputs_key, inputs = None, None
+        inputs_key, inputs, graph = None, None, None
         start = time.perf_counter()
         for _ in range(self.num_steps):
             active = [s for s in self.states
@@ -138,7 +141,8 @@ class StepsJob:
             if ids != inputs_key:  # the batch changed (a request finished or failed): new static inputs
                 inputs_key = ids
                 inputs = self._inputs(adapter, active, device, rank)
-            outcome = self._step(rank, active, step, context, transformer, adapter, inputs)
+                graph = self._graph(rank, active, step, context, transformer, adapter, inputs, device)
+            outcome = self._step(rank, active, step, context, transformer, adapter, inputs, graph)
             if outcome is not None and outcome[0] == "failed" and len(active) > 1:
                 # Retry the batch one request at a time: only the requests that fail alone fail.
                 inputs_key = None
@@ -224,9 +228,10 @@ class StepsJob:
         except Exception as exc:
             return exc
 
-    def _step(self, rank, active, step, context, transformer, adapter, inputs) -> tuple[str, str] | None:
+    def _step(self, rank, active, step, context, transformer, adapter, inputs, graph=None) -> tuple[str, str] | None:
         """One step of `active` on this rank, agreed with the other ranks. None: committed on every rank;
-        else (kind, message), kind "failed" (every rank stayed in step) or "out_of_step"."""
+        else (kind, message), kind "failed" (every rank stayed in step) or "out_of_step". graph: the
+        batch's CUDA graph (`_graph`), replayed instead of the eager forward."""
         context.exchange_log = []
         new_shards, error = [], None
         shards = [s.shards[rank] for s in active]
@@ -234,8 +239,12 @@ class StepsJob:
             if isinstance(inputs, Exception):
                 raise inputs
             step_indices = [step[s.request_id] for s in active]
-            with sequence_parallel(context):
-                velocities = adapter.velocity(transformer, shards, [s.prepared for s in active], step_indices, inputs)
+            if graph is not None:  # (never with the step cache: _graph leaves those batches eager)
+                velocities = graph.run(shards, [s.prepared for s in active], step_indices, inputs, context)
+            else:
+                with sequence_parallel(context):
+                    velocities = adapter.velocity(transformer, shards, [s.prepared for s in active], step_indices,
+                                                  inputs)
             for s, shard, v, i in zip(active, shards, velocities, step_indices):
                 new = flow_match_euler_step(shard, v, s.prepared.on(shard.device)["sigmas"], i)
                 valid = valid_tokens(s.prepared.image_tokens, self.degree, rank)
@@ -259,6 +268,59 @@ class StepsJob:
                 s.shards[rank] = new
                 step[s.request_id] += 1
         return outcome
+
+    def _graph(self, rank, active, step, context, transformer, adapter, inputs, device):
+        """The CUDA graph of this batch's forward on this rank (captured now if need be), or None: eager.
+
+        NCCL needs a captured exchange captured, and a graph launched, on every rank of the group, so
+        the ranks vote (`_all_ranks`) and all take the same path: replay, capture, or eager. Batches with
+        the step cache (cache="auto") run eagerly, and so does every step on CPU devices."""
+        graphs = self.ex.graphs
+        if graphs is None or device.type != "cuda" or any(getattr(s, "cache", None) is not None for s in active):
+            return None  # (the same on every rank: the states are shared)
+        prepared = [s.prepared for s in active]
+        shards = [s.shards[rank] for s in active]
+        key = graphs.key(self.ex.runtime.name, device, tuple(self.ex.devices[i] for i in self.device_indices), rank,
+                         shards, prepared)
+        status = "skip" if isinstance(inputs, Exception) else graphs.status(device, key, self.comm)
+        if status == "missing":  # static buffers first (they may not fit): the vote says who can capture
+            try:
+                graph = graphs.prepare(device, key, shards, prepared, inputs)
+            except Exception:
+                status = "skip"
+        votes = self._all_ranks(rank, status)
+        if "failed" in votes or "skip" in votes:
+            return None
+        if all(v == "ready" for v in votes):
+            return graphs.get(device, key)
+        # Some rank has no graph for this batch: every rank captures (theirs would not match a new one).
+        if status == "ready":
+            graph = graphs.prepare(device, key, shards, prepared, inputs)
+        dtype = self.ex.runtime.dtype
+        warm_error, exchanges = graphs.warm_up(graph, adapter, transformer, context, dtype)
+        votes = self._all_ranks(rank, (warm_error, exchanges))
+        if len({n for _, n in votes}) > 1:  # a failed warm-up could not catch up: the communicator is unusable
+            raise RuntimeError("the group's ranks went out of step warming up a CUDA graph: "
+                               + "; ".join(f"rank {r}: {e}" for r, (e, _) in enumerate(votes) if e))
+        if any(e is not None for e, _ in votes):
+            return None  # a request fails in the eager forward (this step reports it); capture next time
+        capture_error = graphs.capture(graph, adapter, transformer, context)
+        votes = self._all_ranks(rank, capture_error)
+        if any(e is not None for e in votes):
+            graphs.mark_failed(device, key, "; ".join(f"rank {r}: {e}" for r, e in enumerate(votes) if e))
+            return None
+        graphs.store(graph)
+        return graph
+
+    def _all_ranks(self, rank: int, value):
+        """Every rank's `value`, in rank order, on every rank (double buffered like `_agree`)."""
+        if self.degree == 1:
+            return [value]
+        parity = self.vote_parity[rank]
+        self.vote_parity[rank] ^= 1
+        self.votes[parity][rank] = value
+        self._sync()
+        return list(self.votes[parity])
 
     def _agree(self, rank: int, error: str | None, context: SPContext) -> tuple[str, str] | None:
         """Every rank reports its outcome; all return the same verdict. (The slots of one parity are read

@@ -1,0 +1,335 @@
+"""CUDA graphs of one rank's transformer forward, so that a denoising step costs one graph launch
+instead of thousands of kernel launches through Python.
+
+Why: one process drives every GPU, one executor thread each. A FLUX forward launches ~57 blocks x
+dozens of kernels through PyTorch's dispatcher, which holds the GIL, so the threads of a group
+serialise their launch work; at 512x512 and below a step is launch-bound, and degree 2 paid about
+twice the launch time. A replayed graph launches the whole forward, NCCL exchanges included
+(NCCL >= 2.9 captures grouped ncclSend/ncclRecv; the extension issues them on torch's *current*
+stream, which during capture is the capture stream), with the GIL released.
+
+What is captured: `adapter.velocity(...)` of one batch on one rank (the forward and the model output
+of each request); the Euler update stays outside. One graph per key
+
+    (model, device, group devices, rank, degree, per request: shard shape, dtype, rows, CFG scale,
+     width, height, text tokens)
+
+with static inputs (the latent shards, the timesteps, every tensor of `rank_inputs`: prompt
+embeddings, pooled projections, guidance, position ids / embeddings of the shard) and static outputs.
+A step copies its inputs in (the `rank_inputs` tensors only when they are new objects), replays, and
+clones the outputs out (all graphs of a device share one memory pool, so an output is only valid
+until the device's next replay).
+
+The timestep is made an input by running `velocity` on stand-in requests (`_StaticRequest`) whose
+schedule is a one-element device buffer read at step index 0; `rows` and, with two rows (true CFG),
+`guidance_scale` are Python numbers `velocity` uses, so they are part of the key.
+
+Collectives: NCCL requires that a captured exchange is captured on both sides, and a launched graph
+containing one is launched on both sides. So every decision here is taken by the whole group at once
+(`StepsJob._graph` votes over a barrier): all ranks replay, or all capture, or all run eager. Capture,
+on each rank's device at the same time (thread-local capture mode, so the other threads' CUDA calls
+are allowed): 1 eager warm-up forward on a side stream (real exchanges: it connects NCCL peers,
+allocates cuBLAS workspaces of that stream, builds attention plans and the key index of padded
+shards), then the capture on that stream into the device's pool. A rank whose warm-up fails catches
+up on the exchanges (`ulysses.catch_up`), and the group runs that batch eagerly. A capture that fails
+(an op that cannot be captured, ...) is logged once, remembered, and that key runs eagerly from then
+on: a bug here costs speed, not correctness. A rank whose input copy fails still replays (its
+peers' exchanges need it) and then reports the failure, so a failing request fails alone as in eager
+mode.
+
+Graphs are never used on CPU devices, nor for steps with the step cache (cache="auto": its forward
+decides per step which blocks run).
+"""
+from __future__ import annotations
+
+import os
+import sys
+import threading
+import traceback
+from collections import OrderedDict
+from typing import Any, Callable
+
+import torch
+
+from tetri_engine.model.ulysses import catch_up, sequence_parallel
+
+WARMUP_FORWARDS = 1  # eager forwards on the capture stream before each capture
+DEFAULT_MAX_GRAPHS = 32  # per device; least recently used beyond it are dropped
+
+
+def graphs_wanted(cuda_graphs: bool | None, devices: list[torch.device]) -> bool:
+    """cuda_graphs None: on for CUDA devices unless TETRI_CUDA_GRAPHS=0; never on CPU devices."""
+    if not devices or any(d.type != "cuda" for d in devices):
+        return False
+    if cuda_graphs is None:
+        return os.environ.get("TETRI_CUDA_GRAPHS", "1").lower() not in ("0", "false", "off", "no")
+    return bool(cuda_graphs)
+
+
+class _StaticRequest:
+    """A request as the captured forward sees it: its schedule is a one-element device buffer (step
+    index 0) that each replay refills; everything else is the request's own (while capturing only)."""
+
+    def __init__(self, prepared: Any, device: torch.device):
+        self._prepared = prepared
+        self._device = str(device)
+        self.timestep = prepared.on(device)["timesteps"][:1].clone()
+        self.rows = prepared.rows
+        self.guidance_scale = prepared.guidance_scale
+
+    def on(self, device: torch.device) -> dict[str, torch.Tensor]:
+        if str(device) != self._device:
+            raise RuntimeError(f"a graph of {self._device} asked for inputs on {device}")
+        return {"timesteps": self.timestep}
+
+    def __getattr__(self, name: str) -> Any:  # other attributes (seed, sizes, ...) during capture only
+        prepared = self.__dict__.get("_prepared")
+        if prepared is None:
+            raise AttributeError(name)
+        return getattr(prepared, name)
+
+    def release(self) -> None:
+        self._prepared = None  # the graph outlives the request: keep none of its tensors
+
+
+class Graph:
+    """One captured forward and its static buffers."""
+
+    def __init__(self, key: tuple, device: torch.device, latents: list[torch.Tensor],
+                 requests: list[_StaticRequest], inputs: dict[str, torch.Tensor]):
+        self.key = key
+        self.device = device
+        self.latents = latents
+        self.requests = requests
+        self.inputs = inputs
+        self.sources: dict[str, torch.Tensor] = {}  # the tensors last copied into `inputs`
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.outputs: list[torch.Tensor] = []
+        self.exchanges: list = []  # the exchange log of one forward (what a replay does)
+        self.keepalive: list = []  # tensors and objects the graph's kernels point into
+        self.replays = 0
+
+    def forward(self, adapter: Any, transformer: torch.nn.Module, context: Any) -> list[torch.Tensor]:
+        """The eager forward on the static buffers (warm-up and capture run exactly this)."""
+        with sequence_parallel(context):
+            return adapter.velocity(transformer, self.latents, self.requests, [0] * len(self.requests),
+                                    self.inputs)
+
+    def copy_in(self, shards: list[torch.Tensor], prepared: list[Any], step_indices: list[int],
+                inputs: dict[str, torch.Tensor]) -> None:
+        for static, shard in zip(self.latents, shards):
+            static.copy_(shard)
+        for request, p, i in zip(self.requests, prepared, step_indices):
+            request.timestep.copy_(p.on(self.device)["timesteps"][i:i + 1])
+        for name, static in self.inputs.items():
+            source = inputs[name]
+            if self.sources.get(name) is not source:  # unchanged while the batch is (held: no id reuse)
+                static.copy_(source)
+                self.sources[name] = source
+
+    def run(self, shards: list[torch.Tensor], prepared: list[Any], step_indices: list[int],
+            inputs: dict[str, torch.Tensor], context: Any) -> list[torch.Tensor]:
+        """One step's model outputs (new tensors). The replay happens even when copying the inputs
+        failed: the group's other ranks replay their half of the exchanges and would wait for ever."""
+        error = None
+        try:
+            self.copy_in(shards, prepared, step_indices, inputs)
+        except Exception as exc:
+            error = exc
+        # Logged before the launch: a failed replay must not be caught up with eager exchanges (NCCL:
+        # a captured exchange is matched by a captured one only).
+        context.exchange_log.extend(self.exchanges)
+        self.graph.replay()
+        self.replays += 1
+        if error is not None:
+            raise error
+        return [out.clone() for out in self.outputs]
+
+
+class _DeviceGraphs:
+    """The graphs of one device: used only by that device's executor thread; changed under
+    `CudaGraphs._lock` (stats() reads them from any thread)."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.pool = torch.cuda.graph_pool_handle()
+        with torch.cuda.device(device):
+            self.stream = torch.cuda.Stream(device)
+        self.graphs: OrderedDict[tuple, Graph] = OrderedDict()
+        self.failed: dict[tuple, str] = {}
+
+
+class CudaGraphs:
+    """The executor's graphs, per device (see the module docstring). Thread-safe across devices."""
+
+    def __init__(self, max_graphs: int = DEFAULT_MAX_GRAPHS, warmup: int = WARMUP_FORWARDS,
+                 log: Callable[[str], None] | None = None):
+        self.max_graphs = max(1, int(max_graphs))
+        self.warmup = max(1, int(warmup))
+        self._log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
+        self._devices: dict[str, _DeviceGraphs] = {}
+        self._lock = threading.Lock()
+        self._stats = {"captures": 0, "replays": 0, "evictions": 0, "warmup_failures": 0,
+                       "capture_failures": 0, "capture_s": 0.0}
+        self._failures: list[dict] = []  # {"key", "device", "error"}: capture failures, once per key
+
+    # -- bookkeeping
+    def _device(self, device: torch.device) -> _DeviceGraphs:
+        with self._lock:
+            if str(device) not in self._devices:
+                self._devices[str(device)] = _DeviceGraphs(device)
+            return self._devices[str(device)]
+
+    def _count(self, name: str, n: float = 1) -> None:
+        with self._lock:
+            self._stats[name] += n
+
+    def stats(self) -> dict:
+        """captures, replays, evictions, warmup_failures, capture_failures, capture_s, graphs (held now),
+        failures: [{"key", "device", "error"}] of the captures that failed (those keys run eagerly)."""
+        with self._lock:
+            replays = sum(g.replays for d in self._devices.values() for g in list(d.graphs.values()))
+            return {**self._stats, "replays": self._stats["replays"] + replays,
+                    "graphs": sum(len(d.graphs) for d in self._devices.values()),
+                    "failures": [dict(f) for f in self._failures]}
+
+    @staticmethod
+    def key(model: str, device: torch.device, group: tuple[str, ...], rank: int, shards: list[torch.Tensor],
+            prepared: list[Any]) -> tuple:
+        first = prepared[0]
+        per_request = tuple((tuple(s.shape), str(s.dtype), p.rows, p.guidance_scale if p.rows > 1 else None)
+                            for s, p in zip(shards, prepared))
+        return (model, str(device), tuple(group), rank, len(group), per_request, first.width, first.height,
+                first.text_tokens)
+
+    def status(self, device: torch.device, key: tuple, comm: Any) -> str:
+        """"ready" (a graph to replay), "failed" (its capture failed: eager) or "missing"."""
+        dev = self._device(device)
+        if key in dev.failed:
+            return "failed"
+        graph = dev.graphs.get(key)
+        if graph is None or (comm is not None and graph.keepalive[0] is not comm):
+            return "missing"  # (a graph of an evicted communicator is recaptured on the new one)
+        return "ready"
+
+    def get(self, device: torch.device, key: tuple) -> Graph:
+        dev = self._device(device)
+        with self._lock:
+            dev.graphs.move_to_end(key)
+            return dev.graphs[key]
+
+    # -- capture, in two halves with a group vote between them (StepsJob._graph)
+    def prepare(self, device: torch.device, key: tuple, shards: list[torch.Tensor], prepared: list[Any],
+                inputs: dict[str, torch.Tensor]) -> Graph:
+        """Static buffers for a new graph of `key` (any old one is dropped first, freeing its memory)."""
+        dev = self._device(device)
+        with self._lock:
+            dev.graphs.pop(key, None)
+        # Allocated on the thread's own stream with the ordinary allocator: outside the graph pool.
+        latents = [s.clone() for s in shards]
+        requests = [_StaticRequest(p, device) for p in prepared]
+        static_inputs = {name: t.clone() for name, t in inputs.items()}
+        graph = Graph(key, device, latents, requests, static_inputs)
+        graph.sources = dict(inputs)
+        return graph
+
+    def warm_up(self, graph: Graph, adapter: Any, transformer: torch.nn.Module, context: Any,
+                dtype: torch.dtype) -> tuple[str | None, int]:
+        """Eager forwards on the capture stream -> (first error or None, exchanges done). A failed
+        forward catches up with the group's exchanges, so every rank does the same number of them."""
+        dev = self._device(graph.device)
+        current = torch.cuda.current_stream(graph.device)
+        dev.stream.wait_stream(current)
+        error, exchanges = None, 0
+        rows = sum(r.rows for r in graph.requests)
+        with torch.cuda.stream(dev.stream):
+            for _ in range(self.warmup):
+                context.exchange_log = []
+                try:
+                    graph.forward(adapter, transformer, context)
+                except Exception as exc:
+                    error = error or _describe(exc)
+                    if context.degree > 1:
+                        try:
+                            catch_up(context, adapter.exchange_plan(), rows, adapter.num_heads, adapter.head_dim,
+                                     dtype, graph.device)
+                        except Exception as exc2:
+                            error += f" (and catching up with the group failed: {_describe(exc2)})"
+                exchanges += len(context.exchange_log)
+        current.wait_stream(dev.stream)
+        context.exchange_log = []
+        if error is not None:
+            self._count("warmup_failures")
+        return error, exchanges
+
+    def capture(self, graph: Graph, adapter: Any, transformer: torch.nn.Module, context: Any) -> str | None:
+        """Capture the forward on this rank -> None, or the error (the key then runs eagerly)."""
+        import time
+
+        dev = self._device(graph.device)
+        start = time.perf_counter()
+        cuda_graph = torch.cuda.CUDAGraph()
+        context.exchange_log = []
+        error = None
+        current = torch.cuda.current_stream(graph.device)
+        dev.stream.wait_stream(current)
+        with torch.cuda.stream(dev.stream):
+            # Not `with torch.cuda.graph(...)`: its entry synchronises and empties the allocator cache
+            # of every device, while the other executor threads are running (or capturing) there.
+            try:
+                cuda_graph.capture_begin(pool=dev.pool, capture_error_mode="thread_local")
+            except Exception as exc:
+                error = f"capture_begin: {_describe(exc)}"
+            if error is None:
+                try:
+                    outputs = graph.forward(adapter, transformer, context)
+                except Exception as exc:
+                    error = _describe(exc)
+                    if os.environ.get("TETRI_CUDA_GRAPHS_DEBUG"):
+                        traceback.print_exc()
+                try:  # always end the capture, or the stream stays in capture mode
+                    cuda_graph.capture_end()
+                except Exception as exc:
+                    error = error or f"capture_end: {_describe(exc)}"
+        current.wait_stream(dev.stream)
+        exchanges, context.exchange_log = list(context.exchange_log), []
+        for request in graph.requests:
+            request.release()
+        if error is not None:
+            return error
+        graph.graph = cuda_graph
+        graph.outputs = list(outputs)
+        graph.exchanges = exchanges
+        # The communicator (NCCL handles in the graph) and the key index of padded shards (made during
+        # the warm-up, read by index_select in the graph) must live as long as the graph.
+        graph.keepalive = [context.comm, dict(context._key_index)]
+        self._count("captures")
+        self._count("capture_s", time.perf_counter() - start)
+        return None
+
+    def store(self, graph: Graph) -> None:
+        dev = self._device(graph.device)
+        with self._lock:
+            dev.graphs[graph.key] = graph
+            dev.graphs.move_to_end(graph.key)
+            while len(dev.graphs) > self.max_graphs:
+                _, old = dev.graphs.popitem(last=False)
+                self._stats["replays"] += old.replays
+                self._stats["evictions"] += 1
+
+    def mark_failed(self, device: torch.device, key: tuple, error: str) -> None:
+        """Remember a failed capture: the key runs eagerly from now on. Logged once per key."""
+        dev = self._device(device)
+        with self._lock:
+            dev.graphs.pop(key, None)
+            if key in dev.failed:
+                return
+            dev.failed[key] = error
+            self._stats["capture_failures"] += 1
+            self._failures.append({"key": repr(key), "device": str(device), "error": error})
+        self._log(f"tetri-engine: CUDA graph capture failed on {device} for {key}; running that key eagerly: "
+                  f"{error}")
+
+
+def _describe(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}"
