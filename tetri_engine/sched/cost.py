@@ -10,6 +10,11 @@ A resolution outside the profiled token range, or a degree/batch that was never 
 error that says what the profile covers: the scheduler must never guess a step time. VAE decode is
 the exception: it is a convolutional network whose cost is proportional to the pixel count, so it is
 extrapolated proportionally outside its profiled range (and is 0 when the profile has no decode data).
+
+Step caching (`cache: auto`, model/step_cache.py): the profile's optional "cache_step_factor" is the
+mean step time with the cache / without, measured by bench/cache_bench.py (1.0 when absent);
+`step_s(..., cached=True)` applies it, and `with_cache()` is the cost model of a workload in which
+every request caches.
 """
 from __future__ import annotations
 
@@ -59,9 +64,13 @@ class CostModel:
         decode_ms: dict[tuple[int, int], float] | None = None,
         encode_ms: float = 0.0,
         meta: dict[str, Any] | None = None,
+        cache_step_factor: float = 1.0,
     ):
         if not step_ms:
             raise ValueError("profile has no step times")
+        if not cache_step_factor > 0:
+            raise ValueError(f"profile cache_step_factor {cache_step_factor} is invalid: expected > 0")
+        self.cache_step_factor = float(cache_step_factor)
         for (w, h, degree, batch), ms in step_ms.items():
             if degree < 1 or degree & (degree - 1):
                 raise ValueError(f"profile degree {degree} at {w}x{h} is not a power of two")
@@ -97,8 +106,9 @@ class CostModel:
             decode_ms = {(int(e["width"]), int(e["height"])): float(e["ms"]) for e in data.get("decode_ms", [])}
         except (KeyError, TypeError) as exc:
             raise ValueError(f"malformed profile: {exc!r} (format: docs/ARCHITECTURE.md, 'Profile JSON')") from exc
-        meta = {k: v for k, v in data.items() if k not in ("step_ms", "decode_ms", "encode_ms")}
-        return cls(step_ms, decode_ms, float(data.get("encode_ms", 0.0)), meta)
+        meta = {k: v for k, v in data.items() if k not in ("step_ms", "decode_ms", "encode_ms", "cache_step_factor")}
+        return cls(step_ms, decode_ms, float(data.get("encode_ms", 0.0)), meta,
+                   cache_step_factor=float(data.get("cache_step_factor", 1.0)))
 
     @classmethod
     def from_json(cls, path: str) -> "CostModel":
@@ -115,12 +125,24 @@ class CostModel:
         ]
         out["decode_ms"] = [{"width": w, "height": h, "ms": ms} for (w, h), ms in sorted(self.decode_ms.items())]
         out["encode_ms"] = self.encode_ms
+        if self.cache_step_factor != 1.0:
+            out["cache_step_factor"] = self.cache_step_factor
         return out
+
+    def with_cache(self) -> "CostModel":
+        """This machine when every request runs with step caching: step times x cache_step_factor."""
+        step_ms = {key: ms * self.cache_step_factor for key, ms in self.step_ms.items()}
+        return CostModel(step_ms, self.decode_ms, self.encode_ms, {**self.meta, "cached": True})
 
     # ---- times ---------------------------------------------------------------------------------
 
-    def step_s(self, width: int, height: int, degree: int, batch: int = 1) -> float:
-        """Seconds for one denoising step of `batch` width x height requests on `degree` devices."""
+    def step_s(self, width: int, height: int, degree: int, batch: int = 1, cached: bool = False) -> float:
+        """Seconds for one denoising step of `batch` width x height requests on `degree` devices;
+        cached: of requests that run with step caching (x cache_step_factor)."""
+        seconds = self._plain_step_s(width, height, degree, batch)
+        return seconds * self.cache_step_factor if cached else seconds
+
+    def _plain_step_s(self, width: int, height: int, degree: int, batch: int) -> float:
         key = (width, height, degree, batch)
         cached = self._step_cache.get(key)
         if cached is not None:

@@ -127,7 +127,7 @@ def plot_sar(path: str, sweeps: Sequence[Sweep]) -> None:
         ax.set_ylabel("SLO attainment ratio")
         ax.set_ylim(-0.02, 1.02)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=8, loc="lower right")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
