@@ -157,6 +157,9 @@ class _DeviceGraphs:
             self.stream = torch.cuda.Stream(device)
         self.graphs: OrderedDict[tuple, Graph] = OrderedDict()
         self.failed: dict[tuple, str] = {}
+        # Graph objects whose capture failed, kept: torch's allocator may still hold a callback that
+        # points at one (when capture_end raised before releasing the pool), so it must stay valid.
+        self.failed_graphs: list[torch.cuda.CUDAGraph] = []
 
 
 class CudaGraphs:
@@ -291,11 +294,13 @@ class CudaGraphs:
                     cuda_graph.capture_end()
                 except Exception as exc:
                     error = error or f"capture_end: {_describe(exc)}"
+                    _release_pool(graph.device, dev.pool)
         current.wait_stream(dev.stream)
         exchanges, context.exchange_log = list(context.exchange_log), []
         for request in graph.requests:
             request.release()
         if error is not None:
+            dev.failed_graphs.append(cuda_graph)
             return error
         graph.graph = cuda_graph
         graph.outputs = list(outputs)
@@ -329,6 +334,18 @@ class CudaGraphs:
             self._failures.append({"key": repr(key), "device": str(device), "error": error})
         self._log(f"tetri-engine: CUDA graph capture failed on {device} for {key}; running that key eagerly: "
                   f"{error}")
+
+
+def _release_pool(device: torch.device, pool: Any) -> None:
+    """After a capture_end that raised: stop routing this device's allocations to the graph pool (torch
+    checks cudaStreamEndCapture before it does that itself). Best effort: a private torch API."""
+    end = getattr(torch._C, "_cuda_endAllocateToPool", None)
+    if end is None:
+        return
+    try:
+        end(device.index, pool)
+    except Exception:  # already released, or a torch without this signature: nothing more to do
+        pass
 
 
 def _describe(exc: BaseException) -> str:
