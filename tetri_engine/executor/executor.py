@@ -65,13 +65,15 @@ class Executor:
     devices: the device names of `runtime` this executor drives (default: all); `device_indices` in
     every call index this list. comm_cache: an `ops.CommCache` (a new one by default).
     log_errors: print the traceback of a failed step (the request's error carries the message).
+    cache_plan: the `model.step_cache.CachePlan` of requests with cache="auto" (default: the model's
+    saved plan, `step_cache.load_plan(runtime.name)`, else the default plan; read on first use).
     cuda_graphs: replay each batch's forward as a CUDA graph (executor/cuda_graphs.py); None: on for
     CUDA devices unless the environment sets TETRI_CUDA_GRAPHS=0; never on CPU devices. max_graphs:
     graphs kept per device (least recently used beyond it are dropped).
     """
 
     def __init__(self, runtime: ModelRuntime, devices: Sequence[str] | None = None, comm_cache: Any = None,
-                 log_errors: bool = False, cuda_graphs: bool | None = None,
+                 log_errors: bool = False, cache_plan: Any = None, cuda_graphs: bool | None = None,
                  max_graphs: int = DEFAULT_MAX_GRAPHS):
         from tetri_engine import ops
 
@@ -82,6 +84,7 @@ class Executor:
             raise ValueError(f"devices {unknown} are not among the runtime's devices {runtime.devices}")
         self.comm_cache = comm_cache if comm_cache is not None else ops.CommCache()
         self.log_errors = log_errors
+        self._cache_plan = cache_plan
         self._torch_devices = [torch_device(d) for d in self.devices]
         self.graphs = CudaGraphs(max_graphs) if graphs_wanted(cuda_graphs, self._torch_devices) else None
         self._states: dict[str, RequestState] = {}
@@ -108,12 +111,21 @@ class Executor:
         image = self.runtime.decode(latent, state.width, state.height)
         return image, encode_png(image)
 
+    def cache_plan(self):
+        """The plan of requests with cache="auto" (see the class docstring)."""
+        from tetri_engine.model.step_cache import load_plan
+
+        if self._cache_plan is None:
+            self._cache_plan = load_plan(self.runtime.name)
+        return self._cache_plan
+
     # -- the interface
     def submit_encode(self, request_id: str, request: Any) -> Future[EncodeResult]:
         """Prompt embeddings and seeded noise for `request` (a GenerationRequest), held here.
 
         Resolves to an EncodeResult (the seed, drawn at random when the request gave none); raises
-        ValueError (through the future) for an invalid request.
+        ValueError (through the future) for an invalid request. request.cache "auto" caches its steps
+        (model/step_cache.py) with `cache_plan()`; "off" (or no such attribute) runs every block.
         """
         seed = request.seed if request.seed is not None else random.randrange(2**63)
         state = RequestState(request_id=request_id, prompt=request.prompt, width=int(request.width),
@@ -123,6 +135,13 @@ class Executor:
         def encode() -> None:
             start = time.perf_counter()
             try:
+                cache_mode = getattr(request, "cache", None) or "off"
+                if cache_mode not in ("off", "auto"):
+                    raise ValueError(f"cache must be 'off' or 'auto', got {cache_mode!r}")
+                if cache_mode == "auto":
+                    from tetri_engine.model.step_cache import StepCache
+
+                    state.cache = StepCache(self.cache_plan())
                 state.prepared = self.runtime.prepare(
                     prompt=request.prompt, width=state.width, height=state.height, seed=state.seed,
                     num_steps=request.num_inference_steps, guidance_scale=request.guidance_scale,

@@ -34,6 +34,7 @@ class RequestState:
     peak_memory_bytes: int = 0  # GPU: max torch.cuda.max_memory_allocated over its jobs' devices; CPU: 0
     encode_s: float = 0.0
     decode_s: float = 0.0
+    cache: Any = None  # a model.step_cache.StepCache when the request caches (cache="auto"), else None
     # Set when no job owns the request. Each new job takes the current event to wait on and leaves a
     # fresh one, so the jobs of one request run one after the other, in submission order.
     idle: threading.Event = field(default_factory=threading.Event)
@@ -58,6 +59,7 @@ class RequestState:
             "encode_s": self.encode_s,
             "decode_s": self.decode_s,
             "error": self.error,
+            "cache": self.cache.stats() if self.cache is not None else None,
         }
 
 

@@ -32,6 +32,7 @@ import torch
 
 from tetri_engine.executor.state import RequestState, RequestStepResult, StepsResult
 from tetri_engine.model.adapter import flow_match_euler_step
+from tetri_engine.model.step_cache import CacheStep
 from tetri_engine.model.ulysses import SPContext, catch_up, sequence_parallel, shard_length, valid_tokens
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -209,6 +210,8 @@ class StepsJob:
                     s.regroups += 1
                     self.regrouped[s.request_id] = True
                     s.prepared.drop_device_copies()  # the prompt embeddings follow on first use
+                if s.cache is not None:  # the cached residuals are sharded like the latent: they move with it
+                    s.cache.place(names, s.prepared.image_tokens)
                 s.placement = self.device_indices
             except Exception as exc:
                 self.errors[s.request_id] = f"moving the latent failed: {describe_error(exc)}"
@@ -233,18 +236,23 @@ class StepsJob:
         else (kind, message), kind "failed" (every rank stayed in step) or "out_of_step". graph: the
         batch's CUDA graph (`_graph`), replayed instead of the eager forward."""
         context.exchange_log = []
-        new_shards, error = [], None
+        new_shards, error, cache_step = [], None, None
         shards = [s.shards[rank] for s in active]
         try:
             if isinstance(inputs, Exception):
                 raise inputs
             step_indices = [step[s.request_id] for s in active]
+            cache_kwargs = {}  # only when some request caches: the plain forward stays the plain call
+            if any(s.cache is not None for s in active):
+                cache_step = CacheStep([s.cache for s in active], [s.prepared.rows for s in active], step_indices,
+                                       active[0].prepared.image_tokens, context)
+                cache_kwargs["cache_step"] = cache_step
             if graph is not None:  # (never with the step cache: _graph leaves those batches eager)
                 velocities = graph.run(shards, [s.prepared for s in active], step_indices, inputs, context)
             else:
                 with sequence_parallel(context):
                     velocities = adapter.velocity(transformer, shards, [s.prepared for s in active], step_indices,
-                                                  inputs)
+                                                  inputs, **cache_kwargs)
             for s, shard, v, i in zip(active, shards, velocities, step_indices):
                 new = flow_match_euler_step(shard, v, s.prepared.on(shard.device)["sigmas"], i)
                 valid = valid_tokens(s.prepared.image_tokens, self.degree, rank)
@@ -258,8 +266,12 @@ class StepsJob:
         # (outside the except block, so that the failed forward's activations are already freed)
         if error is not None and self.degree > 1:
             try:
-                catch_up(context, adapter.exchange_plan(), sum(s.prepared.rows for s in active),
-                         adapter.num_heads, adapter.head_dim, self.ex.runtime.dtype, shards[0].device)
+                if cache_step is not None:  # the cached forward's sequence: first block, decision, the rest
+                    cache_step.catch_up(adapter.exchange_plan_per_block(), adapter.num_heads, adapter.head_dim,
+                                        self.ex.runtime.dtype, shards[0].device)
+                else:
+                    catch_up(context, adapter.exchange_plan(), sum(s.prepared.rows for s in active),
+                             adapter.num_heads, adapter.head_dim, self.ex.runtime.dtype, shards[0].device)
             except Exception as exc:
                 error += f" (and catching up with the group failed: {describe_error(exc)})"
         outcome = self._agree(rank, error, context)
@@ -267,6 +279,8 @@ class StepsJob:
             for s, new in zip(active, new_shards):
                 s.shards[rank] = new
                 step[s.request_id] += 1
+            if cache_step is not None:
+                cache_step.commit()
         return outcome
 
     def _graph(self, rank, active, step, context, transformer, adapter, inputs, device):

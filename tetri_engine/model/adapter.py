@@ -182,6 +182,11 @@ class ModelAdapter:
 
     def exchange_plan(self) -> list[tuple[str, ...]]:
         """The token streams of each attention call of one forward, in call order (for `catch_up`)."""
+        return [streams for block in self.exchange_plan_per_block() for streams in block]
+
+    def exchange_plan_per_block(self) -> list[list[tuple[str, ...]]]:
+        """`exchange_plan` grouped by transformer block, in block order (the step cache runs the first
+        block apart from the others)."""
         raise NotImplementedError
 
     def latent_channels(self) -> int:
@@ -198,7 +203,9 @@ class ModelAdapter:
         raise NotImplementedError
 
     def velocity(self, transformer: torch.nn.Module, latents: list[torch.Tensor], prepared: list[PreparedRequest],
-                 step_indices: list[int], inputs: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+                 step_indices: list[int], inputs: dict[str, torch.Tensor], cache_step: Any = None) -> list[torch.Tensor]:
+        """cache_step: a `step_cache.CacheStep` when some request of the batch caches (the forward then
+        runs its blocks through it); None runs the plain diffusers forward."""
         raise NotImplementedError
 
     def decode(self, vae: torch.nn.Module, latent: torch.Tensor, width: int, height: int):

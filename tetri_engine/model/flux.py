@@ -74,6 +74,34 @@ class UlyssesFluxAttnProcessor:
         return hidden_states
 
 
+def flux_forward(transformer, hidden_states, timestep, guidance, pooled_projections, encoder_hidden_states,
+                 txt_ids, img_ids, cache_step):
+    """FluxTransformer2DModel.forward (diffusers 0.42.1) with its blocks run by the step cache
+    (`step_cache.CacheStep.run_blocks`), which may replace all blocks but the first by a cached residual.
+
+    The same operations in the same order as diffusers', so with nothing skipped the output is
+    bit-identical to `transformer(...)` (tests/test_cache_runtime.py checks). The runtime passes no
+    LoRA scale, ControlNet or IP-adapter inputs, so their branches are left out.
+    """
+    hidden_states = transformer.x_embedder(hidden_states)
+    timestep = timestep.to(hidden_states.dtype) * 1000
+    if guidance is not None:
+        guidance = guidance.to(hidden_states.dtype) * 1000
+    temb = (transformer.time_text_embed(timestep, pooled_projections) if guidance is None
+            else transformer.time_text_embed(timestep, guidance, pooled_projections))
+    encoder_hidden_states = transformer.context_embedder(encoder_hidden_states)
+    image_rotary_emb = transformer.pos_embed(torch.cat((txt_ids, img_ids), dim=0))
+
+    def call(block, hidden, encoder, block_temb):
+        return block(hidden_states=hidden, encoder_hidden_states=encoder, temb=block_temb,
+                     image_rotary_emb=image_rotary_emb, joint_attention_kwargs=None)
+
+    blocks = [*transformer.transformer_blocks, *transformer.single_transformer_blocks]
+    hidden_states = cache_step.run_blocks(blocks, call, hidden_states, encoder_hidden_states, temb)
+    hidden_states = transformer.norm_out(hidden_states, temb)
+    return transformer.proj_out(hidden_states)
+
+
 def latent_image_ids(latent_h: int, latent_w: int, device, dtype) -> torch.Tensor:
     """FluxPipeline._prepare_latent_image_ids for a latent of h x w (packed: h/2 x w/2 tokens)."""
     ids = torch.zeros(latent_h // 2, latent_w // 2, 3)
@@ -99,9 +127,9 @@ class FluxAdapter(ModelAdapter):
     def install_attention(self, transformer) -> None:
         transformer.set_attn_processor(UlyssesFluxAttnProcessor())
 
-    def exchange_plan(self):
+    def exchange_plan_per_block(self):
         config = self.pipeline.transformer.config
-        return [UlyssesFluxAttnProcessor.STREAMS] * (config.num_layers + config.num_single_layers)
+        return [[UlyssesFluxAttnProcessor.STREAMS]] * (config.num_layers + config.num_single_layers)
 
     def latent_channels(self) -> int:
         return int(self.pipeline.transformer.config.in_channels)
@@ -186,7 +214,7 @@ class FluxAdapter(ModelAdapter):
         )
         return inputs
 
-    def velocity(self, transformer, latents, prepared, step_indices, inputs):
+    def velocity(self, transformer, latents, prepared, step_indices, inputs, cache_step=None):
         from tetri_engine import ops
 
         device = latents[0].device
@@ -194,16 +222,21 @@ class FluxAdapter(ModelAdapter):
         # FluxPipeline: timestep = t.expand(B).to(latents.dtype), passed as timestep / 1000
         timestep = torch.stack([p.on(device)["timesteps"][i] for p, i in zip(prepared, step_indices)])
         timestep = timestep.to(hidden_states.dtype)
-        noise_pred = transformer(
-            hidden_states=hidden_states,
-            timestep=timestep / 1000,
-            guidance=inputs.get("guidance"),
-            pooled_projections=inputs["pooled_projections"],
-            encoder_hidden_states=inputs["encoder_hidden_states"],
-            txt_ids=inputs["txt_ids"],
-            img_ids=inputs["img_ids"],
-            return_dict=False,
-        )[0]
+        if cache_step is None:
+            noise_pred = transformer(
+                hidden_states=hidden_states,
+                timestep=timestep / 1000,
+                guidance=inputs.get("guidance"),
+                pooled_projections=inputs["pooled_projections"],
+                encoder_hidden_states=inputs["encoder_hidden_states"],
+                txt_ids=inputs["txt_ids"],
+                img_ids=inputs["img_ids"],
+                return_dict=False,
+            )[0]
+        else:
+            noise_pred = flux_forward(transformer, hidden_states, timestep / 1000, inputs.get("guidance"),
+                                      inputs["pooled_projections"], inputs["encoder_hidden_states"],
+                                      inputs["txt_ids"], inputs["img_ids"], cache_step)
         return list(ops.unpack(noise_pred, len(latents))) if len(latents) > 1 else [noise_pred]
 
     def decode(self, vae, latent, width, height):

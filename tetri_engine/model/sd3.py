@@ -77,8 +77,10 @@ class UlyssesJointAttnProcessor:
         return hidden_states
 
 
-def sd3_token_forward(transformer, tokens, pos_embed, encoder_hidden_states, pooled_projections, timestep):
-    """SD3Transformer2DModel.forward on packed latent tokens [B, L, C*p*p] -> velocity tokens, same layout."""
+def sd3_token_forward(transformer, tokens, pos_embed, encoder_hidden_states, pooled_projections, timestep,
+                      cache_step=None):
+    """SD3Transformer2DModel.forward on packed latent tokens [B, L, C*p*p] -> velocity tokens, same layout.
+    cache_step: run the blocks through the step cache (`step_cache.CacheStep.run_blocks`)."""
     patch = transformer.config.patch_size
     out_channels = transformer.out_channels
     proj = transformer.pos_embed.proj  # Conv2d(C, D, kernel=p, stride=p): a linear map of each patch
@@ -86,10 +88,17 @@ def sd3_token_forward(transformer, tokens, pos_embed, encoder_hidden_states, poo
     hidden_states = (hidden_states + pos_embed).to(hidden_states.dtype)
     temb = transformer.time_text_embed(timestep, pooled_projections)
     encoder_hidden_states = transformer.context_embedder(encoder_hidden_states)
-    for block in transformer.transformer_blocks:
-        encoder_hidden_states, hidden_states = block(
-            hidden_states=hidden_states, encoder_hidden_states=encoder_hidden_states, temb=temb
-        )
+    if cache_step is None:
+        for block in transformer.transformer_blocks:
+            encoder_hidden_states, hidden_states = block(
+                hidden_states=hidden_states, encoder_hidden_states=encoder_hidden_states, temb=temb
+            )
+    else:
+        hidden_states = cache_step.run_blocks(
+            list(transformer.transformer_blocks),
+            lambda block, hidden, encoder, block_temb: block(
+                hidden_states=hidden, encoder_hidden_states=encoder, temb=block_temb),
+            hidden_states, encoder_hidden_states, temb)
     hidden_states = transformer.norm_out(hidden_states, temb)
     hidden_states = transformer.proj_out(hidden_states)  # features ordered (row, column, channel)
     b, length, _ = hidden_states.shape
@@ -116,13 +125,10 @@ class SD3Adapter(ModelAdapter):
     def install_attention(self, transformer) -> None:
         transformer.set_attn_processor(UlyssesJointAttnProcessor())
 
-    def exchange_plan(self):
-        plan = []
-        for block in self.pipeline.transformer.transformer_blocks:  # joint attention, then SD3.5's attn2
-            plan.append(("image", "text"))
-            if block.use_dual_attention:
-                plan.append(("image",))
-        return plan
+    def exchange_plan_per_block(self):
+        # joint attention, then SD3.5's attn2
+        return [[("image", "text"), ("image",)] if block.use_dual_attention else [("image", "text")]
+                for block in self.pipeline.transformer.transformer_blocks]
 
     def latent_channels(self) -> int:
         return int(self.pipeline.transformer.config.in_channels) * 4
@@ -198,7 +204,7 @@ class SD3Adapter(ModelAdapter):
             ("pos_embed", first.latent_h, first.latent_w, str(device), rank, degree), make_pos_embed)
         return inputs
 
-    def velocity(self, transformer, latents, prepared, step_indices, inputs):
+    def velocity(self, transformer, latents, prepared, step_indices, inputs, cache_step=None):
         device = latents[0].device
         # latent_model_input = torch.cat([latents] * 2) for each request with guidance. Requests bring
         # one or two rows each, so the batch is a plain concatenation rather than ops.pack.
@@ -209,7 +215,7 @@ class SD3Adapter(ModelAdapter):
         timestep = torch.cat([p.on(device)["timesteps"][i].expand(p.rows) for p, i in zip(prepared, step_indices)])
         noise_pred = sd3_token_forward(
             transformer, hidden_states, inputs["pos_embed"], inputs["encoder_hidden_states"],
-            inputs["pooled_projections"], timestep,
+            inputs["pooled_projections"], timestep, cache_step,
         )
         out, row = [], 0
         for p in prepared:

@@ -31,7 +31,7 @@ from __future__ import annotations
 import threading
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -82,6 +82,13 @@ class SPContext:
         self.exchange_log.append((tuple(x.shape), x.dtype))  # logged once returned: a timed-out call is not
         return out
 
+    def all_gather(self, x: torch.Tensor) -> torch.Tensor:
+        """Every rank's x, concatenated along dim 0 in rank order (the step cache's skip decision).
+        Logged like an exchange, so that the ranks' logs stay comparable and a failed rank can catch up."""
+        out = self.comm.all_gather(self.rank, x)
+        self.exchange_log.append((tuple(x.shape), x.dtype))
+        return out
+
     def local_length(self, stream: str) -> int:
         return shard_length(self.lengths[stream], self.degree)
 
@@ -105,6 +112,18 @@ class SPContext:
 
 def current_context() -> SPContext | None:
     return getattr(_local, "context", None)
+
+
+@contextmanager
+def attention_observer(observer: Callable[..., None] | None) -> Iterator[None]:
+    """Call `observer(query, key, value, out, streams)` after every `sp_attention` on this thread
+    (the redundancy analysis records K, V and the attention output of every layer this way)."""
+    previous = getattr(_local, "observer", None)
+    _local.observer = observer
+    try:
+        yield
+    finally:
+        _local.observer = previous
 
 
 @contextmanager
@@ -134,6 +153,14 @@ def sp_attention(
     query/key/value: [B, L_local, H, D], the rank's tokens laid out as the concatenation of its shard of
     each stream in `streams` (e.g. ("text", "image") for FLUX). Returns [B, L_local, H, D].
     """
+    out = _sp_attention(query, key, value, streams)
+    observer = getattr(_local, "observer", None)
+    if observer is not None:
+        observer(query, key, value, out, streams)
+    return out
+
+
+def _sp_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, streams: tuple[str, ...]) -> torch.Tensor:
     ctx = current_context()
     if ctx is None or ctx.degree == 1:
         return local_attention(query, key, value)
@@ -179,11 +206,17 @@ def catch_up(context: SPContext, plan: list[tuple[str, ...]], rows: int, heads: 
     plan: the token streams of every attention call of one forward, in order (`ModelAdapter.exchange_plan`);
     each call makes two exchanges, [degree, rows, L, 3, h, D] then [degree, rows, L, h, D].
     """
+    for shape in exchange_shapes(context, plan, rows, heads, head_dim)[len(context.exchange_log):]:
+        context.exchange(torch.zeros(shape, dtype=dtype, device=device))
+
+
+def exchange_shapes(context: SPContext, plan: list[tuple[str, ...]], rows: int, heads: int,
+                    head_dim: int) -> list[tuple[int, ...]]:
+    """The shapes of the exchanges that the attention calls `plan` make on a batch of `rows` rows."""
     local_heads = heads // context.degree
     shapes = []
     for streams in plan:
         length = sum(context.local_length(s) for s in streams)
         shapes.append((context.degree, rows, length, 3, local_heads, head_dim))
         shapes.append((context.degree, rows, length, local_heads, head_dim))
-    for shape in shapes[len(context.exchange_log):]:
-        context.exchange(torch.zeros(shape, dtype=dtype, device=device))
+    return shapes
