@@ -94,6 +94,9 @@ def test_body_must_be_a_json_object():
         protocol.parse_json_body(b'{"prompt": "x", "guidance_scale": NaN}')
     with pytest.raises(APIError):
         protocol.parse_json_body(b"\xff\xfe")
+    with pytest.raises(APIError) as info:
+        protocol.parse_json_body(b"[" * 100_000 + b"]" * 100_000)
+    assert info.value.code == "invalid_json"
 
 
 def test_n_images_get_consecutive_seeds_and_distinct_ids():
@@ -193,6 +196,15 @@ def test_server_config_maps_onto_engine_config_and_documents_every_flag():
     for flag in ("--host", "--port", "--model", "--devices", "--profile", "--max-queue", "--api-key",
                  "--max-n", "--max-body-bytes", "--drain-timeout-s"):
         assert flag in help_text
+
+
+def test_a_config_the_server_cannot_serve_with_is_refused_before_anything_starts():
+    from tetri_engine.server import create_app
+
+    with pytest.raises(ValueError, match="default-size"):
+        create_app(ServerConfig(default_size="100x100"))
+    with pytest.raises(ValueError, match="default-size"):
+        create_app(ServerConfig(default_size="4096x4096", max_width=2048))
 
 
 def test_api_key_comes_from_the_environment_when_not_given(monkeypatch):

@@ -44,12 +44,16 @@ async def serve(config: ServerConfig) -> int:
 
     from tetri_engine.server import create_app, wait_until_ready
 
-    app = create_app(config)
     # handler_cancellation: a client that disconnects cancels its handler, which aborts its
     # requests in the engine. shutdown_timeout: how long in-flight requests may take to drain.
-    runner = web.AppRunner(app, handler_cancellation=True, shutdown_timeout=config.drain_timeout_s,
-                           handle_signals=False)
-    await runner.setup()
+    try:
+        app = create_app(config)
+        runner = web.AppRunner(app, handler_cancellation=True,
+                               shutdown_timeout=config.drain_timeout_s, handle_signals=False)
+        await runner.setup()  # creates the engine: a bad device list or policy fails here
+    except ValueError as exc:
+        print(f"tetri-engine serve: {exc}", file=sys.stderr)
+        return 2
     try:
         await web.TCPSite(runner, config.host, config.port).start()
     except OSError as exc:

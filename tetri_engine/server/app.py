@@ -64,6 +64,8 @@ STATE = web.AppKey("state", ServerState)
 
 
 def create_app(config: ServerConfig) -> web.Application:
+    """The application; raises ValueError for a config it cannot serve with."""
+    check_config(config)
     app = web.Application(client_max_size=config.max_body_bytes,
                           middlewares=[error_middleware, auth_middleware])
     app[CONFIG] = config
@@ -76,6 +78,16 @@ def create_app(config: ServerConfig) -> web.Application:
     app.router.add_get("/health", health)
     app.router.add_get("/metrics", metrics)
     return app
+
+
+def check_config(config: ServerConfig) -> None:
+    try:
+        protocol.parse_size(config.default_size, config.default_size, limits(config),
+                            param="default_size")
+    except APIError as exc:
+        raise ValueError(f"--default-size: {exc.message}") from None
+    if config.max_n < 1 or config.max_body_bytes < 1:
+        raise ValueError("--max-n and --max-body-bytes must be at least 1")
 
 
 async def wait_until_ready(app: web.Application) -> None:

@@ -149,6 +149,8 @@ def parse_json_body(raw: bytes) -> Any:
         return json.loads(raw.decode("utf-8"), parse_constant=reject_constant)
     except (UnicodeDecodeError, ValueError) as exc:  # json.JSONDecodeError is a ValueError
         raise bad_request(f"The request body is not valid JSON: {exc}", code="invalid_json") from None
+    except RecursionError:  # e.g. [[[[...]]]] nested deeper than the parser's stack
+        raise bad_request("The request body is nested too deeply.", code="invalid_json") from None
 
 
 def parse_size(text: Any, default_size: str, limits: Limits | None = None,
