@@ -7,7 +7,7 @@ set -u
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONUNBUFFERED=1
 OUT=${OUT:-out/gpu}; mkdir -p "$OUT"
 PY=${PY:-python3}
-stages=${*:-build tests regroup runtime xdit}
+stages=${*:-build tests regroup runtime profile cache overhead xdit}
 ngpu=$($PY -c "import torch; print(torch.cuda.device_count())")
 devs=$($PY -c "print(','.join(f'cuda:{i}' for i in range($ngpu)))")
 run() {  # run NAME TIMEOUT_S CMD...: log to $OUT/NAME.log, print its tail
@@ -22,9 +22,12 @@ for s in $stages; do case $s in
            # iostreams crash on first use: build with the system compiler.
            else CXX=$(command -v g++) CC=$(command -v gcc) TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS=16 run build 600 $PY setup.py build_ext --inplace; fi
            $PY -c "import tetri_engine.ops as o; print(o.backend_info())" ;;
-  tests)   run gpu-tests 240 $PY -m pytest -q -x -p no:cacheprovider tests/test_ops_gpu.py tests/test_model_gpu.py ;;
+  tests)   run gpu-tests 200 $PY -m pytest -q -p no:cacheprovider -rs tests/test_ops_gpu.py tests/test_cuda_graphs.py tests/test_model_gpu.py ;;
   regroup) run regroup 120 $PY bench/regroup.py --device cuda --output "$OUT/regroup.jsonl" ;;
-  runtime) run runtime 300 $PY bench/runtime_check.py --models flux-dev --devices "$devs" --sizes 256,512,1024,2048 --output "$OUT/runtime.jsonl" ;;
+  runtime) run runtime 200 $PY bench/runtime_check.py --models flux-dev --devices "$devs" --sizes 256,512,1024,2048 --graphs ${GRAPHS:-on} --output "$OUT/runtime.jsonl" ;;
+  profile) run profile 200 $PY bench/profile_steps.py --model flux-dev --devices "$devs" --degrees 1,2 --steps 20 --output "$OUT/flux-dev-${ngpu}xH200.json" --table "$OUT/profile.md" ;;
+  cache)   run cache 120 $PY bench/cache_bench.py --model flux-dev --devices "$devs" --size 1024x1024 --steps 28 --seeds 1 --repeats 1 --analysis-prompts 2 --output "$OUT/cache.jsonl" ;;
+  overhead) run overhead 90 $PY bench/engine_overhead.py --model flux-dev --devices "$devs" --sizes 512,1024 --steps 20 --profile "$OUT/flux-dev-${ngpu}xH200.json" --output "$OUT/overhead.jsonl" ;;
   runtime-sd3) run runtime-sd3 200 $PY bench/runtime_check.py --models sd3-medium --devices "$devs" --sizes 512,1024,2048 --output "$OUT/runtime-sd3.jsonl" ;;
   xdit)    run xdit-step 240 $PY -m torch.distributed.run --standalone --nproc_per_node=2 bench/xdit_baseline.py step --resolutions 256,512,1024,2048 --iters 10 --output "$OUT/xdit-step.jsonl" ;;
   *) echo "unknown stage $s" ;;
