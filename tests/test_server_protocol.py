@@ -205,6 +205,8 @@ def test_a_config_the_server_cannot_serve_with_is_refused_before_anything_starts
         create_app(ServerConfig(default_size="100x100"))
     with pytest.raises(ValueError, match="default-size"):
         create_app(ServerConfig(default_size="4096x4096", max_width=2048))
+    # Without --default-size the default follows the limits down.
+    assert ServerConfig(max_width=256, max_height=128).resolved_default_size == "256x128"
 
 
 def test_api_key_comes_from_the_environment_when_not_given(monkeypatch):

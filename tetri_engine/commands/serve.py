@@ -114,7 +114,7 @@ def _client_host(host: str) -> str:
 
 def example_curl(config: ServerConfig, base_url: str) -> str:
     """A shell command that generates one image and writes it to image.png (or prints the error)."""
-    size = "256x256" if config.max_width >= 256 and config.max_height >= 256 else config.default_size
+    size = "256x256" if config.max_width >= 256 and config.max_height >= 256 else config.resolved_default_size
     body = f'{{"prompt": "{EXAMPLE_PROMPT}", "size": "{size}"}}'
     auth = f' -H "Authorization: Bearer ${API_KEY_ENV}"' if config.api_key else ""
     # Double quotes only inside, so that the whole snippet sits in one pair of single quotes.

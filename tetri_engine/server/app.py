@@ -82,8 +82,8 @@ def create_app(config: ServerConfig) -> web.Application:
 
 def check_config(config: ServerConfig) -> None:
     try:
-        protocol.parse_size(config.default_size, config.default_size, limits(config),
-                            param="default_size")
+        size = config.resolved_default_size
+        protocol.parse_size(size, size, limits(config), param="default_size")
     except APIError as exc:
         raise ValueError(f"--default-size: {exc.message}") from None
     if config.max_n < 1 or config.max_body_bytes < 1:
@@ -233,7 +233,7 @@ async def create_images(request: web.Request) -> web.StreamResponse:
 def limits(config: ServerConfig) -> protocol.Limits:
     return protocol.Limits(model_name=config.model_name, max_width=config.max_width,
                            max_height=config.max_height, max_steps=config.max_steps,
-                           max_n=config.max_n, default_size=config.default_size)
+                           max_n=config.max_n, default_size=config.resolved_default_size)
 
 
 async def generate_all(engine: "AsyncEngine",

@@ -61,8 +61,9 @@ class ServerConfig:
     max_height: int = _opt(2048, "largest image height accepted, in pixels")
     max_steps: int = _opt(100, "largest num_inference_steps accepted")
     max_n: int = _opt(4, "largest `n` (images per HTTP request) accepted")
-    default_size: str = _opt("512x512", "image size used when a request sends no size or "
-                             "size=auto", metavar="WxH")
+    default_size: str | None = _opt(None, "image size used when a request sends no size or "
+                                    "size=auto (default: 512x512, capped at --max-width and "
+                                    "--max-height)", metavar="WxH")
     comm_cache_size: int = _opt(64, "communicator cache size (device groups kept warm)")
     # HTTP.
     api_key: str | None = _opt(None, "require `Authorization: Bearer KEY` on /v1/* (default: the "
@@ -78,6 +79,12 @@ class ServerConfig:
     def model_name(self) -> str:
         """The name clients use for this server's model."""
         return self.served_model_name or self.model
+
+    @property
+    def resolved_default_size(self) -> str:
+        if self.default_size:
+            return self.default_size
+        return f"{min(512, self.max_width)}x{min(512, self.max_height)}"
 
     def to_engine_config(self) -> EngineConfig:
         """The EngineConfig this server starts its engine with (fields of the same name)."""
