@@ -253,7 +253,10 @@ class AsyncEngine:
         self._limits = ModelLimits(patch_px=self._runtime.patch_px, default_steps=self._runtime.default_steps,
                                    default_guidance=self._runtime.default_guidance)
         self._comm_cache = ops.CommCache(capacity=self.config.comm_cache_size)
-        self._executor = Executor(self._runtime, self._devices, self._comm_cache)
+        options = {}
+        if getattr(self.config, "cuda_graphs", None) is not None:  # EngineConfig.cuda_graphs (GPU only)
+            options["cuda_graphs"] = self.config.cuda_graphs
+        self._executor = Executor(self._runtime, self._devices, self._comm_cache, **options)
         if self.config.profile:
             self._cost = CostModel.from_json(self.config.profile)
         else:
@@ -670,7 +673,7 @@ class AsyncEngine:
 
         try:
             # Idle now (its group just finished and nothing new was submitted): returns at once.
-            latent = self._executor.latent(tracked.request_id, timeout_s=0.1)
+            latent = self._executor.latent(tracked.request_id, timeout_s=0.5)
             image = latent_preview(latent, tracked.width, tracked.height)
         except Exception:  # a preview is optional: never fail the request for one
             log.debug("preview of %s failed", tracked.request_id, exc_info=True)
