@@ -207,6 +207,8 @@ def main() -> int:
     width, height = (int(x) for x in args.size.lower().split("x"))
     degrees = [d for d in (1, 2, 4, 8) if d <= len(devices)]
     started = time.perf_counter()
+    if args.output:
+        os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
     out = open(args.output, "a", encoding="utf-8") if args.output else None
     machine = f"{platform.machine()}, {os.cpu_count()} CPUs" if not devices[0].startswith("cuda") else \
         f"{len(devices)}x{torch.cuda.get_device_name(0)}"

@@ -277,7 +277,8 @@ def derive_plan(runtime: ModelRuntime, profile: RedundancyProfile, *, max_output
     tries = []
     for _ in range(MAX_HALVINGS + 1):
         warmup = _warmup_steps(profile.first_block, threshold)
-        psnrs, skipped = _validate(runtime, profile, CachePlan(threshold=threshold, warmup_steps=warmup), device_index)
+        psnrs, skipped = _validate(runtime, profile, CachePlan(threshold=threshold, warmup_steps=warmup), device_index,
+                                   min_psnr_db)
         tries.append({"threshold": threshold, "warmup_steps": warmup, "min_psnr_db": min(psnrs),
                       "skipped_steps": skipped})
         if log:
@@ -313,9 +314,10 @@ def _warmup_steps(first_block: np.ndarray, threshold: float) -> int:
     return min(warmup, first_block.shape[1])
 
 
-def _validate(runtime: ModelRuntime, profile: RedundancyProfile, plan: CachePlan,
-              device_index: int) -> tuple[list[float], list[int]]:
-    """Each prompt denoised with `plan`: (displacement PSNR vs uncached, skipped steps)."""
+def _validate(runtime: ModelRuntime, profile: RedundancyProfile, plan: CachePlan, device_index: int,
+              min_psnr_db: float) -> tuple[list[float], list[int]]:
+    """Each prompt denoised with `plan`: (displacement PSNR vs uncached, skipped steps), stopping at the
+    first prompt below min_psnr_db (the plan fails; the other prompts would not change that)."""
     psnrs, skipped = [], []
     for prompt, reference in zip(profile.prompts, profile.final_latents):
         prepared = runtime.prepare(prompt=prompt, width=profile.width, height=profile.height, seed=profile.seed,
@@ -324,6 +326,8 @@ def _validate(runtime: ModelRuntime, profile: RedundancyProfile, plan: CachePlan
         latent = denoise(runtime, prepared, device_index, cache)
         psnrs.append(displacement_psnr_db(latent, reference, prepared.noise))
         skipped.append(cache.skipped_steps)
+        if psnrs[-1] < min_psnr_db:
+            break
     return psnrs, skipped
 
 
