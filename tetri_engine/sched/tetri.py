@@ -136,13 +136,14 @@ class TetriPolicy(Policy):
         t_next = now_s + RESUME_AFTER * tau  # when a request left out now can run again, at the latest
         capacity = len(idle)
 
-        # Late / cannot wait a round / can wait, from the fastest-degree lower bound.
+        # Late / cannot wait a round / can wait, from the fastest-degree lower bound. Entries are
+        # (deadline, arrival, index, request) tuples: they sort in deadline order without a key.
         late: list[SchedRequest] = []
-        critical: list[SchedRequest] = []
-        waitable: list[SchedRequest] = []
-        tightness: dict[int, float] = {}  # id(request) -> time its cheapest degree needs / time left
+        critical: list[tuple[float, float, int, SchedRequest]] = []
+        waitable: list[tuple[float, float, int, SchedRequest]] = []
+        tightness: list[tuple[float, int]] = []  # (time its cheapest degree needs / time left, index in waitable)
         res_cache = self._res_cache
-        for r in ready:
+        for i, r in enumerate(ready):
             info = res_cache.get((r.width, r.height)) or self._res(r.width, r.height)
             deadline = math.inf if r.deadline_s is None else r.deadline_s
             steps = r.num_steps - r.steps_done
@@ -150,10 +151,10 @@ class TetriPolicy(Policy):
             if now_s + fastest > deadline + 1e-9:
                 late.append(r)
             elif t_next + fastest > deadline + 1e-9:
-                critical.append(r)
+                critical.append((deadline, r.arrival_s, i, r))
             else:
-                waitable.append(r)
-                tightness[id(r)] = steps * info.hull[0].step_s / (deadline - now_s - info.decode_s)
+                tightness.append((steps * info.hull[0].step_s / (deadline - now_s - info.decode_s), len(waitable)))
+                waitable.append((deadline, r.arrival_s, i, r))
 
         # Knapsack candidates. At most `capacity` requests can run, so a few per device are enough:
         # the requests that cannot wait (the only ones whose survival depends on this round; when
@@ -163,16 +164,16 @@ class TetriPolicy(Policy):
         # whatever the queue length; the rest wait (or fill leftover devices in step 4a).
         max_critical = max(1, (CANDIDATES_PER_DEVICE - 1) * capacity)
         if len(critical) > max_critical:
-            critical.sort(key=lambda r: (self._first_degree(r, now_s), r.deadline, r.arrival_s))
-            waitable.extend(critical[max_critical:])  # still on time: may fill leftover devices
+            critical.sort(key=lambda e: (self._first_degree(e[3], now_s),) + e[:3])
+            for e in critical[max_critical:]:  # still on time: may fill leftover devices
+                tightness.append((math.inf, len(waitable)))
+                waitable.append(e)
             critical = critical[:max_critical]
-        by_deadline = _deadline_order
         room = max(capacity // 2, CANDIDATES_PER_DEVICE * capacity - len(critical))
-        picked = heapq.nsmallest((room + 1) // 2, waitable, key=by_deadline)
-        picked += heapq.nlargest(room // 2, waitable, key=lambda r: tightness.get(id(r), math.inf))
-        picked_ids = {id(r) for r in picked}
-        candidates = sorted(critical + [r for r in waitable if id(r) in picked_ids], key=by_deadline)
-        spare = [r for r in waitable if id(r) not in picked_ids]  # unordered
+        picked = {e[2] for e in heapq.nsmallest((room + 1) // 2, waitable)}
+        picked.update(waitable[j][2] for _, j in heapq.nlargest(room // 2, tightness))
+        candidates = [e[3] for e in sorted(critical + [e for e in waitable if e[2] in picked])]
+        spare = [e for e in waitable if e[2] not in picked]  # unordered (deadline, arrival, index, request)
 
         # 1 + 2: options per request, then the knapsack.
         items = [self._item([r], now_s, t_next) for r in candidates]
@@ -376,25 +377,27 @@ class TetriPolicy(Policy):
 
     # ---- 6. selective batching -----------------------------------------------------------------
 
-    def _batch_items(self, items: list[_Item], spare: list[SchedRequest], capacity: int, now_s: float,
-                     t_next: float) -> tuple[list[_Item], list[SchedRequest]]:
+    def _batch_items(self, items: list[_Item], spare: list[tuple], capacity: int, now_s: float,
+                     t_next: float) -> tuple[list[_Item], list[tuple]]:
         """Merge identical-resolution degree-1 requests into batches where no member's deadline
         suffers (each member must still survive at the batched step time). Members may come from
-        the requests the knapsack would not see (`spare`); those are taken out of `spare`."""
+        the requests the knapsack would not see (`spare`: (deadline, arrival, index, request)
+        entries); those are taken out of `spare`."""
         pools: dict[tuple[int, int], list[SchedRequest]] = {}
         for it in items:
             r = it.members[0]
             if len(it.options) > 1 and it.options[1][0] == 1 and self._res(r.width, r.height).batch_step_s:
                 pools.setdefault((r.width, r.height), []).append(r)
-        extra: dict[tuple[int, int], list[SchedRequest]] = {}
+        extra: dict[tuple[int, int], list[tuple[float, float, int, SchedRequest]]] = {}
         batchable = {shape for shape, info in self._res_cache.items() if info.batch_step_s}
-        for r in spare:
-            if (r.width, r.height) in batchable:
-                extra.setdefault((r.width, r.height), []).append(r)
-        for shape, rs in extra.items():
+        for e in spare:
+            shape = (e[3].width, e[3].height)
+            if shape in batchable:
+                extra.setdefault(shape, []).append(e)
+        for shape, entries in extra.items():
             info = self._res(*shape)
             # A couple of full batches' worth, not the whole queue.
-            for r in heapq.nsmallest(2 * max(info.batch_step_s), rs, key=_deadline_order):
+            for *_, r in heapq.nsmallest(2 * max(info.batch_step_s), entries):
                 plan = _allocate(info.hull, r.remaining_steps, r.deadline - now_s - info.decode_s)
                 if plan is not None and plan[1][0][0] == 1:
                     pools.setdefault(shape, []).append(r)
@@ -422,7 +425,7 @@ class TetriPolicy(Policy):
             return items, spare
         out = [it for it in items if id(it.members[0]) not in batched] + batches
         out.sort(key=lambda it: min((m.deadline, m.arrival_s) for m in it.members))
-        return out, [r for r in spare if id(r) not in batched]
+        return out, [e for e in spare if id(e[3]) not in batched]
 
     def _all_survive_batched(self, members: list[SchedRequest], info: _Res, batch: int, now_s: float,
                              t_next: float) -> bool:
@@ -538,13 +541,9 @@ def _allocate(hull: list[HullPoint], steps: int, budget_s: float) -> tuple[float
     return None
 
 
-def _deadline_order(r: SchedRequest) -> tuple[float, float]:
-    return (r.deadline, r.arrival_s)
-
-
-def _chain_items(items: list[_Item], spare: list[SchedRequest], make) -> Iterator[_Item]:
-    """The knapsack's left-out items, then items made on demand for the requests it never saw,
-    earliest deadline first."""
+def _chain_items(items: list[_Item], spare: list[tuple], make) -> Iterator[_Item]:
+    """The knapsack's left-out items, then items made on demand for the requests it never saw
+    ((deadline, arrival, index, request) entries), earliest deadline first."""
     yield from items
-    for r in sorted(spare, key=_deadline_order):
+    for *_, r in sorted(spare):
         yield make(r)
