@@ -253,3 +253,22 @@ def test_catch_up_matches_every_exchange_of_the_forward(model, devices, monkeypa
         assert len(calls) == 2 and result.errors == {}
         torch.testing.assert_close(ex.latent(a), alone[0])
         torch.testing.assert_close(ex.latent(b), alone[1])
+
+
+def test_steps_submitted_while_the_encode_runs_do_not_wait_forever(ex, runtime, monkeypatch):
+    """The steps job takes the request over from the encode job: it must be released by the
+    encode's own completion, not wait on an event the encode never sets."""
+    slow_prepare = runtime.prepare
+
+    def prepare(**kwargs):
+        time.sleep(0.3)  # the steps job is queued while the encode is still running
+        return slow_prepare(**kwargs)
+
+    monkeypatch.setattr(runtime, "prepare", prepare)
+    encoded = ex.submit_encode("race", GenerationRequest(prompt="race", width=64, height=64,
+                                                         num_inference_steps=2, seed=3))
+    steps = ex.submit_steps(["race"], (0,), 2)
+    encoded.result(timeout=30)
+    result = steps.result(timeout=30)  # before the fix: blocked for good
+    assert result.requests["race"].steps_done == 2
+    ex.release("race")

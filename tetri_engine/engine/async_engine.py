@@ -424,11 +424,6 @@ class AsyncEngine:
             result = await asyncio.shield(
                 asyncio.wrap_future(self._executor.submit_encode(rid, tracked.request), loop=self._loop))
             tracked.encode_s = result.encode_s
-            # Work-around for a race in Executor.submit_encode: its job resolves the future before it
-            # marks the request idle, and marks whichever idle event is current at that moment; a steps
-            # job submitted in between waits forever for the old one. latent() returns once the request
-            # is idle, so the first steps are only submitted after that. (Reported; remove when fixed.)
-            await asyncio.to_thread(self._executor.latent, rid, 60.0)
         except Exception as exc:
             error = f"prompt encoding failed: {type(exc).__name__}: {exc}"
         if tracked.state.is_terminal:  # cancelled while it was encoding: drop what the executor holds

@@ -19,6 +19,8 @@ Worked example with devices ["cuda:0", "cuda:1", "cuda:2", "cuda:3"] (indices 0.
 """
 from __future__ import annotations
 
+import contextlib
+
 import queue
 import random
 import threading
@@ -92,6 +94,7 @@ class Executor:
         self._closed = False
         self._workers = [_Worker(f"tetri-{d}", td) for d, td in zip(self.devices, self._torch_devices)]
         self._encoder = _Worker("tetri-encode", runtime.encode_device)
+        self._encode_stream = None  # created on first use by the encoder thread (CUDA only)
         for worker in (*self._workers, self._encoder):
             worker.start()
 
@@ -120,6 +123,20 @@ class Executor:
         return self._cache_plan
 
     # -- the interface
+    @contextlib.contextmanager
+    def _encode_stream_context(self):
+        """Encode on a stream of its own. On the legacy default stream, the encoder thread's work
+        would implicitly synchronise with a CUDA graph that a worker thread is capturing on the same
+        device, which invalidates the capture ("operation not permitted when stream is capturing")."""
+        device = self.runtime.encode_device
+        if device.type != "cuda":
+            yield None
+            return
+        if self._encode_stream is None:
+            self._encode_stream = torch.cuda.Stream(device)  # pool streams are non-blocking
+        with torch.cuda.stream(self._encode_stream):
+            yield self._encode_stream
+
     def submit_encode(self, request_id: str, request: Any) -> Future[EncodeResult]:
         """Prompt embeddings and seeded noise for `request` (a GenerationRequest), held here.
 
@@ -131,6 +148,9 @@ class Executor:
         state = RequestState(request_id=request_id, prompt=request.prompt, width=int(request.width),
                              height=int(request.height), seed=int(seed))
         future: Future[EncodeResult] = Future()
+        # A steps job submitted before the encode ends swaps state.idle for its own event and waits
+        # on this one: set this one, not whichever is current when the encode finishes.
+        encoded = state.idle
 
         def encode() -> None:
             start = time.perf_counter()
@@ -142,12 +162,13 @@ class Executor:
                     from tetri_engine.model.step_cache import StepCache
 
                     state.cache = StepCache(self.cache_plan())
-                state.prepared = self.runtime.prepare(
-                    prompt=request.prompt, width=state.width, height=state.height, seed=state.seed,
-                    num_steps=request.num_inference_steps, guidance_scale=request.guidance_scale,
-                    negative_prompt=request.negative_prompt)
-                if state.prepared.cond and self.runtime.encode_device.type == "cuda":
-                    torch.cuda.synchronize(self.runtime.encode_device)
+                with self._encode_stream_context() as stream:
+                    state.prepared = self.runtime.prepare(
+                        prompt=request.prompt, width=state.width, height=state.height, seed=state.seed,
+                        num_steps=request.num_inference_steps, guidance_scale=request.guidance_scale,
+                        negative_prompt=request.negative_prompt)
+                    if stream is not None:
+                        stream.synchronize()
                 state.encode_s = time.perf_counter() - start
                 future.set_result(EncodeResult(request_id, state.seed, state.prepared.num_steps,
                                                state.prepared.image_tokens, state.encode_s))
@@ -155,7 +176,7 @@ class Executor:
                 state.error = f"encode failed: {describe_error(exc)}"
                 future.set_exception(exc)
             finally:
-                state.idle.set()
+                encoded.set()
 
         with self._lock:
             self._check_open()
