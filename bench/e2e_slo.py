@@ -152,8 +152,16 @@ def summarize(records: list[dict], wall_s: float, stats: dict) -> dict:
         "busy_fraction": statistics.fmean(stats["device_busy_fraction"].values()) if stats.get(
             "device_busy_fraction") else None,
         "regroups_per_request": sum(r["regroups"] for r in records) / max(1, len(records)),
+        # engine overhead per round: round wall time minus the busiest group's executor time
+        "round_overhead_p50_ms": _ms(percentile(stats.get("round_overhead_s") or [], 0.5)),
+        "round_overhead_p99_ms": _ms(percentile(stats.get("round_overhead_s") or [], 0.99)),
+        "plan_p99_ms": _ms(percentile(stats.get("plan_latency_s") or [], 0.99)),
         "wall_s": wall_s,
     }
+
+
+def _ms(v: float | None) -> float | None:
+    return None if v is None else 1000.0 * v
 
 
 def main() -> int:
@@ -230,12 +238,14 @@ def main() -> int:
 def render(runs: list[dict], machine: str, args) -> str:
     lines = [f"model {args.model}, {machine}, {runs[0]['n'] if runs else 0} requests per run, "
              f"{args.steps} steps, rate {args.rate_per_min_per_8_gpus:g}/min per 8 GPUs (python {platform.python_version()})",
-             "", "| mix | SLO scale | policy | SAR live | SAR sim | mean latency s | p99 latency s | busy | regroups/req |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "", "| mix | SLO scale | policy | SAR live | SAR sim | mean latency s | p99 latency s | busy | regroups/req "
+             "| round overhead p50/p99 ms |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in runs:
         lines.append(f"| {r['mix']} | {r['slo_scale']:g} | {r['policy']} | {r['sar']:.3f} | "
                      f"{_fmt(r.get('sim_sar'))} | {_fmt(r['mean_latency_s'])} | {_fmt(r['p99_latency_s'])} | "
-                     f"{_fmt(r['busy_fraction'])} | {r['regroups_per_request']:.2f} |")
+                     f"{_fmt(r['busy_fraction'])} | {r['regroups_per_request']:.2f} | "
+                     f"{_fmt(r['round_overhead_p50_ms'])} / {_fmt(r['round_overhead_p99_ms'])} |")
     return "\n".join(lines) + "\n"
 
 
