@@ -105,8 +105,11 @@ def live_gantt(engine: AsyncEngine, policy: str, scale: float, records: list[dic
             for d in g.device_ids:
                 busy.append(BusyInterval(d, g.start_s, g.start_s + g.executor_s, g.request_ids, g.degree,
                                          g.planned_steps, False))
-    reqs = [RequestRecord(r["request_id"], r["width"], r["height"], r["steps"], r["arrival_s"], r["deadline_s"],
-                          None, r["state"], {}, r["regroups"], 0) for r in records]
+    # Trace clock: finish = arrival + latency, deadline = arrival + relative deadline, so the plot's
+    # SAR is the run's.
+    reqs = [RequestRecord(r["request_id"], r["width"], r["height"], r["steps"], r["arrival_s"],
+                          r["arrival_s"] + r["deadline_s"], r["arrival_s"] + r["latency_s"], r["state"], {},
+                          r["regroups"], 0) for r in records]
     return SimResult(policy, len(engine.devices), scale, reqs, busy, len(engine.round_records()), [])
 
 
