@@ -8,7 +8,7 @@ PIP    := $(PY) -m pip --disable-pip-version-check -q
 TORCH  ?= torch==2.13.0
 PYTEST_ARGS ?=
 
-.PHONY: install test serve demo bench-sched clean
+.PHONY: install test serve demo clean
 
 $(VENV)/bin/python:
 	python3 -m venv $(VENV)
