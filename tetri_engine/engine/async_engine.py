@@ -382,7 +382,7 @@ class AsyncEngine:
         else:
             deadline_rel_s = slo_s(req.width, req.height, steps, cost=self._cost, scale=req.slo_scale,
                                    max_degree=self._policy.max_degree)
-        fastest_s = self._policy.min_finish_s(req.width, req.height, steps, now_s) - now_s
+        fastest_s = self._policy.min_finish_s(req.width, req.height, steps, now_s, cached=req.cache == "auto") - now_s
         best_effort = False
         if fastest_s > deadline_rel_s:
             if self.config.admission == "reject":
@@ -435,7 +435,8 @@ class AsyncEngine:
         req = tracked.request
         try:
             self._policy.add_request(SchedRequest(rid, req.width, req.height, req.num_inference_steps,
-                                                  arrival_s=tracked.arrival_s, deadline_s=tracked.deadline_at_s))
+                                                  arrival_s=tracked.arrival_s, deadline_s=tracked.deadline_at_s,
+                                                  cached=req.cache == "auto"))
         except Exception as exc:
             self._finish(tracked, RequestState.FAILED, error=f"the scheduler refused it: {exc}")
             return

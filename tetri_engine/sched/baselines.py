@@ -8,7 +8,9 @@
 - `RSSPPolicy` ("rssp"): resolution-specific static parallelism. Each resolution gets one degree,
   chosen from the profile: the smallest degree whose isolated service time meets the resolution's
   default SLO at scale 1.0 (slo.slo_s), else the fastest degree (the paper's oracle picked SP=1
-  for 256^2/512^2, 2 for 1024^2, 8 for 2048^2 on 8xH100). FCFS, non-preemptive, on aligned groups;
+  for 256^2/512^2, 2 for 1024^2, 8 for 2048^2 on 8xH100); a request with step caching
+  (SchedRequest.cached) is costed at the cached step time, so it may get a smaller degree.
+  FCFS, non-preemptive, on aligned groups;
   the head of the queue waits for its group (no overtaking, so wide requests are not starved).
 
 All are event driven (not round synchronous): whenever a group of devices frees up, the next
@@ -73,23 +75,23 @@ class RSSPPolicy(Policy):
     def __init__(self, num_devices: int, cost: CostModel, degree_by_size: dict[tuple[int, int], int] | None = None,
                  **kwargs):
         super().__init__(num_devices, cost, **kwargs)
-        self._degree_by_size: dict[tuple[int, int, int], int] = {}
+        self._degree_by_size: dict[tuple, int] = {}  # (w, h, -1) fixed, or (w, h, steps, cached)
         for (w, h), d in (degree_by_size or {}).items():
             if d not in self.degrees:
                 raise ValueError(f"rssp degree {d} for {w}x{h} is not usable ({self.degrees})")
             self._degree_by_size[(w, h, -1)] = d
 
-    def degree_for(self, width: int, height: int, num_steps: int) -> int:
+    def degree_for(self, width: int, height: int, num_steps: int, cached: bool = False) -> int:
         fixed = self._degree_by_size.get((width, height, -1))
         if fixed is not None:
             return fixed
-        key = (width, height, num_steps)
+        key = (width, height, num_steps, cached)
         if key not in self._degree_by_size:
             target = slo_s(width, height, num_steps, self.cost, 1.0, self.max_degree)
             decode = self.cost.decode_s(width, height)
-            chosen = self.cost.fastest_step(width, height, self.max_degree)[0]
+            chosen = self.cost.fastest_step(width, height, self.max_degree, cached)[0]
             for d in self.degrees:  # ascending: the cheapest degree that meets the SLO alone
-                if num_steps * self.cost.step_s(width, height, d) + decode <= target:
+                if num_steps * self.cost.step_s(width, height, d, cached=cached) + decode <= target:
                     chosen = d
                     break
             self._degree_by_size[key] = chosen
@@ -99,7 +101,7 @@ class RSSPPolicy(Policy):
         free = set(idle)
         specs: list[GroupSpec] = []
         for req in ready:  # arrival order; the head blocks the queue until its group is free
-            degree = self.degree_for(req.width, req.height, req.num_steps)
+            degree = self.degree_for(req.width, req.height, req.num_steps, req.cached)
             block = next((b for b in aligned_blocks(self.num_devices, degree) if free.issuperset(b)), None)
             if block is None:
                 break

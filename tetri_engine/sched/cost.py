@@ -12,9 +12,12 @@ the exception: it is a convolutional network whose cost is proportional to the p
 extrapolated proportionally outside its profiled range (and is 0 when the profile has no decode data).
 
 Step caching (`cache: auto`, model/step_cache.py): the profile's optional "cache_step_factor" is the
-mean step time with the cache / without, measured by bench/cache_bench.py (1.0 when absent);
-`step_s(..., cached=True)` applies it, and `with_cache()` is the cost model of a workload in which
-every request caches.
+mean step time with the cache / without, measured by bench/cache_bench.py. When the profile lacks it
+the factor is 1.0: a cached request is planned exactly like an uncached one, since a scheduler must
+not count on a saving nobody measured (the cache plan's own `expected_step_factor` is an estimate and
+is not used here). `step_s(..., cached=True)` (and `fastest_step` / `isolated_s` with cached=True)
+apply it; the scheduler passes each request's `SchedRequest.cached`. `with_cache()` is the cost model
+of a workload in which every request caches.
 """
 from __future__ import annotations
 
@@ -209,20 +212,22 @@ class CostModel:
     def degrees_upto(self, max_degree: int) -> tuple[int, ...]:
         return tuple(d for d in self.degrees if d <= max_degree)
 
-    def fastest_step(self, width: int, height: int, max_degree: int) -> tuple[int, float]:
-        """(degree, seconds) of the fastest single-request step using at most max_degree devices."""
+    def fastest_step(self, width: int, height: int, max_degree: int, cached: bool = False) -> tuple[int, float]:
+        """(degree, seconds) of the fastest single-request step using at most max_degree devices
+        (cached: of a request that runs with step caching)."""
         best: tuple[int, float] | None = None
         for d in self.degrees_upto(max_degree):
-            s = self.step_s(width, height, d)
+            s = self.step_s(width, height, d, cached=cached)
             if best is None or s < best[1]:
                 best = (d, s)
         if best is None:
             raise ValueError(f"profile {self.name} has no degree <= {max_degree}: {self.degrees}")
         return best
 
-    def isolated_s(self, width: int, height: int, num_steps: int, max_degree: int) -> float:
-        """Fastest service time of one request alone: steps at the fastest degree, then decode."""
-        return num_steps * self.fastest_step(width, height, max_degree)[1] + self.decode_s(width, height)
+    def isolated_s(self, width: int, height: int, num_steps: int, max_degree: int, cached: bool = False) -> float:
+        """Fastest service time of one request alone: steps at the fastest degree, then decode
+        (cached: with step caching; the decode is the same)."""
+        return num_steps * self.fastest_step(width, height, max_degree, cached)[1] + self.decode_s(width, height)
 
     def typical_step_s(self) -> float:
         """Geometric mean of the profiled degree-1 step times: the 'typical request' step that

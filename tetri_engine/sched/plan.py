@@ -32,7 +32,10 @@ class SchedState(str, enum.Enum):
 @dataclass(eq=False)
 class SchedRequest:
     """One request as the scheduler tracks it. deadline_s is absolute, on the clock of `now_s`
-    (None: no deadline; it is then scheduled best effort, after every request with one)."""
+    (None: no deadline; it is then scheduled best effort, after every request with one).
+    cached: the request runs with step caching (`GenerationRequest.cache == "auto"`): every policy
+    costs its steps with `cost.step_s(..., cached=True)` (the profile's cache_step_factor, 1.0 when
+    not measured)."""
 
     request_id: str
     width: int
@@ -40,6 +43,7 @@ class SchedRequest:
     num_steps: int
     arrival_s: float
     deadline_s: float | None = None
+    cached: bool = False
     # ---- tracked by the policy ----
     steps_done: int = 0
     device_ids: tuple[int, ...] = ()  # devices holding its latent (empty: not placed yet)

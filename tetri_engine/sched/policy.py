@@ -65,7 +65,8 @@ class Policy:
         self._aborted_in_flight: set[str] = set()
         self._next_round = 0
         self._round_end_s = 0.0  # expected end of the synchronous round in flight
-        self._fastest_cache: dict[tuple[int, int], tuple[float, float]] = {}  # (w, h) -> (fastest step s, decode s)
+        # (w, h, cached) -> (fastest step s, decode s)
+        self._fastest_cache: dict[tuple[int, int, bool], tuple[float, float]] = {}
         # Device tuples used by some group so far: their communicators exist in the engine's cache.
         self.known_groups: set[tuple[int, ...]] = set()
 
@@ -114,10 +115,12 @@ class Policy:
 
     # ---- admission helpers ---------------------------------------------------------------------
 
-    def min_finish_s(self, width: int, height: int, num_steps: int, now_s: float, include_encode: bool = True) -> float:
+    def min_finish_s(self, width: int, height: int, num_steps: int, now_s: float, include_encode: bool = True,
+                     cached: bool = False) -> float:
         """Earliest possible completion of a new request: alone, at its fastest degree on this
-        machine, starting now. A deadline before this cannot be met by any schedule."""
-        t = now_s + self.cost.isolated_s(width, height, num_steps, self.max_degree)
+        machine, starting now (cached: with step caching, i.e. SchedRequest.cached). A deadline
+        before this cannot be met by any schedule."""
+        t = now_s + self.cost.isolated_s(width, height, num_steps, self.max_degree, cached)
         return t + (self.cost.encode_s() if include_encode else 0.0)
 
     def candidate_groups(self) -> list[tuple[int, ...]]:
@@ -200,9 +203,11 @@ class Policy:
         return []
 
     def group_s(self, reqs: Sequence[SchedRequest], degree: int, num_steps: int) -> float:
-        """Expected seconds of a group: the batched steps, then a decode per request finishing."""
+        """Expected seconds of a group: the batched steps, then a decode per request finishing.
+        A batch is costed as cached only when all its requests cache (one uncached row runs every block)."""
         first = reqs[0]
-        t = num_steps * self.cost.step_s(first.width, first.height, degree, len(reqs))
+        cached = all(r.cached for r in reqs)
+        t = num_steps * self.cost.step_s(first.width, first.height, degree, len(reqs), cached=cached)
         for r in reqs:
             if num_steps >= r.remaining_steps:
                 t += self.cost.decode_s(r.width, r.height)
@@ -266,10 +271,10 @@ class Policy:
         """Cannot make its deadline any more, even at the fastest degree from now."""
         if req.deadline_s is None:
             return False
-        key = (req.width, req.height)
+        key = (req.width, req.height, req.cached)
         lower_bound = self._fastest_cache.get(key)
         if lower_bound is None:
-            lower_bound = (self.cost.fastest_step(req.width, req.height, self.max_degree)[1],
+            lower_bound = (self.cost.fastest_step(req.width, req.height, self.max_degree, req.cached)[1],
                            self.cost.decode_s(req.width, req.height))
             self._fastest_cache[key] = lower_bound
         step_s, decode_s = lower_bound

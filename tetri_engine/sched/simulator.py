@@ -145,7 +145,8 @@ def simulate(
             tr = arrivals[i]
             rid = tr.request_id or f"req-{i:05d}"
             deadline = tr.arrival_s + slo_scale * tr.slo_ms / 1000.0
-            policy.add_request(SchedRequest(rid, tr.width, tr.height, tr.steps, tr.arrival_s, deadline))
+            policy.add_request(SchedRequest(rid, tr.width, tr.height, tr.steps, tr.arrival_s, deadline,
+                                            cached=tr.cache == "auto"))
             records[rid] = RequestRecord(rid, tr.width, tr.height, tr.steps, tr.arrival_s, deadline, None,
                                          SchedState.WAITING.value, {}, 0, 0)
             i += 1

@@ -7,7 +7,8 @@ L = H*W/16^2 tokens, so large images are the most frequent). Bursty traffic uses
 inter-arrival times with a coefficient of variation > 1 (cv = 1 is Poisson).
 
 A trace file has one JSON object per line: {"arrival_s", "width", "height", "steps", "slo_ms"}
-(optionally "request_id"). slo_ms is the deadline relative to arrival at SLO scale 1.0; a replay
+(optionally "request_id", and "cache": "off" | "auto", default "off": the request runs with step
+caching and the policy costs it at the cached step time). slo_ms is the deadline relative to arrival at SLO scale 1.0; a replay
 multiplies it by the scale being tested.
 """
 from __future__ import annotations
@@ -36,6 +37,7 @@ class TraceRequest:
     steps: int
     slo_ms: float  # deadline after arrival, at SLO scale 1.0
     request_id: str = ""
+    cache: str = "off"  # "auto": runs with step caching (SchedRequest.cached)
 
 
 def mix_probabilities(mix: str, sides_px: Sequence[int] = PAPER_SIDES_PX, alpha: float = 1.0) -> list[float]:
@@ -94,7 +96,10 @@ def generate_trace(
 def write_trace(path: str, trace: Iterable[TraceRequest]) -> None:
     with open(path, "w", encoding="utf-8") as f:
         for r in trace:
-            f.write(json.dumps(asdict(r)) + "\n")
+            d = asdict(r)
+            if d["cache"] == "off":  # the default: traces without caching keep their format
+                del d["cache"]
+            f.write(json.dumps(d) + "\n")
 
 
 def read_trace(path: str) -> list[TraceRequest]:
@@ -106,10 +111,14 @@ def read_trace(path: str) -> list[TraceRequest]:
                 continue
             try:
                 d = json.loads(line)
+                cache = d.get("cache", "off")
+                if cache not in ("off", "auto"):
+                    raise ValueError(f"cache {cache!r} is not 'off' or 'auto'")
                 out.append(TraceRequest(float(d["arrival_s"]), int(d["width"]), int(d["height"]), int(d["steps"]),
-                                        float(d["slo_ms"]), str(d.get("request_id") or f"req-{len(out):05d}")))
+                                        float(d["slo_ms"]), str(d.get("request_id") or f"req-{len(out):05d}"),
+                                        cache))
             except (KeyError, TypeError, ValueError) as exc:
                 raise ValueError(f"{path}:{lineno}: bad trace line ({exc}); expected arrival_s, width, height, "
-                                 f"steps, slo_ms") from exc
+                                 f"steps, slo_ms (optional request_id, cache)") from exc
     out.sort(key=lambda r: r.arrival_s)
     return out
