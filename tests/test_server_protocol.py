@@ -74,6 +74,9 @@ def test_openai_client_fields_are_accepted():
     ({"prompt": "x", "stream": True, "n": 2}, "n"),
     ({"prompt": "x", "partial_images": 4}, "partial_images"),
     ({"prompt": "x", "num_steps": 4}, "num_steps"),     # a typo of an extension is not ignored
+    ({"prompt": "x", "cache": "on"}, "cache"),
+    ({"prompt": "x", "cache": True}, "cache"),
+    ({"prompt": "x", "cache": ""}, "cache"),
 ])
 def test_bad_input_names_the_parameter(body, param):
     error = rejected(body)
@@ -107,6 +110,15 @@ def test_n_images_get_consecutive_seeds_and_distinct_ids():
     assert {r.deadline_s for r in requests} == {2.5}
     assert {r.num_inference_steps for r in requests} == {4}
     assert parse(prompt="a cat").to_requests(default_steps=10)[0].seed is None
+
+
+def test_cache_extension_defaults_off_and_reaches_the_engine_request():
+    assert parse(prompt="x").cache == "off"
+    assert [r.cache for r in parse(prompt="x", n=2).to_requests(10)] == ["off", "off"]
+    assert [r.cache for r in parse(prompt="x", n=2, cache="auto").to_requests(10)] == ["auto", "auto"]
+    assert parse(prompt="x", cache="off").to_requests(10)[0].cache == "off"
+    message = rejected({"prompt": "x", "cache": "fast"}).message
+    assert "'off'" in message and "'auto'" in message and "'fast'" in message
 
 
 def test_progress_events_are_on_unless_turned_off():

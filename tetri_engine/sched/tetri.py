@@ -24,11 +24,13 @@ the devices and requests that are free:
 5. Late requests get one device each, best effort, least remaining work first, from what is left
    after 1-4.
 6. Selective batching: when on-time requests want more devices than are free, identical
-   resolutions (and the same `cached`) whose plan starts at degree 1 and whose profile has batch sizes > 1 are merged into
+   resolutions whose plan starts at degree 1 and whose profile has batch sizes > 1 are merged into
    one batched forward, only if every member can still meet its deadline at the batched step time.
 
 Step caching: a request with `SchedRequest.cached` is costed at the cached step time
-(`cost.step_s(..., cached=True)`) everywhere above; the per-resolution tables are keyed on it.
+(`cost.step_s(..., cached=True)`) everywhere above; the per-resolution tables are keyed on it, and
+only requests with the same `cached` are batched together. Without a measured cache_step_factor
+(1.0) the flag is ignored: the plans are exactly those of the same requests uncached.
 
 Rounds are synchronous: the next round is planned when every group of this one has finished.
 Groups have different step times, so the round's length is then chosen within [0.8, 1.25] x tau
@@ -107,11 +109,15 @@ class TetriPolicy(Policy):
         self.fill_rounds = fill_rounds
         self.backfill = backfill
         self._res_cache: dict[tuple[int, int, bool], _Res] = {}  # (width, height, cached) -> _Res
+        # Cached and uncached requests cost differently only with a measured factor; with none (1.0)
+        # they share one table and may batch together, so plans are exactly those without caching.
+        self._cache_differs = cost.cache_step_factor != 1.0
 
     # ---- 1. allocation -------------------------------------------------------------------------
 
     def _res(self, width: int, height: int, cached: bool = False) -> _Res:
         """Per-resolution step times, of requests with step caching when cached (SchedRequest.cached)."""
+        cached = cached and self._cache_differs
         info = self._res_cache.get((width, height, cached))
         if info is None:
             step = {d: self.cost.step_s(width, height, d, cached=cached) for d in self.degrees}
@@ -123,6 +129,13 @@ class TetriPolicy(Policy):
                         {b: steps_in(self.round_s, t) for b, t in batches.items()})
             self._res_cache[(width, height, cached)] = info
         return info
+
+    def _res_of(self, r: SchedRequest) -> _Res:
+        return self._res(r.width, r.height, r.cached)
+
+    def _shape(self, r: SchedRequest) -> tuple[int, int, bool]:
+        """What identifies r's step times: (width, height, cached), the key of _res_cache."""
+        return (r.width, r.height, r.cached and self._cache_differs)
 
     def hull(self, width: int, height: int, cached: bool = False) -> list[HullPoint]:
         """Degrees worth using for this resolution, cheapest (slowest) first: the lower convex hull
@@ -149,8 +162,9 @@ class TetriPolicy(Policy):
         waitable: list[tuple[float, float, int, SchedRequest]] = []
         tightness: list[tuple[float, int]] = []  # (time its cheapest degree needs / time left, index in waitable)
         res_cache = self._res_cache
+        differs = self._cache_differs
         for i, r in enumerate(ready):
-            info = res_cache.get((r.width, r.height, r.cached)) or self._res(r.width, r.height, r.cached)
+            info = res_cache.get((r.width, r.height, r.cached and differs)) or self._res_of(r)
             deadline = math.inf if r.deadline_s is None else r.deadline_s
             steps = r.num_steps - r.steps_done
             fastest = steps * info.fast_s + info.decode_s
@@ -213,7 +227,7 @@ class TetriPolicy(Policy):
                     if it.batch > 1 or d > capacity - used:  # doubling takes d more devices
                         continue
                     r = it.members[0]
-                    step = self._res(r.width, r.height, r.cached).step_s
+                    step = self._res_of(r).step_s
                     if 2 * d not in step or step[2 * d] >= 0.95 * step[d]:
                         continue  # not worth the devices (or slower)
                     saving = r.remaining_steps * (step[d] - step[2 * d]) / d
@@ -223,15 +237,15 @@ class TetriPolicy(Policy):
                     break
                 it, d, _ = chosen[best[1]]
                 r = it.members[0]
-                q = min(r.remaining_steps, steps_in(tau, self._res(r.width, r.height, r.cached).step_s[2 * d]))
+                q = min(r.remaining_steps, steps_in(tau, self._res_of(r).step_s[2 * d]))
                 chosen[best[1]] = (it, 2 * d, q)
                 used += d
 
         # 5. Late requests: one device each, least remaining work first, with what is left.
         if used < capacity and late:
-            late.sort(key=lambda r: (r.remaining_steps * self._res(r.width, r.height, r.cached).step_s[1], r.deadline, r.arrival_s))
+            late.sort(key=lambda r: (r.remaining_steps * self._res_of(r).step_s[1], r.deadline, r.arrival_s))
             for r in late[:capacity - used]:
-                q = min(r.remaining_steps, steps_in(tau, self._res(r.width, r.height, r.cached).step_s[1]))
+                q = min(r.remaining_steps, steps_in(tau, self._res_of(r).step_s[1]))
                 chosen.append((_Item([r], [(0, 0.0)], [0]), 1, q))
                 used += 1
 
@@ -263,7 +277,7 @@ class TetriPolicy(Policy):
         on_time: list[tuple[bool, float, float, SchedRequest]] = []
         late: list[SchedRequest] = []
         for r in ready:
-            info = self._res(r.width, r.height, r.cached)
+            info = self._res_of(r)
             fastest = r.remaining_steps * info.fast_s + info.decode_s
             if now_s + fastest > r.deadline + 1e-9:
                 late.append(r)
@@ -273,7 +287,7 @@ class TetriPolicy(Policy):
         for *_, r in on_time:
             if not free:
                 break
-            info = self._res(r.width, r.height, r.cached)
+            info = self._res_of(r)
             plan = _allocate(info.hull, r.remaining_steps, r.deadline - now_s - info.decode_s)
             segs = plan[1] if plan else [(info.hull[-1].degree, r.remaining_steps)]
             degree, seg_steps = segs[0]
@@ -286,7 +300,7 @@ class TetriPolicy(Policy):
             spec = self._backfill_group(r, degree, cap, window, free)
             if spec:
                 specs.append(spec)
-        late.sort(key=lambda r: (r.remaining_steps * self._res(r.width, r.height, r.cached).step_s[1], r.deadline, r.arrival_s))
+        late.sort(key=lambda r: (r.remaining_steps * self._res_of(r).step_s[1], r.deadline, r.arrival_s))
         for r in late:
             if not free:
                 break
@@ -297,7 +311,7 @@ class TetriPolicy(Policy):
 
     def _backfill_group(self, r: SchedRequest, degree: int, max_steps: int, window_s: float,
                         free: set[int]) -> GroupSpec | None:
-        info = self._res(r.width, r.height, r.cached)
+        info = self._res_of(r)
         t = info.step_s[degree]
         q = min(max_steps, int(math.floor(window_s / t + 1e-9)))
         if q >= r.remaining_steps and q * t + info.decode_s > window_s + 1e-9:
@@ -312,14 +326,14 @@ class TetriPolicy(Policy):
 
     def _first_degree(self, r: SchedRequest, now_s: float) -> int:
         """Degree of the first segment of r's cheapest plan (the fastest degree when none meets it)."""
-        info = self._res(r.width, r.height, r.cached)
+        info = self._res_of(r)
         plan = _allocate(info.hull, r.remaining_steps, r.deadline - now_s - info.decode_s)
         return plan[1][0][0] if plan else info.hull[-1].degree
 
     def _item(self, members: list[SchedRequest], now_s: float, t_next: float, batch: int = 1) -> _Item:
         """Knapsack options of one request, or of `batch` same-shape requests run batched at degree 1."""
-        r0 = members[0]  # a batch's members share resolution and cached (_batch_items)
-        info = self._res(r0.width, r0.height, r0.cached)
+        r0 = members[0]  # a batch's members share _shape (_batch_items)
+        info = self._res_of(r0)
         hull, decode = info.hull, info.decode_s
         # "none": resume at the next round.
         sv_none = 0
@@ -388,17 +402,17 @@ class TetriPolicy(Policy):
         """Merge identical-resolution degree-1 requests into batches where no member's deadline
         suffers (each member must still survive at the batched step time). Members may come from
         the requests the knapsack would not see (`spare`: (deadline, arrival, index, request)
-        entries); those are taken out of `spare`. Only requests with the same `cached` are batched
-        together (the batch is costed at their common step time)."""
+        entries); those are taken out of `spare`. With a measured cache factor, only requests with the
+        same `cached` are batched together (the batch is costed at their common step time)."""
         pools: dict[tuple[int, int, bool], list[SchedRequest]] = {}  # (width, height, cached) -> requests
         for it in items:
             r = it.members[0]
-            if len(it.options) > 1 and it.options[1][0] == 1 and self._res(r.width, r.height, r.cached).batch_step_s:
-                pools.setdefault((r.width, r.height, r.cached), []).append(r)
+            if len(it.options) > 1 and it.options[1][0] == 1 and self._res_of(r).batch_step_s:
+                pools.setdefault(self._shape(r), []).append(r)
         extra: dict[tuple[int, int, bool], list[tuple[float, float, int, SchedRequest]]] = {}
         batchable = {shape for shape, info in self._res_cache.items() if info.batch_step_s}
         for e in spare:
-            shape = (e[3].width, e[3].height, e[3].cached)
+            shape = self._shape(e[3])
             if shape in batchable:
                 extra.setdefault(shape, []).append(e)
         for shape, entries in extra.items():
@@ -467,10 +481,10 @@ class TetriPolicy(Policy):
         for s in specs:
             members = [reqs[rid] for rid in s.request_ids]
             r0 = members[0]
-            info = self._res(r0.width, r0.height, r0.cached)
+            info = self._res_of(r0)
             t = info.step_s[len(s.device_ids)] if len(members) == 1 else info.batch_step_s[len(members)]
             remaining = min(r.remaining_steps for r in members)
-            decode = sum(self._res(r.width, r.height, r.cached).decode_s for r in members if r.remaining_steps == remaining)
+            decode = sum(self._res_of(r).decode_s for r in members if r.remaining_steps == remaining)
             groups.append((s, t, remaining, decode))
         shortest_round = max(t + (decode if remaining == 1 else 0.0) for _, t, remaining, decode in groups)
         lo = max(ROUND_MIN * tau, shortest_round)

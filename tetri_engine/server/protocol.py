@@ -31,7 +31,9 @@ OPENAI_PARAMS = {"prompt", "n", "size", "response_format", "model", "user", "out
                  "safety_identifier", "output_compression"}
 IGNORED_OPENAI = {"quality", "moderation", "style", "safety_identifier", "output_compression"}
 GENERATION_EXTENSIONS = {"num_inference_steps", "guidance_scale", "negative_prompt", "seed",
-                         "deadline_ms", "slo_scale", "priority", "preview_every", "progress_events"}
+                         "deadline_ms", "slo_scale", "priority", "preview_every", "progress_events",
+                         "cache"}
+CACHE_MODES = ("off", "auto")  # the `cache` extension: step caching off, or the model's cache plan
 
 
 class APIError(Exception):
@@ -95,6 +97,7 @@ class ImageGenerationParams:
     partial_images: int | None = None  # OpenAI: previews wanted over the whole generation
     preview_every: int | None = None  # ours: a preview every K steps
     progress_events: bool = True  # stream tetri.queued / tetri.round / tetri.step events too
+    cache: str = "off"  # step caching: "off" | "auto" (GenerationRequest.cache)
     user: str | None = None
 
     @property
@@ -121,6 +124,7 @@ class ImageGenerationParams:
                 priority=self.priority,
                 request_id=base_id if self.n == 1 else f"{base_id}-{i}",
                 preview_every=previews,
+                cache=self.cache,
             ))
         return requests
 
@@ -238,6 +242,12 @@ def parse_generation_request(body: Any, limits: Limits) -> ImageGenerationParams
     priority = _int(body, "priority", 0, -1000, 1000)
     partial_images = _int(body, "partial_images", None, 0, MAX_PARTIAL_IMAGES)
     preview_every = _int(body, "preview_every", None, 0, limits.max_steps)
+    cache = body.get("cache")
+    if cache is None:
+        cache = "off"
+    elif cache not in CACHE_MODES:
+        raise bad_request(f"'cache' must be 'off' (every step computed) or 'auto' (step caching with "
+                          f"the model's cache plan), got {cache!r}.", "cache")
     user = body.get("user")
     if user is not None and not isinstance(user, str):
         raise bad_request("'user' must be a string.", "user")
@@ -247,7 +257,7 @@ def parse_generation_request(body: Any, limits: Limits) -> ImageGenerationParams
         num_inference_steps=steps, guidance_scale=guidance, negative_prompt=negative, seed=seed,
         deadline_ms=deadline_ms, slo_scale=slo_scale, priority=priority,
         partial_images=partial_images, preview_every=preview_every,
-        progress_events=progress_events, user=user)
+        progress_events=progress_events, cache=cache, user=user)
 
 
 def _int(body: dict, name: str, default, low: int, high: int):
