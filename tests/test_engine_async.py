@@ -346,3 +346,59 @@ async def test_an_exception_in_the_round_loop_fails_requests_instead_of_hanging(
         outputs, _ = await run_to_final(engine, GenerationRequest(prompt="fine", width=64, height=64,
                                                                   num_inference_steps=2, deadline_s=600))
         assert outputs[-1].state == RequestState.COMPLETED
+
+
+def pair_policy(num_devices, cost):
+    from tetri_engine.sched import GroupSpec, Policy
+
+    class PairPolicy(Policy):
+        """Every step in one group on devices (0, 1): "pair-*" requests batched once both are ready,
+        the others alone. A cancelled request can only end early if the executor stops it mid-group."""
+
+        name = "pair"
+
+        def group_s(self, *args, **kwargs):  # (the measured profile has no batches)
+            return 1.0
+
+        def _plan(self, now_s, idle, ready):
+            if 0 not in idle or 1 not in idle:
+                return []
+            pair = [r for r in ready if r.request_id.startswith("pair-")]
+            if len(pair) == 2:
+                return [GroupSpec((0, 1), tuple(r.request_id for r in pair), pair[0].remaining_steps)]
+            alone = [r for r in ready if not r.request_id.startswith("pair-")]
+            return [GroupSpec((0, 1), (alone[0].request_id,), alone[0].remaining_steps)] if alone else []
+
+    return PairPolicy(num_devices, cost)
+
+
+async def test_leaving_generate_stops_the_request_mid_group(cache_dir):
+    """Breaking out of generate() stops the request at the next step boundary, not at its group's end:
+    the group that planned all 60 of its steps reports far fewer, the policy learns that and frees the
+    devices. In a batch, the other request runs all of its steps and completes."""
+    config = EngineConfig(model="tiny", devices=DEVICES, cache_dir=cache_dir)
+    async with AsyncEngine(config, policy_factory=pair_policy) as engine:
+        common = dict(width=512, height=512, num_inference_steps=60, deadline_s=600)
+        async with contextlib.aclosing(engine.generate(GenerationRequest(
+                prompt="leave", request_id="alone", seed=1, **common))) as stream:
+            await first_output(stream, "step")
+        if engine.request_state("alone") is not None:
+            await engine.abort("alone")  # waits for its group to report
+        group = engine.round_records()[-1].groups[0]
+        assert group.request_ids == ("alone",) and group.planned_steps == 60
+        assert group.steps_done["alone"] < 60 // 2  # (a group without cancel reports 60)
+        assert engine.busy_devices() == [] and engine.placement("alone") == ()
+        assert not engine._policy.busy_devices and not engine._policy.has_work()
+
+        stay = asyncio.create_task(run_to_final(engine, GenerationRequest(
+            prompt="stay", request_id="pair-stay", seed=2, **common)))
+        async with contextlib.aclosing(engine.generate(GenerationRequest(
+                prompt="leave", request_id="pair-leave", seed=3, **common))) as stream:
+            await first_output(stream, "step")
+        outputs, _ = await stay
+        assert outputs[-1].state == RequestState.COMPLETED and outputs[-1].metrics.steps_at_degree == {2: 60}
+        group = engine.round_records()[-1].groups[0]
+        assert group.request_ids == ("pair-stay", "pair-leave") or group.request_ids == ("pair-leave", "pair-stay")
+        assert group.steps_done["pair-stay"] == 60 and group.steps_done["pair-leave"] < 60 // 2
+        assert engine.request_state("pair-leave") is None and engine.placement("pair-leave") == ()
+        assert engine.busy_devices() == [] and engine.stats()["states"]["cancelled"] == 2

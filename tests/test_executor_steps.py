@@ -272,3 +272,106 @@ def test_steps_submitted_while_the_encode_runs_do_not_wait_forever(ex, runtime, 
     result = steps.result(timeout=30)  # before the fix: blocked for good
     assert result.requests["race"].steps_done == 2
     ex.release("race")
+
+
+# ---- cancellation (Executor.cancel): every rank stops the request at the same step boundary ----
+
+def cancel_at(ex, victim, at_step):
+    """An on_step callback that cancels `victim` once it has done `at_step` steps."""
+    def on_step(request_id, step):
+        if request_id == victim and step == at_step:
+            assert ex.cancel(victim)
+    return on_step
+
+
+@pytest.mark.parametrize("devices", [(0,), (1, 2), (0, 1, 2, 3)])
+def test_cancel_mid_call_stops_the_request_and_its_batch_mate_goes_on(ex, devices):
+    """Cancelled after its first step (from on_step, i.e. between two steps): the request stops at the
+    next step boundary on every rank (no timeout), the call's result says so, and the other request of
+    the batch runs all its steps, exactly as it would alone."""
+    alone, alone_id = run_schedule(ex, [(devices, 40)], seed=2, prompt="a dog", steps=40)
+    victim, peer = encode(ex, seed=1, prompt="a cat", steps=40), encode(ex, seed=2, prompt="a dog", steps=40)
+    result = ex.submit_steps([victim, peer], devices, 40, on_step=cancel_at(ex, victim, 1)).result(timeout=60)
+    v = result[victim]
+    # The cancel lands after step 1's barrier; rank 0 reports it at step 2's: 2 steps, on every rank.
+    assert (v.steps_done, v.step, v.cancelled, v.error, v.finished) == (2, 2, True, "cancelled", False)
+    p = result[peer]
+    assert (p.steps_done, p.error, p.cancelled, p.finished) == (40, None, False, True)
+    torch.testing.assert_close(ex.latent(peer), alone)
+    stats = ex.request_stats(victim)
+    assert stats["cancelled"] and stats["step"] == 2 and stats["steps_at_degree"] == {len(devices): 2}
+    # Cancelled for good: a later call does nothing for it, and does not move its latent.
+    again = ex.submit_steps([victim], (3,), 5).result(timeout=60)[victim]
+    assert (again.steps_done, again.cancelled, again.error, again.regrouped) == (0, True, "cancelled", False)
+    assert ex.placement(victim) == devices
+    for rid in (victim, peer, alone_id):
+        ex.release(rid)
+
+
+@pytest.mark.parametrize("cache", ["off", "auto"])
+def test_cancelling_every_request_ends_the_call_early(ex, cache):
+    """With all of its requests cancelled, the whole group stops (step cache on or off); its devices
+    then serve the next call."""
+    rids = []
+    for seed in (1, 2):
+        rid = f"all-cancelled-{cache}-{seed}"
+        ex.submit_encode(rid, GenerationRequest(prompt="a cat", width=64, height=64, seed=seed,
+                                                num_inference_steps=40, cache=cache)).result()
+        rids.append(rid)
+
+    def on_step(request_id, step):
+        if step == 3:
+            ex.cancel(request_id)
+
+    result = ex.submit_steps(rids, (0, 1), 40, on_step=on_step).result(timeout=60)
+    for rid in rids:
+        assert result[rid].cancelled and result[rid].steps_done == 4
+    fine = encode(ex, seed=3)
+    assert ex.submit_steps([fine], (0, 1), 2).result(timeout=60).errors == {}
+    for rid in (*rids, fine):
+        ex.release(rid)
+
+
+def test_cancel_before_the_call_and_after_the_last_step(ex):
+    assert ex.cancel("no-such-request") is False
+    # Cancelled while its call waits in the queue: no steps at all.
+    early = encode(ex, steps=4)
+    ex.cancel(early)
+    r = ex.submit_steps([early], (0, 1), 4).result(timeout=60)[early]
+    assert (r.steps_done, r.cancelled, r.regrouped) == (0, True, False) and ex.placement(early) is None
+    # Cancelled at its last step with decode_after: the steps are done, the decode is skipped.
+    late = encode(ex, steps=3)
+    r = ex.submit_steps([late], (0,), 3, on_step=cancel_at(ex, late, 3), decode_after=True).result(timeout=60)[late]
+    assert (r.steps_done, r.cancelled, r.image) == (3, True, None)
+    # Cancelled at its last step without a decode: it simply finished.
+    done = encode(ex, steps=3)
+    r = ex.submit_steps([done], (0,), 3, on_step=cancel_at(ex, done, 3)).result(timeout=60)[done]
+    assert (r.steps_done, r.cancelled, r.finished) == (3, False, True)
+    for rid in (early, late, done):
+        ex.release(rid)
+
+
+EXIT_SCRIPT = """
+from tetri_engine.executor import Executor
+from tetri_engine.model import load_runtime
+from tetri_engine.request import GenerationRequest
+
+devices = ["cpu:0", "cpu:1"]
+ex = Executor(load_runtime("tiny", devices), devices)
+ex.submit_encode("a", GenerationRequest(prompt="x", width=256, height=256, num_inference_steps=400, seed=1)).result()
+assert ex.submit_steps(["a"], (0, 1), 1).result().errors == {}
+ex.submit_steps(["a"], (0, 1), 399)  # still running (inside a collective or a torch op) at exit
+print("exiting without shutdown", flush=True)
+"""
+
+
+def test_exit_without_shutdown_is_clean():
+    """A program that never calls shutdown() exits with 0; before the atexit hook, a worker thread still
+    inside C++ at interpreter finalisation aborted it ("terminate called without an active exception")."""
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-c", EXIT_SCRIPT], capture_output=True, text=True, timeout=300)
+    assert "terminate called" not in proc.stderr
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "exiting without shutdown" in proc.stdout

@@ -449,8 +449,9 @@ class AsyncEngine:
             return
         if tracked.in_round:
             tracked.cancel_reason = tracked.cancel_reason or reason
-            # Ask the executor to stop the request at its next step boundary, where it can; otherwise
-            # it stops when its group's steps end (at most one round).
+            # Ask the executor to stop the request at its next step boundary (its group then reports
+            # early, or goes on for its batch-mates only); an executor without cancel() stops it when
+            # its group's steps end (at most one round).
             cancel = getattr(self._executor, "cancel", None)
             if cancel is not None:
                 cancel(tracked.request_id)
@@ -603,13 +604,17 @@ class AsyncEngine:
                 if r is None:
                     errors[rid] = "the executor returned no result for it"
                     continue
-                if r.error is not None:
+                # A request the executor cancelled (see `_request_stop`) is no failure: the policy
+                # learns the steps it really did, and the request ends CANCELLED below.
+                if r.error is not None and not r.cancelled:
                     errors[rid] = r.error
                 else:
                     steps_done[rid] = r.steps_done
                 tracked = self._live.get(rid)
                 if tracked is None:
                     continue
+                if r.cancelled and tracked.cancel_reason is None:
+                    tracked.cancel_reason = "cancelled: stopped by the executor"  # (never planned again)
                 tracked.denoise_s += r.seconds
                 tracked.decode_s += r.decode_s
                 if r.steps_done:

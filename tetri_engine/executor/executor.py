@@ -19,12 +19,14 @@ Worked example with devices ["cuda:0", "cuda:1", "cuda:2", "cuda:3"] (indices 0.
 """
 from __future__ import annotations
 
+import atexit
 import contextlib
-
+import functools
 import queue
 import random
 import threading
 import time
+import weakref
 from concurrent.futures import Future
 from typing import Any, Callable, Sequence
 
@@ -36,11 +38,22 @@ from tetri_engine.executor.steps import StepsJob, describe_error, encode_png
 from tetri_engine.model.runtime import ModelRuntime, torch_device
 from tetri_engine.model.ulysses import check_heads
 
+EXIT_JOIN_S = 30.0  # at interpreter exit, how long to wait for the threads (one step each, at most)
+
+
+def _shutdown_at_exit(executor_ref: weakref.ref) -> None:
+    """atexit hook of an Executor that was not shut down (holds it weakly: the hook keeps nothing alive)."""
+    executor = executor_ref()
+    if executor is not None:
+        executor._shutdown_at_exit()
+
 
 class _Worker(threading.Thread):
     """Runs the tasks queued for one device (or the text encoder), one at a time, in order."""
 
     def __init__(self, name: str, device: torch.device):
+        # Daemon: a program that never calls shutdown() must still be able to exit (the atexit hook
+        # stops these threads first; see Executor._shutdown_at_exit).
         super().__init__(name=name, daemon=True)
         self.device = device
         self.tasks: queue.SimpleQueue[Callable[[], None] | None] = queue.SimpleQueue()
@@ -92,11 +105,18 @@ class Executor:
         self._states: dict[str, RequestState] = {}
         self._lock = threading.Lock()  # states, and queuing a job on all of its threads at once
         self._closed = False
+        # Set at interpreter exit without shutdown(): every steps job stops at its next step boundary.
+        self.exiting = threading.Event()
         self._workers = [_Worker(f"tetri-{d}", td) for d, td in zip(self.devices, self._torch_devices)]
         self._encoder = _Worker("tetri-encode", runtime.encode_device)
         self._encode_stream = None  # created on first use by the encoder thread (CUDA only)
         for worker in (*self._workers, self._encoder):
             worker.start()
+        # A daemon thread still inside a C++ call (a collective, a torch op) when the interpreter
+        # finalises is killed by a forced unwind, and the process dies with "terminate called
+        # without an active exception". So at exit, stop the threads while Python is still whole.
+        self._atexit = functools.partial(_shutdown_at_exit, weakref.ref(self))
+        atexit.register(self._atexit)
 
     # -- helpers used by jobs
     def torch_device(self, device_index: int) -> torch.device:
@@ -251,6 +271,22 @@ class Executor:
             self._workers[device_index].tasks.put(decode)
         return future
 
+    def cancel(self, request_id: str) -> bool:
+        """Stop a request's steps at the next step boundary, for good.
+
+        Its running `submit_steps` call (if any) stops it after the step in progress, on every rank of
+        the group at the same step, and resolves with the steps it did, `cancelled=True` and error
+        "cancelled" for it; batch-mates go on, and a call with every request cancelled ends at once.
+        Later calls do no steps for it (a decode is still possible). A request cancelled after its last
+        step is reported as finished, unless the call would decode it. Returns False for an unknown or
+        released request id."""
+        with self._lock:
+            state = self._states.get(request_id)
+        if state is None:
+            return False
+        state.cancelled = True  # read by rank 0 of its job at each step boundary (steps.py, `_agree`)
+        return True
+
     def graph_stats(self) -> dict[str, Any]:
         """{"enabled": bool, ...`CudaGraphs.stats()`}: captures, replays, failures (key, device, error) ..."""
         if self.graphs is None:
@@ -299,9 +335,19 @@ class Executor:
             self._closed = True
             for worker in (*self._workers, self._encoder):
                 worker.tasks.put(None)
+        atexit.unregister(self._atexit)
         if wait:
             for worker in (*self._workers, self._encoder):
                 worker.join()
+
+    def _shutdown_at_exit(self) -> None:
+        """The interpreter is exiting without shutdown(): cut running and queued steps short at the
+        next step boundary (all ranks agree, so no collective is left waiting) and join the threads."""
+        self.exiting.set()
+        self.shutdown(wait=False)
+        deadline = time.monotonic() + EXIT_JOIN_S
+        for worker in (*self._workers, self._encoder):
+            worker.join(max(0.0, deadline - time.monotonic()))
 
     def __enter__(self) -> Executor:
         return self

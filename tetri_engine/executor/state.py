@@ -29,6 +29,9 @@ class RequestState:
     placement: tuple[int, ...] | None = None  # device indices holding the shards, in rank order
     step: int = 0
     error: str | None = None  # set once the request failed; it then stays failed
+    # Executor.cancel: its steps stop at the next step boundary, in this call and every later one.
+    # Written by any thread, read by rank 0 of the job that owns the request (a bool: no lock).
+    cancelled: bool = False
     steps_at_degree: dict[int, int] = field(default_factory=dict)
     regroups: int = 0
     peak_memory_bytes: int = 0  # GPU: max torch.cuda.max_memory_allocated over its jobs' devices; CPU: 0
@@ -59,6 +62,7 @@ class RequestState:
             "encode_s": self.encode_s,
             "decode_s": self.decode_s,
             "error": self.error,
+            "cancelled": self.cancelled,
             "cache": self.cache.stats() if self.cache is not None else None,
         }
 
@@ -81,6 +85,9 @@ class RequestStepResult:
     regrouped: bool  # its latent moved to this call's devices first
     seconds: float  # the call's step time (shared by the requests of a batch)
     error: str | None = None  # the request failed (here or before); the others of the call are unaffected
+    # Executor.cancel stopped it in this call before its last step (or before its decode): steps_done
+    # counts the steps it did; error is "cancelled". Its batch-mates are unaffected.
+    cancelled: bool = False
     image: Any = None  # PIL.Image, when decode_after and the request finished
     png: bytes | None = None
     decode_s: float = 0.0

@@ -15,6 +15,9 @@ Phases of a job, on every rank:
        A rank whose forward raises first issues the exchanges of the forward it did not reach, with
        zero buffers (`ulysses.catch_up`): the others' exchanges then complete instead of waiting (on
        NCCL, for ever, with their GPU queues filling behind them), and the ranks stay in step.
+       Cancellation (`Executor.cancel`) rides on the same barrier: rank 0 reads the requests' cancel
+       flags when it reports and every rank drops the same requests after the same step, so the ranks
+       never disagree on the batch (diverging collectives would hang NCCL). No extra sync per step.
     3. wait for the devices; rank 0 decodes the finished requests when asked (one at a time).
 
 The last rank to finish resolves the future and hands the requests back (`RequestState.idle`).
@@ -76,16 +79,20 @@ class StepsJob:
         self.regroup_s = 0.0
         self.job_error: str | None = None  # the whole job failed (requests that cannot be batched, ...)
         self.start_step: dict[str, int] = {}
-        # Phase 2 outcome reports, [step parity][rank] -> (error or None, exchange log); double
-        # buffered so that one barrier per step suffices.
-        self.reports: list[list[tuple]] = [[(None, [])] * self.degree for _ in range(2)]
+        # Phase 2 outcome reports, [step parity][rank] -> (error or None, exchange log, cancelled ids);
+        # double buffered so that one barrier per step suffices. Only rank 0 reports cancelled ids.
+        self.reports: list[list[tuple]] = [[(None, [], frozenset())] * self.degree for _ in range(2)]
         self.report_parity = [0] * self.degree
+        # Per rank: the requests the group agreed to stop (rank 0's reports); the same set on every
+        # rank after each barrier.
+        self.stopping: list[set[str]] = [set() for _ in range(self.degree)]
         # Votes of the ranks on the CUDA graph of a batch (`_graph`), double buffered the same way.
         self.votes: list[list] = [[None] * self.degree for _ in range(2)]
         self.vote_parity = [0] * self.degree
         # Results, written by the ranks as they agree (identical on every rank) and read at the end.
         self.final_step: dict[str, int] = {}
         self.errors: dict[str, str] = {}
+        self.cancelled: set[str] = set()  # stopped early by a cancel (results say "cancelled")
         self.peak_memory = [0] * self.degree
         self.steps_s = 0.0
         self.images: dict[str, tuple] = {}
@@ -118,7 +125,7 @@ class StepsJob:
                 event.wait()
             self._prepare_group()
         self._sync()
-        if self.job_error is not None:
+        if self.job_error is not None or not self.states:  # (no states: all were cancelled)
             return
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
@@ -133,9 +140,10 @@ class StepsJob:
         context = SPContext(self.comm, rank, self.degree, lengths)
         inputs_key, inputs, graph = None, None, None
         start = time.perf_counter()
+        stopping = self.stopping[rank]  # grows in `_agree`, identically on every rank
         for _ in range(self.num_steps):
-            active = [s for s in self.states
-                      if s.request_id not in failed and step[s.request_id] < s.prepared.num_steps]
+            active = [s for s in self.states if s.request_id not in failed and s.request_id not in stopping
+                      and step[s.request_id] < s.prepared.num_steps]
             if not active:
                 break
             ids = tuple(s.request_id for s in active)
@@ -177,10 +185,17 @@ class StepsJob:
             self.steps_s = time.perf_counter() - start
             self.final_step = step
             self.errors.update(failed)  # (phase 1 may have failed some already)
+            # A request cancelled after its last step ran to the end: it is not reported cancelled.
+            self.cancelled.update(s.request_id for s in self.states if s.request_id in stopping
+                                  and step[s.request_id] < s.prepared.num_steps)
             if self.decode_after:
                 self._decode_finished()
 
     # -- phase 1 (rank 0)
+    def _cancel_requested(self, state: RequestState) -> bool:
+        """Rank 0's view of a request's cancel flag (or of the executor shutting down at exit)."""
+        return state.cancelled or self.ex.exiting.is_set()
+
     def _prepare_group(self) -> None:
         from tetri_engine import ops
 
@@ -188,8 +203,12 @@ class StepsJob:
         for s in broken:
             self.errors[s.request_id] = s.error or "the request has no prompt encoding"
         self.states = [s for s in self.states if s not in broken]
+        # Cancelled before this call started: no steps, and their latents stay where they are.
+        self.cancelled.update(s.request_id for s in self.states if self._cancel_requested(s))
+        self.states = [s for s in self.states if s.request_id not in self.cancelled]
         if not self.states:
-            self.job_error = "no request of this call can run"
+            if broken:  # (all cancelled is no error: the job just has nothing to do)
+                self.job_error = "no request of this call can run"
             return
         shapes = {(s.prepared.width, s.prepared.height, s.prepared.text_tokens) for s in self.states}
         if len(shapes) > 1:
@@ -338,19 +357,24 @@ class StepsJob:
 
     def _agree(self, rank: int, error: str | None, context: SPContext) -> tuple[str, str] | None:
         """Every rank reports its outcome; all return the same verdict. (The slots of one parity are read
-        before any rank can pass the next barrier and overwrite them.)"""
+        before any rank can pass the next barrier and overwrite them.)
+
+        Rank 0 also reports which requests are cancelled now; every rank adds them to its
+        `stopping` set, so all ranks drop them after this step (it still commits: it is done)."""
         parity = self.report_parity[rank]
         self.report_parity[rank] ^= 1
-        self.reports[parity][rank] = (error, list(context.exchange_log))
+        cancelled = frozenset(s.request_id for s in self.states if self._cancel_requested(s)) if rank == 0 else ()
+        self.reports[parity][rank] = (error, list(context.exchange_log), cancelled)
         self._sync()
         reports = list(self.reports[parity])
-        if all(e is None for e, _ in reports):
+        self.stopping[rank].update(reports[0][2])
+        if all(e is None for e, _, _ in reports):
             return None
         if self.degree == 1:
             return "failed", reports[0][0]
         message = "; ".join(f"rank {r} ({self.ex.devices[self.device_indices[r]]}): {e}"
-                            for r, (e, _) in enumerate(reports) if e is not None)
-        if len({len(log) for _, log in reports}) == 1:
+                            for r, (e, _, _) in enumerate(reports) if e is not None)
+        if len({len(log) for _, log, _ in reports}) == 1:
             return "failed", message
         return "out_of_step", ("the group's ranks went out of step in a failed step, so its communicator "
                                "cannot be trusted: " + message)
@@ -370,6 +394,9 @@ class StepsJob:
         for s in self.states:
             if s.request_id in self.errors or self.final_step[s.request_id] < s.prepared.num_steps:
                 continue
+            if self._cancel_requested(s):  # nobody wants the image: skip the decode
+                self.cancelled.add(s.request_id)
+                continue
             try:
                 start = time.perf_counter()
                 image, png = self.ex.decode_state(s, self.device_indices[0])
@@ -386,7 +413,8 @@ class StepsJob:
             peak = max(self.peak_memory)
             for s in self.all_states:
                 rid = s.request_id
-                error = self.errors.get(rid) or self.job_error
+                cancelled = rid in self.cancelled and rid not in self.errors
+                error = self.errors.get(rid) or (None if cancelled else self.job_error)
                 start = self.start_step.get(rid, s.step)
                 done = self.final_step.get(rid, start) - start
                 if self.job_error is None and rid in self.final_step:
@@ -400,7 +428,8 @@ class StepsJob:
                 s.decode_s += decode_s
                 results[rid] = RequestStepResult(
                     request_id=rid, steps_done=done, step=s.step, num_steps=s.num_steps,
-                    regrouped=self.regrouped.get(rid, False), seconds=self.steps_s, error=s.error,
+                    regrouped=self.regrouped.get(rid, False), seconds=self.steps_s,
+                    error=s.error or ("cancelled" if cancelled else None), cancelled=cancelled,
                     image=image, png=png, decode_s=decode_s)
             self.future.set_result(StepsResult(
                 requests=results, device_indices=self.device_indices, num_steps=self.num_steps,
