@@ -253,10 +253,8 @@ class AsyncEngine:
         self._limits = ModelLimits(patch_px=self._runtime.patch_px, default_steps=self._runtime.default_steps,
                                    default_guidance=self._runtime.default_guidance)
         self._comm_cache = ops.CommCache(capacity=self.config.comm_cache_size)
-        options = {}
-        if getattr(self.config, "cuda_graphs", None) is not None:  # EngineConfig.cuda_graphs (GPU only)
-            options["cuda_graphs"] = self.config.cuda_graphs
-        self._executor = Executor(self._runtime, self._devices, self._comm_cache, **options)
+        self._executor = Executor(self._runtime, self._devices, self._comm_cache,
+                                  cuda_graphs=self.config.cuda_graphs)  # graphs: GPU only
         if self.config.profile:
             self._cost = CostModel.from_json(self.config.profile)
         else:
@@ -449,12 +447,9 @@ class AsyncEngine:
             return
         if tracked.in_round:
             tracked.cancel_reason = tracked.cancel_reason or reason
-            # Ask the executor to stop the request at its next step boundary (its group then reports
-            # early, or goes on for its batch-mates only); an executor without cancel() stops it when
-            # its group's steps end (at most one round).
-            cancel = getattr(self._executor, "cancel", None)
-            if cancel is not None:
-                cancel(tracked.request_id)
+            # The executor stops it at its next step boundary; its group then reports early, or goes
+            # on for its batch-mates only.
+            self._executor.cancel(tracked.request_id)
             return
         self._finish(tracked, RequestState.CANCELLED, error=reason)
 
