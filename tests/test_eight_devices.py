@@ -3,12 +3,13 @@ checked where no such host is lent (the paper's machine has 8 GPUs)."""
 from __future__ import annotations
 
 import asyncio
-import threading
 
 import torch
 
 from tetri_engine import AsyncEngine, EngineConfig, GenerationRequest, ops
 from tetri_engine.sched.placement import all_groups
+
+from rank_threads import run_ranks
 
 DEVICES = [f"cpu:{i}" for i in range(8)]
 
@@ -23,18 +24,11 @@ def test_cache_warms_every_aligned_group_of_eight_devices_and_exchanges_over_all
     assert cache.stats()["created"] == len(groups) and cache.stats()["hits"] == 1
 
     # Ulysses exchange: rank r sends chunk j (value 10 r + j) to rank j; rank j gets 10 r + j from each r.
-    results = [None] * 8
-
-    def body(rank: int) -> None:
+    def body(rank: int) -> torch.Tensor:
         x = torch.cat([torch.full((2, 3), 10.0 * rank + j) for j in range(8)])
-        results[rank] = comm.all_to_all(rank, x)
+        return comm.all_to_all(rank, x)
 
-    threads = [threading.Thread(target=body, args=(r,)) for r in range(8)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    for j, out in enumerate(results):
+    for j, out in enumerate(run_ranks(body, range(8))):
         expected = torch.cat([torch.full((2, 3), 10.0 * r + j) for r in range(8)])
         assert torch.equal(out, expected), j
 

@@ -9,30 +9,14 @@ import torch
 
 from tetri_engine import ops
 
+import rank_threads
+
 DEVICES = ("cpu:0", "cpu:1", "cpu:2", "cpu:3")
 
 
 def run_ranks(comm, fn, ranks=None, join_s: float = 30.0) -> list:
-    """Call fn(rank) on one thread per rank; return results in rank order, or re-raise the first error."""
-    ranks = list(range(comm.size)) if ranks is None else ranks
-    results: dict[int, object] = {}
-    errors: dict[int, BaseException] = {}
-
-    def body(rank):
-        try:
-            results[rank] = fn(rank)
-        except BaseException as exc:  # noqa: BLE001 - handed to the test thread
-            errors[rank] = exc
-
-    threads = [threading.Thread(target=body, args=(r,), daemon=True) for r in ranks]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(join_s)
-    assert not any(t.is_alive() for t in threads), "a rank is stuck (deadlock?)"
-    if errors:
-        raise errors[min(errors)]
-    return [results[r] for r in ranks]
+    """fn(rank) on one thread per rank of `comm` (or of `ranks`), results in rank order."""
+    return rank_threads.run_ranks(fn, range(comm.size) if ranks is None else ranks, join_s)
 
 
 def rank_tensor(rank: int, rows: int, cols: int = 3) -> torch.Tensor:

@@ -4,12 +4,13 @@ communicator driven from one thread per GPU. Marked gpu / multi_gpu: skipped wit
 from __future__ import annotations
 
 import itertools
-import threading
 
 import pytest
 import torch
 
 from tetri_engine import ops
+
+from rank_threads import run_ranks
 
 LENGTHS = (1, 5, 10, 256, 4096)
 
@@ -27,23 +28,7 @@ def make_latent(length, batch=1, channels=64, dtype=torch.bfloat16):
 
 def run_threads(fn, n: int, join_s: float = 120.0) -> list:
     """fn(rank) on one thread per rank; fails (instead of hanging) if a thread is stuck."""
-    results, errors = {}, {}
-
-    def body(rank):
-        try:
-            results[rank] = fn(rank)
-        except BaseException as exc:  # noqa: BLE001 - handed to the test thread
-            errors[rank] = exc
-
-    threads = [threading.Thread(target=body, args=(r,), daemon=True) for r in range(n)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(join_s)
-    assert not any(t.is_alive() for t in threads), "a rank is stuck: deadlock in a collective?"
-    if errors:
-        raise errors[min(errors)]
-    return [results[r] for r in range(n)]
+    return run_ranks(fn, range(n), join_s)
 
 
 @pytest.mark.gpu

@@ -43,8 +43,6 @@ def test_arrays_cover_every_layer_step_and_stream(runtime, profile):
 
 def test_distances_are_what_they_say(runtime, profile):
     """Recompute one number by hand: relative L2 of the attention output of the last layer, step 2 vs 1."""
-    from tetri_engine.model import ulysses
-
     prepared = runtime.prepare(prompt=PROMPTS[1], width=64, height=48, seed=7, num_steps=5)
     outs = []
 

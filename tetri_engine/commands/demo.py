@@ -141,7 +141,7 @@ def print_schedule(rounds, items) -> None:
         groups = "  |  ".join(
             f"{'+'.join(g.request_ids)} {_size(items, g.request_ids[0])} -> {','.join(g.devices)} "
             f"(k={g.degree}, {sum(g.steps_done.values()) // max(1, len(g.request_ids))} steps)"
-            + (f" FAILED" if g.error else "")
+            + (" FAILED" if g.error else "")
             for g in record.groups)
         print(f"  round {record.index:3d}  t={record.start_s:7.2f}s  {record.wall_s * 1e3:7.1f} ms  {groups}")
 
