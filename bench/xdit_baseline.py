@@ -10,7 +10,11 @@ run through xfuser's own Ulysses sequence parallelism, at a degree fixed for the
   service does; per-request finish time, latency, deadline met, and the SAR (issue 7). FCFS does not
   look at deadlines, so one replay is scored at every ``--slo-scales`` value (deadline = arrival +
   scale x slo_ms). Only rank 0 reads the clock and decides; it broadcasts each decision, so both ranks
-  always run the same forward.
+  always run the same forward. Idle gaps are skipped (``--no-compress-idle`` waits them out): when the
+  server is idle and the next arrival is in the future, the trace clock jumps to it; FCFS from an
+  empty system is time-shift invariant, so every outcome is the same and only wall time is saved
+  (``skipped_s`` in the summary). ``--trace a.jsonl,b.jsonl`` replays several traces in turn after one
+  model build and warm-up; ``--labels`` names them (default: the file names) in every output line.
 
 Which xDiT code runs (``--path``, reported in every output line as ``path``):
 
@@ -37,11 +41,18 @@ Run on 2 GPUs (rank 0 writes --output; the env vars are also defaulted at the to
     torchrun --standalone --nproc_per_node=2 bench/xdit_baseline.py serve --trace trace.jsonl \\
       --slo-scales 1.0,1.1,1.2,1.5 --max-seconds 540 --output bench/results/xdit-serve-2xH200.jsonl
 
+  # both mixes in one launch (one model build and warm-up; one budget for both)
+  NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 \\
+    torchrun --standalone --nproc_per_node=2 bench/xdit_baseline.py serve \\
+      --trace out/e2e/trace-uniform.jsonl,out/e2e/trace-skewed.jsonl --labels uniform,skewed \\
+      --slo-scales 1.0,1.1,1.2,1.5 --max-seconds 540 --output bench/results/xdit-serve-2xH200.jsonl
+
   # short smoke of the serve path: every request 2 steps, first 8 requests
   ... bench/xdit_baseline.py serve --trace trace.jsonl --steps-override 2 --max-requests 8 --max-seconds 240
 
   # on any machine, no GPU, no xfuser: parse, build the schedule, print what would run
   python bench/xdit_baseline.py serve --trace trace.jsonl --dry-run
+  python bench/xdit_baseline.py serve --trace a.jsonl,b.jsonl --labels uniform,skewed --dry-run --max-seconds 540
   python bench/xdit_baseline.py step --dry-run
 
 ``--nproc_per_node=1`` runs the same code at degree 1 (xDiT without parallelism).
@@ -51,10 +62,15 @@ above + the flow-match Euler update of FluxPipeline's sigma schedule] + a VAE de
 (random-weight FLUX ``AutoencoderKL``, bf16, on every rank, as xDiT does without --use_parallel_vae;
 ``--no-vae-decode`` leaves it out). Not timed: text encoding (random prompt embeddings of
 --text-tokens tokens stand in for CLIP/T5), image post-processing and PNG, HTTP. ``--max-seconds``
-bounds the whole run from process start (model build and warm-up included): a request whose
-predicted finish would pass it is not started, nor is any later one; they are written as
+bounds the whole launch in real wall time from process start (model build, warm-up and every trace
+included; skipped idle time is not spent, so it does not count): a request whose predicted finish
+would pass it is not started, nor is any later one, in this trace or the next; they are written as
 ``not_run_budget`` and count as missed in the SAR (the summary says how many). Times in the output are
 on the trace's clock; the replay begins at the first arrival (an idle server before it changes nothing).
+
+Output (JSON lines, rank 0): one ``request`` line per request and one ``summary`` line per (trace, SLO
+scale), each with ``label`` and ``trace``; a summary line's sar/deadline_met/sar_of_run are at its
+``slo_scale``. Its ``busy_fraction`` is over the trace's own timeline: busy_s / (replay_wall_s + skipped_s).
 """
 from __future__ import annotations
 
@@ -132,10 +148,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     p_serve = sub.add_parser("serve", help="real-time FCFS replay of a trace, one request at a time (issue 7)")
     common_args(p_serve)
-    p_serve.add_argument("--trace", required=True, help="JSON lines: arrival_s, width, height, steps, slo_ms")
+    p_serve.add_argument("--trace", required=True,
+                         help="JSON lines: arrival_s, width, height, steps, slo_ms; a comma list replays several "
+                              "traces in turn after one model build and warm-up")
+    p_serve.add_argument("--labels", default=None,
+                         help="comma list, one per --trace file, written as `label` in every output line "
+                              "(default: the file names without extension)")
+    p_serve.add_argument("--no-compress-idle", dest="compress_idle", action="store_false",
+                         help="wait out idle gaps in real time; by default, when the server is idle and the next "
+                              "arrival is in the future, the trace clock jumps to it (same outcomes, less wall time)")
     p_serve.add_argument("--max-seconds", type=float, default=None,
-                         help="required: wall-clock budget from process start; requests that cannot finish in it "
-                              "are not run (optional with --dry-run)")
+                         help="required: wall-clock budget from process start, shared by all traces; requests "
+                              "that cannot finish in it are not run (optional with --dry-run)")
     p_serve.add_argument("--steps-override", type=int, default=None,
                          help="run every request with this many steps (a short smoke; arrivals and SLOs kept)")
     p_serve.add_argument("--max-requests", type=int, default=None, help="only the first N requests by arrival")
@@ -176,11 +200,160 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             args.scales = common.parse_scales(args.slo_scales)
         except ValueError as exc:
             parser.error(f"--slo-scales: {exc}")
+        args.traces = [t.strip() for t in args.trace.split(",") if t.strip()]
+        if not args.traces:
+            parser.error("--trace: no file given")
+        if args.labels is None:
+            args.labels = [Path(t).stem for t in args.traces]
+        else:
+            args.labels = [x.strip() for x in args.labels.split(",")]
+            if len(args.labels) != len(args.traces) or not all(args.labels):
+                parser.error(f"--labels: {len(args.traces)} traces need {len(args.traces)} non-empty labels")
+        if len(set(args.labels)) != len(args.labels):
+            # the label is what tells the runs apart in the output
+            parser.error(f"--labels: must be distinct, got {args.labels} (give --labels for files of the same name)")
     if args.dtype is None:
         args.dtype = "bf16" if args.device == "cuda" else "fp32"
     if args.output is None:
         args.output = str(Path("bench") / "results" / f"xdit-{args.mode}.jsonl")
     return args
+
+
+# ------------------------------------------------------------------- replay (live run and dry run)
+
+BUSY_NOTE = ("busy_fraction = busy_s / replay_span_s, where replay_span_s = replay_wall_s + skipped_s: the trace's "
+             "own timeline, as if idle gaps had been waited out")
+
+
+class WallClock:
+    """The live replay's clock."""
+
+    @staticmethod
+    def now() -> float:
+        return time.time()
+
+    @staticmethod
+    def sleep(seconds: float) -> None:
+        time.sleep(seconds)
+
+
+class VirtualClock:
+    """The dry run's clock: time passes only when the replay sleeps or a request runs (for its estimated
+    service time), so the dry run predicts the live run's wall time without spending it."""
+
+    def __init__(self, start_s: float = 0.0):
+        self.t = start_s
+
+    def now(self) -> float:
+        return self.t
+
+    def sleep(self, seconds: float) -> None:
+        self.t += seconds
+
+
+def replay_trace(requests, scales, *, clock, broadcast, is_main: bool, predict_s, deadline_abs: float,
+                 compress: bool, keepalive_s: float, run_request, on_record=None) -> dict:
+    """FCFS, one request at a time, non-preemptive, on the trace's clock: t0 + arrival_s is when a request
+    arrives, and the replay begins at the first arrival. The live run and the dry run share this loop.
+
+    Only rank 0 (`is_main`) reads `clock` and decides; `broadcast` sends its [action, skip] to every
+    rank, so all ranks run the same request and shift the trace clock by the same amount.
+    Idle-gap compression (`compress`): at each decision the previous request has finished, so the
+    server is idle; if the next arrival is still in the future, t0 moves back by the gap instead of
+    sleeping. FCFS from an empty system is time-shift invariant, so start/finish/latency on the trace
+    clock are unchanged; only the wall time shrinks. The budget (`deadline_abs`) is on `clock`, so it
+    counts real wall time. Without compression the wait is sliced by `keepalive_s` (ACTION_WAIT), so a
+    long gap never reaches the collectives' timeout.
+
+    run_request(req) -> (ok, transformer_s, decode_s, error) runs it on every rank;
+    on_record(index, record, skipped_before_s) is called for every record, not-run ones included."""
+    replay_start = broadcast([clock.now()])[0]
+    t0 = replay_start - requests[0].arrival_s
+    skipped_total = 0.0
+    records: list[common.RequestRecord] = []
+    budget_stop_at: int | None = None
+    for i, req in enumerate(requests):
+        skipped_here = 0.0
+        while True:
+            action, skip = ACTION_RUN, 0.0
+            if is_main:
+                now, arrive = clock.now(), t0 + req.arrival_s
+                if compress and now < arrive:
+                    skip, arrive = arrive - now, now
+                if max(now, arrive) + predict_s(req) > deadline_abs:
+                    action, skip = ACTION_STOP, 0.0
+                elif now < arrive:
+                    clock.sleep(min(arrive - now, keepalive_s))
+                    action = ACTION_RUN if clock.now() >= arrive else ACTION_WAIT
+            action_f, skip = broadcast([float(action), skip])
+            action = int(action_f)
+            t0 -= skip
+            skipped_here += skip
+            if action != ACTION_WAIT:
+                break
+        skipped_total += skipped_here
+        if action == ACTION_STOP:
+            budget_stop_at = i
+            for j, r in enumerate(requests[i:], start=i):
+                records.append(common.make_record(r, scales, "not_run_budget"))
+                if on_record:
+                    on_record(j, records[-1], 0.0)
+            break
+        start_s = clock.now() - t0
+        ok, tr_s, dec_s, error = run_request(req)
+        finish_s = clock.now() - t0
+        if ok:
+            rec = common.make_record(req, scales, "completed", start_s, finish_s, transformer_s=tr_s, decode_s=dec_s)
+        else:
+            rec = common.make_record(req, scales, "failed", start_s, finish_s, error=error)
+        records.append(rec)
+        if on_record:
+            on_record(i, rec, skipped_here)
+    return {"records": records, "replay_start_abs": replay_start, "wall_s": clock.now() - replay_start,
+            "skipped_s": skipped_total, "budget_stop_at": budget_stop_at}
+
+
+def replay_summary(result: dict, scales, compress: bool) -> dict:
+    """common.summarize of a replay, the busy fraction taken over the uncompressed trace timeline."""
+    summary = common.summarize(result["records"], scales, replay_span_s=result["wall_s"] + result["skipped_s"])
+    summary.update(replay_wall_s=result["wall_s"], skipped_s=result["skipped_s"], compress_idle=compress,
+                   busy_fraction_note=BUSY_NOTE)
+    return summary
+
+
+def request_row(rec: common.RequestRecord, label: str, trace: str, **extra) -> dict:
+    return {**asdict(rec), "label": label, "trace": trace, **extra}
+
+
+def summary_rows(summary: dict, records, scales, label: str, trace: str, **extra) -> list[dict]:
+    """One `summary` line per SLO scale (bench/e2e_slo.py writes one per mix and scale): slo_scale,
+    deadline_met, sar, sar_of_run and the per-resolution sar are at that scale; sar_by_scale has all."""
+    rows = []
+    for x in scales:
+        k = common.scale_key(x)
+        rows.append({
+            "kind": "summary", "label": label, "trace": trace, **summary, **extra,
+            "slo_scale": x,
+            "deadline_met": sum(1 for r in records if r.met_by_scale.get(k)),
+            "sar": summary["sar_by_scale"][k],
+            "sar_of_run": summary["sar_of_run_by_scale"][k],
+            "by_resolution": {size: {**d, "sar": d["sar_by_scale"][k]}
+                              for size, d in summary["by_resolution"].items()},
+        })
+    return rows
+
+
+SUMMARY_COLUMNS = [
+    ("label", "label"), ("requests", "requests"), ("completed", "done"), ("failed", "failed"),
+    ("not_run_budget", "not run"), ("slo_scale", "scale"), ("deadline_met", "met"), ("sar", "SAR"),
+    ("sar_of_run", "SAR(run)"), ("latency_mean_s", "mean s"), ("latency_p50_s", "p50 s"),
+    ("latency_p99_s", "p99 s"), ("busy_fraction", "busy")]
+
+
+def timeline_line(label: str, summary: dict) -> str:
+    how = ("idle gaps skipped" if summary["compress_idle"] else "idle gaps waited out (--no-compress-idle)")
+    return (f"[{label}] replay wall {summary['replay_wall_s']:.1f} s + {summary['skipped_s']:.1f} s idle skipped "
+            f"= trace timeline {summary['replay_span_s']:.1f} s ({how}); busy fraction is over the trace timeline")
 
 
 # ------------------------------------------------------------------------------------------ dry run
@@ -204,44 +377,70 @@ def dry_run(args: argparse.Namespace) -> int:
               f"{', then a one-GPU reference forward for the check' if args.check else ''}; write {args.output}")
         return 0
 
-    requests = common.apply_overrides(common.load_trace(args.trace), args.steps_override, args.max_requests)
+    source = args.estimate_from or "DESIGN.md's diffusers Ulysses-2 numbers on 2xH200 (rough)"
+    print(f"[dry-run] predicted with step times from {source}, transformer only; "
+          + (f"{args.dry_run_setup_s:.0f} s assumed for set-up, so {args.max_seconds - args.dry_run_setup_s:.0f} s "
+             f"of wall-clock budget for all traces" if args.max_seconds is not None
+             else "no budget (--max-seconds not given)")
+          + ("; idle gaps skipped" if args.compress_idle else "; idle gaps waited out (--no-compress-idle)"))
+    runs = plan_serve(args)
+    for run in runs:
+        requests, records, summary = run["requests"], run["records"], run["summary"]
+        mix: dict[str, int] = {}
+        for r in requests:
+            mix[f"{r.width}x{r.height}"] = mix.get(f"{r.width}x{r.height}", 0) + 1
+        print(f"[dry-run] [{run['label']}] trace {run['trace']}: {len(requests)} requests, arrivals "
+              f"{requests[0].arrival_s:.1f}..{requests[-1].arrival_s:.1f} s, mix {mix}, steps "
+              f"{sorted({r.steps for r in requests})}{' (--steps-override)' if args.steps_override else ''}")
+        sars = ", ".join(f"{v:.3f} @ {k}" for k, v in summary["sar_by_scale"].items())
+        print(f"[dry-run]   would run {len(requests) - summary['not_run_budget']} of {len(requests)}; predicted SAR "
+              f"{sars} (SLO scale)")
+        print("[dry-run]   " + timeline_line(run["label"], summary))
+        show = records[:12]
+        print(common.format_table([vars(r) for r in show], [
+            ("request_id", "request"), ("width", "w"), ("height", "h"), ("steps", "steps"), ("arrival_s", "arrival"),
+            ("start_s", "start"), ("finish_s", "finish"), ("deadline_s", "deadline"), ("deadline_met", "met"),
+            ("status", "status")]))
+        if len(records) > len(show):
+            print(f"[dry-run]   ... {len(records) - len(show)} more")
+    rows = [row for run in runs for row in run["rows"] if row["kind"] == "summary"]
+    print(common.format_table(rows, SUMMARY_COLUMNS))
+    print(f"[dry-run] would write {sum(len(run['records']) for run in runs)} request lines + {len(rows)} summary "
+          f"lines (one per trace and SLO scale, told apart by `label`) to {args.output}")
+    return 0
+
+
+def plan_serve(args: argparse.Namespace) -> list[dict]:
+    """The dry run of `serve`: the live replay loop on a VirtualClock, each request taking its estimated
+    transformer time; start-up takes --dry-run-setup-s and the traces follow one another, as live.
+    Returns per trace: label, trace, requests, records, summary, and the output lines a live run writes."""
     table = (common.load_step_table(args.estimate_from) if args.estimate_from
              else dict(common.DEFAULT_STEP_MS_ESTIMATE))
     est_step_ms = common.step_ms_estimator(table)
-    source = args.estimate_from or "DESIGN.md's diffusers Ulysses-2 numbers on 2xH200 (rough)"
 
     def service_s(r: common.TraceRequest) -> float:
         return r.steps * est_step_ms(r.width, r.height) / 1000.0
 
-    first_arrival = requests[0].arrival_s  # the replay clock starts at the first arrival, as the live run's does
-    budget_replay_s = (None if args.max_seconds is None
-                       else first_arrival + args.max_seconds - args.dry_run_setup_s)
-    records = common.simulate_fcfs(requests, service_s, args.scales, budget_s=budget_replay_s)
-    finishes = [r.finish_s for r in records if r.finish_s is not None]
-    summary = common.summarize(records, args.scales,
-                               replay_span_s=(max(finishes) - first_arrival) if finishes else 0.0)
-    mix: dict[str, int] = {}
-    for r in requests:
-        mix[f"{r.width}x{r.height}"] = mix.get(f"{r.width}x{r.height}", 0) + 1
-    print(f"[dry-run] trace {args.trace}: {len(requests)} requests, arrivals {requests[0].arrival_s:.1f}.."
-          f"{requests[-1].arrival_s:.1f} s, mix {mix}, steps {sorted({r.steps for r in requests})}"
-          f"{' (--steps-override)' if args.steps_override else ''}")
-    print(f"[dry-run] predicted with step times from {source}, transformer only, "
-          + (f"{args.dry_run_setup_s:.0f} s assumed for set-up, replay budget "
-             f"{budget_replay_s - first_arrival:.0f} s from the first arrival:"
-             if budget_replay_s is not None else "no budget (--max-seconds not given):"))
-    sars = ", ".join(f"{v:.3f} @ {k}" for k, v in summary["sar_by_scale"].items())
-    print(f"[dry-run]   would run {len(requests) - summary['not_run_budget']} of {len(requests)}; predicted SAR "
-          f"{sars} (SLO scale); replay span {summary['replay_span_s']:.1f} s")
-    show = records[:12]
-    print(common.format_table([vars(r) for r in show], [
-        ("request_id", "request"), ("width", "w"), ("height", "h"), ("steps", "steps"), ("arrival_s", "arrival"),
-        ("start_s", "start"), ("finish_s", "finish"), ("deadline_s", "deadline"), ("deadline_met", "met"),
-        ("status", "status")]))
-    if len(records) > len(show):
-        print(f"[dry-run]   ... {len(records) - len(show)} more")
-    print(f"[dry-run] would write {len(records)} request lines + 1 summary line to {args.output}")
-    return 0
+    def run_request(r: common.TraceRequest):
+        clock.sleep(service_s(r))
+        return True, None, None, None
+
+    clock = VirtualClock(args.dry_run_setup_s)   # seconds since process start
+    runs = []
+    for label, path in zip(args.labels, args.traces):
+        requests = common.apply_overrides(common.load_trace(path), args.steps_override, args.max_requests)
+        result = replay_trace(
+            requests, args.scales, clock=clock, broadcast=lambda values: values, is_main=True, predict_s=service_s,
+            deadline_abs=args.max_seconds if args.max_seconds is not None else float("inf"),
+            compress=args.compress_idle, keepalive_s=min(KEEPALIVE_S, args.dist_timeout_s / 4),
+            run_request=run_request)
+        summary = replay_summary(result, args.scales, args.compress_idle)
+        records = result["records"]
+        rows = ([request_row(rec, label, path) for rec in records]
+                + summary_rows(summary, records, args.scales, label, path, dry_run=True))
+        runs.append({"label": label, "trace": path, "requests": requests, "records": records,
+                     "summary": summary, "rows": rows})
+    return runs
 
 
 # ---------------------------------------------------------------------------------------- distributed
@@ -851,8 +1050,10 @@ def serve_one(runner, vae, req_w: int, req_h: int, steps: int, args, ctx: DistCo
 
 
 def run_serve_mode(args: argparse.Namespace, ctx: DistContext, tcfg: dict, vcfg: dict) -> int:
-    requests = common.apply_overrides(common.load_trace(args.trace), args.steps_override, args.max_requests)
-    sizes = sorted({(r.width, r.height) for r in requests}, key=lambda s: s[0] * s[1])
+    traces = [(label, path, common.apply_overrides(common.load_trace(path), args.steps_override, args.max_requests))
+              for label, path in zip(args.labels, args.traces)]
+    # one model build and one warm-up (every size of every trace) serve all traces
+    sizes = sorted({(r.width, r.height) for _, _, reqs in traces for r in reqs}, key=lambda s: s[0] * s[1])
     runner, attempts = select_runner(args, ctx, tcfg)
     meta = run_meta(args, ctx, runner, attempts)
 
@@ -910,113 +1111,102 @@ def run_serve_mode(args: argparse.Namespace, ctx: DistContext, tcfg: dict, vcfg:
 
     writer = JsonlWriter(args.output if ctx.is_main else None)
     deadline_abs = _SCRIPT_START_S + args.max_seconds
-    ctx.sync()
-    ctx.barrier()
-    # Trace clock: t0 + arrival_s is when a request arrives. It starts at the first arrival (an idle
-    # server before it changes nothing), so no budget is spent waiting for the trace to begin.
-    first_arrival = requests[0].arrival_s
-    replay_start_abs = ctx.broadcast([time.time()])[0]
-    t0 = replay_start_abs - first_arrival
-    ctx.log(f"replay of {len(requests)} requests starts at trace time {first_arrival:.2f} s; "
-            f"{deadline_abs - replay_start_abs:.0f} s of budget left (set-up took "
-            f"{replay_start_abs - _SCRIPT_START_S:.0f} s)")
-    records: list[common.RequestRecord] = []
-    budget_stop_at: int | None = None
+    setup_s = time.time() - _SCRIPT_START_S
     keepalive_s = min(KEEPALIVE_S, args.dist_timeout_s / 4)
-    for i, req in enumerate(requests):
-        # 1. Rank 0 decides (stop for the budget before any waiting), waits for the arrival in slices of
-        #    at most keepalive_s, telling the other ranks "still waiting" after each (so that a long gap
-        #    in the trace never reaches the collectives' timeout), then says "run".
-        while True:
-            action = ACTION_RUN
-            if ctx.is_main:
-                step_s, dec_s = estimates.get((req.width, req.height), (float("inf"), 0.0))
-                predicted = req.steps * step_s + dec_s if step_s != float("inf") else 0.0
-                now = time.time()
-                if max(now, t0 + req.arrival_s) + predicted > deadline_abs:
-                    action = ACTION_STOP
-                elif now < t0 + req.arrival_s:
-                    time.sleep(min(t0 + req.arrival_s - now, keepalive_s))
-                    action = ACTION_RUN if time.time() >= t0 + req.arrival_s else ACTION_WAIT
-            action = int(ctx.broadcast([float(action)])[0])
-            if action != ACTION_WAIT:
-                break
-        if action == ACTION_STOP:
-            budget_stop_at = i
-            records.extend(common.make_record(r, args.scales, "not_run_budget") for r in requests[i:])
-            ctx.log(f"budget: {len(requests) - i} requests from #{i} not run (marked missed)")
-            break
-        # 2. Both ranks run it.
-        start_s = time.time() - t0
-        error, tr_s, dec_s = None, None, None
-        try:
-            tr_s, dec_s = serve_one(runner, vae, req.width, req.height, req.steps, args, ctx, tcfg, seed=1000 + req.index)
-        except Exception as exc:  # noqa: BLE001
-            error = _short_exc(exc)
-            ctx.log(f"request {req.request_id} failed: {error}", all_ranks=True)
-        ok = ctx.agree(error is None)
-        finish_s = time.time() - t0
-        if ok:
-            rec = common.make_record(req, args.scales, "completed", start_s, finish_s, transformer_s=tr_s,
-                                     decode_s=dec_s)
-        else:
-            rec = common.make_record(req, args.scales, "failed", start_s, finish_s,
-                                     error=error or "failed on another rank")
-            _free(ctx)
-        records.append(rec)
-        writer.write({**asdict(rec), "path": runner.path, "attention": runner.attention})
-        ctx.log(f"#{i} {req.request_id} {req.width}x{req.height} {req.steps} steps: arrival {req.arrival_s:.2f} "
-                f"start {start_s:.2f} finish {finish_s:.2f} latency {finish_s - req.arrival_s:.2f} s "
-                f"(deadline +{rec.deadline_s - req.arrival_s:.2f}) {'met' if rec.deadline_met else 'MISSED'}"
-                + (f" [{rec.status}]" if rec.status != "completed" else ""))
-    replay_span = time.time() - replay_start_abs
-    if budget_stop_at is not None:
-        for rec in records[budget_stop_at:]:
-            writer.write({**asdict(rec), "path": runner.path, "attention": runner.attention})
-
-    summary = {"kind": "summary", **common.summarize(records, args.scales, replay_span_s=replay_span)}
-    summary.update({
-        "trace": args.trace,
+    common_fields = {
         "steps_override": args.steps_override,
         "max_requests": args.max_requests,
         "max_seconds": args.max_seconds,
-        "budget_exhausted": budget_stop_at is not None,
-        "budget_note": (f"{summary['not_run_budget']} requests not run (wall-clock budget); counted as missed"
-                        if budget_stop_at is not None else "all requests ran"),
         "policy": f"xDiT fixed SP={runner.degree}, FCFS, one request at a time, non-preemptive",
         "timed": timed,
         "vae_decode_timed": vae is not None,
         "warmup_estimates_ms": {f"{w}x{h}": {"step_ms": e[0] * 1000, "decode_ms": e[1] * 1000}
                                 for (w, h), e in estimates.items()},
-        "setup_s": replay_start_abs - _SCRIPT_START_S,
+        "setup_s": setup_s,
         "trace_clock_note": "arrival_s/start_s/finish_s/deadline_s are on the trace's clock; the replay began at "
-                            "the first arrival",
-        "total_wall_s": time.time() - _SCRIPT_START_S,
+                            "the first arrival" + ("; idle gaps were skipped (skipped_s), which shifts no outcome"
+                                                   if args.compress_idle else ""),
         **meta,
-    })
-    writer.write(summary)
+    }
+
+    def predict_s(req: common.TraceRequest) -> float:
+        step_s, dec_s = estimates.get((req.width, req.height), (float("inf"), 0.0))
+        return req.steps * step_s + dec_s if step_s != float("inf") else 0.0
+
+    def run_request(req: common.TraceRequest):
+        error, tr_s, dec_s = None, None, None
+        try:
+            tr_s, dec_s = serve_one(runner, vae, req.width, req.height, req.steps, args, ctx, tcfg,
+                                    seed=1000 + req.index)
+        except Exception as exc:  # noqa: BLE001
+            error = _short_exc(exc)
+            ctx.log(f"request {req.request_id} failed: {error}", all_ranks=True)
+        ok = ctx.agree(error is None)
+        return ok, tr_s, dec_s, (None if ok else error or "failed on another rank")
+
+    runs = []
+    for label, path, requests in traces:
+        def on_record(i: int, rec: common.RequestRecord, skipped_s: float) -> None:
+            writer.write(request_row(rec, label, path, path=runner.path, attention=runner.attention))
+            if rec.status == "not_run_budget":
+                return
+            if rec.status == "failed":
+                _free(ctx)
+            ctx.log(f"[{label}] #{i} {rec.request_id} {rec.width}x{rec.height} {rec.steps} steps: "
+                    + (f"({skipped_s:.2f} s idle skipped) " if skipped_s > 0 else "")
+                    + f"arrival {rec.arrival_s:.2f} start {rec.start_s:.2f} finish {rec.finish_s:.2f} latency "
+                    f"{rec.finish_s - rec.arrival_s:.2f} s (deadline +{rec.deadline_s - rec.arrival_s:.2f}) "
+                    f"{'met' if rec.deadline_met else 'MISSED'}" + (f" [{rec.status}]" if rec.status != "completed" else ""))
+
+        ctx.sync()
+        ctx.barrier()
+        ctx.log(f"[{label}] replay of {len(requests)} requests from {path} starts at trace time "
+                f"{requests[0].arrival_s:.2f} s; {deadline_abs - time.time():.0f} s of budget left "
+                f"(set-up took {setup_s:.0f} s)")
+        result = replay_trace(requests, args.scales, clock=WallClock, broadcast=ctx.broadcast, is_main=ctx.is_main,
+                              predict_s=predict_s, deadline_abs=deadline_abs, compress=args.compress_idle,
+                              keepalive_s=keepalive_s, run_request=run_request, on_record=on_record)
+        records, stop_at = result["records"], result["budget_stop_at"]
+        if stop_at is not None:
+            ctx.log(f"[{label}] budget: {len(requests) - stop_at} requests from #{stop_at} not run (marked missed)")
+        summary = replay_summary(result, args.scales, args.compress_idle)
+        summary.update({
+            "budget_exhausted": stop_at is not None,
+            "budget_note": (f"{summary['not_run_budget']} requests not run (wall-clock budget); counted as missed"
+                            if stop_at is not None else "all requests ran"),
+            "replay_start_s": result["replay_start_abs"] - _SCRIPT_START_S,
+            "total_wall_s": time.time() - _SCRIPT_START_S,
+        })
+        rows = summary_rows(summary, records, args.scales, label, path, **common_fields)
+        for row in rows:
+            writer.write(row)
+        runs.append((label, summary, rows))
+        ctx.log(timeline_line(label, summary))
     writer.close()
     if ctx.is_main:
         print()
-        print(f"xDiT serving replay — {summary['policy']}; {meta['path_detail']}; attention {meta['attention']}; "
-              f"{meta['device']}")
+        print(f"xDiT serving replay — {common_fields['policy']}; {meta['path_detail']}; attention "
+              f"{meta['attention']}; {meta['device']}")
         _print_fallback_note(args, meta, attempts)
         print(f"timed: {timed}")
-        if summary["budget_exhausted"]:
-            print(f"NOTE: BUDGET RAN OUT — {summary['budget_note']}")
-        print(common.format_table([summary], [
-            ("requests", "requests"), ("completed", "done"), ("failed", "failed"), ("not_run_budget", "not run"),
-            ("slo_scale", "scale"), ("deadline_met", "met"), ("sar", "SAR"), ("sar_of_run", "SAR(run)"),
-            ("latency_mean_s", "mean s"),
-            ("latency_p50_s", "p50 s"), ("latency_p99_s", "p99 s"), ("busy_fraction", "busy")]))
-        keys = list(summary["sar_by_scale"])
-        print(common.format_table(
-            [{"size": "all", "requests": summary["requests"], "completed": summary["completed"],
-              **{f"sar@{k}": v for k, v in summary["sar_by_scale"].items()}}]
-            + [{"size": k, "requests": v["requests"], "completed": v["completed"],
-                **{f"sar@{x}": y for x, y in v["sar_by_scale"].items()}} for k, v in summary["by_resolution"].items()],
-            [("size", "size"), ("requests", "requests"), ("completed", "done")]
-            + [(f"sar@{k}", f"SAR@{k}") for k in keys]))
+        for label, summary, rows in runs:
+            print()
+            print(timeline_line(label, summary))
+            if summary["budget_exhausted"]:
+                print(f"NOTE: BUDGET RAN OUT — {summary['budget_note']}")
+            print(common.format_table(rows, SUMMARY_COLUMNS))
+            keys = list(summary["sar_by_scale"])
+            print(common.format_table(
+                [{"size": "all", "requests": summary["requests"], "completed": summary["completed"],
+                  **{f"sar@{k}": v for k, v in summary["sar_by_scale"].items()}}]
+                + [{"size": k, "requests": v["requests"], "completed": v["completed"],
+                    **{f"sar@{x}": y for x, y in v["sar_by_scale"].items()}}
+                   for k, v in summary["by_resolution"].items()],
+                [("size", "size"), ("requests", "requests"), ("completed", "done")]
+                + [(f"sar@{k}", f"SAR@{k}") for k in keys]))
+        if len(runs) > 1:
+            print()
+            print(common.format_table([row for _, _, rows in runs for row in rows], SUMMARY_COLUMNS))
         print(f"wrote {args.output}")
     return 0
 
@@ -1029,7 +1219,8 @@ def main(argv: list[str] | None = None) -> int:
         return dry_run(args)
     tcfg, vcfg = common.MODEL_CONFIGS[args.model]
     if args.mode == "serve":
-        common.load_trace(args.trace)  # fail before any GPU set-up on a bad trace
+        for path in args.traces:
+            common.load_trace(path)  # fail before any GPU set-up on a bad trace
     ctx = DistContext(args)
     if tcfg["num_attention_heads"] % ctx.world_size:
         raise SystemExit(f"{tcfg['num_attention_heads']} heads do not split over {ctx.world_size} ranks")
