@@ -82,3 +82,28 @@ def test_make_policy_errors():
         make_policy("fixed8", 8, cost())
     with pytest.raises(ValueError, match="unknown policy"):
         make_policy("sjf", 4, cost())
+
+
+def _finish_times(policy_name: str, scale: float) -> dict[str, float]:
+    from pathlib import Path
+
+    from tetri_engine.sched.simulator import simulate
+    from tetri_engine.sched.trace import generate_trace
+
+    profile = CostModel.from_json(str(Path(__file__).resolve().parents[1] / "bench/profiles/flux-dev-2xH200.json"))
+    # A loaded trace (36 req/min on 2 GPUs): queues form, so any deadline-driven choice would show.
+    trace = generate_trace(40, 36.0, "uniform", seed=3, cost=profile, max_degree=2)
+    result = simulate(trace, make_policy(policy_name, 2, profile), slo_scale=scale)
+    return {r.request_id: r.finish_s for r in result.requests}
+
+
+@pytest.mark.parametrize("name", ["fixed1", "fixed2", "rssp", "edf1", "tetri"])
+def test_uses_deadlines_says_whether_the_slo_scale_changes_the_schedule(name):
+    """bench/e2e_slo.py runs a policy with uses_deadlines False once and scores it at every SLO
+    scale: that is only right if its schedule really does not depend on the deadlines."""
+    policy = make_policy(name, 2, cost())
+    tight, loose = _finish_times(name, 1.0), _finish_times(name, 1.5)
+    if policy.uses_deadlines:
+        assert tight != loose  # (on this trace every deadline-aware policy does change its schedule)
+    else:
+        assert tight == loose

@@ -28,6 +28,8 @@ from tetri_engine.sched.slo import slo_s
 class FixedSPPolicy(Policy):
     """Static groups of `degree` devices, FCFS, each request runs to completion on its group."""
 
+    uses_deadlines = False
+
     def __init__(self, num_devices: int, cost: CostModel, degree: int, **kwargs):
         super().__init__(num_devices, cost, **kwargs)
         if degree > num_devices:
@@ -59,6 +61,8 @@ class FixedSPPolicy(Policy):
 class EDFPolicy(FixedSPPolicy):
     """Fixed degree, earliest deadline first, non-preemptive."""
 
+    uses_deadlines = True
+
     def __init__(self, num_devices: int, cost: CostModel, degree: int, **kwargs):
         super().__init__(num_devices, cost, degree, **kwargs)
         self.name = f"edf{degree}"
@@ -71,6 +75,7 @@ class RSSPPolicy(Policy):
     """One static degree per resolution (chosen from the profile), FCFS, non-preemptive."""
 
     name = "rssp"
+    uses_deadlines = False  # (degrees come from the SLO table at scale 1.0, not from requests' deadlines)
 
     def __init__(self, num_devices: int, cost: CostModel, degree_by_size: dict[tuple[int, int], int] | None = None,
                  **kwargs):

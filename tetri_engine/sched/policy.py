@@ -43,6 +43,9 @@ class Policy:
     # True: schedule() plans a new round only when the previous one has fully finished (TetriServe's
     # rounds). False: idle devices are planned whenever schedule() is called (FCFS/EDF baselines).
     synchronous_rounds = False
+    # False: the policy's decisions never read a request's deadline (FCFS baselines), so one run of
+    # a trace gives every request's finish time at every SLO scale (bench/e2e_slo.py relies on it).
+    uses_deadlines = True
 
     def __init__(self, num_devices: int, cost: CostModel, *, round_steps: int = 5, round_s: float | None = None):
         if num_devices < 1:
