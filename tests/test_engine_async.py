@@ -402,3 +402,28 @@ async def test_leaving_generate_stops_the_request_mid_group(cache_dir):
         assert group.steps_done["pair-stay"] == 60 and group.steps_done["pair-leave"] < 60 // 2
         assert engine.request_state("pair-leave") is None and engine.placement("pair-leave") == ()
         assert engine.busy_devices() == [] and engine.stats()["states"]["cancelled"] == 2
+
+
+async def test_switch_policy_only_while_idle_and_keeps_serving(engine):
+    before = engine.policy_name
+    agen = engine.generate(GenerationRequest(prompt="busy", width=128, height=128, num_inference_steps=30))
+    await first_output(agen, "queued")
+    with pytest.raises(RuntimeError, match="idle"):
+        await engine.switch_policy("fixed1")
+    async for _ in agen:  # let it finish
+        pass
+    with pytest.raises(ValueError):
+        await engine.switch_policy("nope")
+    with pytest.raises(ValueError, match="exactly one"):
+        await engine.switch_policy()
+    assert engine.policy_name == before  # a refused switch changes nothing
+    await engine.switch_policy("fixed1")
+    try:
+        assert engine.policy_name == "fixed1" and engine.stats()["rounds"] == 0  # counters start afresh
+        outputs, _ = await run_to_final(engine, GenerationRequest(prompt="after", width=64, height=64,
+                                                                   num_inference_steps=3))
+        assert outputs[-1].state == RequestState.COMPLETED
+        assert dict(outputs[-1].metrics.steps_at_degree) == {1: 3}  # fixed1: every step at degree 1
+        assert engine.stats()["states"]["completed"] == 1
+    finally:
+        await engine.switch_policy(before)

@@ -263,6 +263,35 @@ class AsyncEngine:
                                               max_width=self.config.max_width, max_height=self.config.max_height)
             self._cost = CostModel.from_dict(profile)
 
+    async def switch_policy(self, policy: str | None = None, *,
+                            policy_factory: Callable[..., Any] | None = None) -> None:
+        """Schedule with another policy from now on, keeping the loaded model, communicators and CUDA
+        graphs (to compare policies on a warm engine: bench/e2e_slo.py). Only while idle: raises
+        RuntimeError when a request is live. Resets the counters and round records, as at start().
+        policy: a `sched.make_policy` name; policy_factory: as in the constructor."""
+        if self._phase != "ready":
+            raise RuntimeError(f"switch_policy needs a ready engine (it is {self._phase})")
+        if self._live or self._inflight:
+            raise RuntimeError(f"switch_policy needs an idle engine ({len(self._live)} requests are live)")
+        if (policy is None) == (policy_factory is None):
+            raise ValueError("give exactly one of policy (a name) or policy_factory")
+        from tetri_engine.sched import make_policy
+
+        if policy_factory is not None:
+            new = policy_factory(len(self._devices), self._cost)
+        else:
+            new = make_policy(policy, len(self._devices), self._cost,
+                              round_steps=self.config.round_steps, round_s=self.config.round_s)
+        groups = [tuple(self._devices[i] for i in g) for g in new.candidate_groups()]
+        if groups:
+            await asyncio.to_thread(self._comm_cache.warmup, groups)
+        self._policy = new
+        self._open_rounds.clear()
+        self._round_log.clear()
+        self._t0_s = time.monotonic()
+        self._counters = EngineCounters(num_devices=len(self._devices), started_s=self._t0_s)
+        log.info("engine policy switched to %s, round %.3f s", new.name, new.round_s)
+
     async def shutdown(self, drain: bool = True) -> None:
         """Stop the engine. drain=True: refuse new requests ("draining") and finish every accepted
         one first. drain=False: cancel every accepted request (final state CANCELLED, with a message
