@@ -271,6 +271,8 @@ def main() -> int:
                    help="sleep through the gaps where the engine is empty (default: skip them; same outcomes)")
     p.add_argument("--warmup-steps", type=int, default=2)
     p.add_argument("--no-simulate", action="store_true")
+    p.add_argument("--traces-only", action="store_true",
+                   help="write trace-<mix>.jsonl and stop (e.g. to replay them through xDiT first)")
     p.add_argument("--output", default="out/e2e")
     args = p.parse_args()
 
@@ -298,6 +300,9 @@ def main() -> int:
                                    cost=cost, max_degree=len(devices))
         traces[mix] = sorted(trace, key=lambda t: t.arrival_s)
         write_trace(os.path.join(args.output, f"trace-{mix}.jsonl"), traces[mix])
+    if args.traces_only:
+        print(f"traces written to {args.output}: " + ", ".join(f"{m} ({len(t)} requests)" for m, t in traces.items()))
+        return 0
 
     runs = []
     with open(os.path.join(args.output, "requests.jsonl"), "w") as freq, \

@@ -8,6 +8,7 @@ export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVL
 OUT=${OUT:-out/gpu}; mkdir -p "$OUT"
 PY=${PY:-python3}
 stages=${*:-build tests regroup runtime profile cache overhead xdit}
+# Issue 7 (end-to-end SAR, ~25 min on 2xH200): bench/gpu_checks.sh build corun e2e-traces xdit-serve e2e
 ngpu=$($PY -c "import torch; print(torch.cuda.device_count())")
 devs=$($PY -c "print(','.join(f'cuda:{i}' for i in range($ngpu)))")
 run() {  # run NAME TIMEOUT_S CMD...: log to $OUT/NAME.log, print its tail
@@ -29,6 +30,16 @@ for s in $stages; do case $s in
   cache)   run cache 120 $PY bench/cache_bench.py --model flux-dev --devices "$devs" --size 1024x1024 --steps 28 --seeds 1 --repeats 1 --analysis-prompts 2 --output "$OUT/cache.jsonl" ;;
   overhead) run overhead 90 $PY bench/engine_overhead.py --model flux-dev --devices "$devs" --sizes 512,1024 --steps 20 --profile "$OUT/flux-dev-${ngpu}xH200.json" --output "$OUT/overhead.jsonl" ;;
   runtime-sd3) run runtime-sd3 200 $PY bench/runtime_check.py --models sd3-medium --devices "$devs" --sizes 512,1024,2048 --output "$OUT/runtime-sd3.jsonl" ;;
+  corun)   run corun 240 $PY bench/corun_interference.py --model flux-dev --devices "$devs" --big 2048 --big-steps 12 --small 512 --small-steps 20 --encodes 3 --output "$OUT/corun.jsonl" ;;
+  # Issue 7: the same traces through xDiT (one launch, both mixes) and through the engine (every policy).
+  e2e-traces) $PY bench/e2e_slo.py --traces-only --profile bench/profiles/flux-dev-${ngpu}xH200.json --devices "$devs" \
+           --mix ${E2E_MIX:-skewed,uniform} --num-requests ${E2E_N:-8,6} --output "$OUT/e2e" ;;
+  xdit-serve) run xdit-serve 900 $PY -m torch.distributed.run --standalone --nproc_per_node=2 bench/xdit_baseline.py serve \
+           --trace "$OUT/e2e/trace-skewed.jsonl,$OUT/e2e/trace-uniform.jsonl" --labels skewed,uniform \
+           --slo-scales 1.0,1.1,1.2,1.5 --max-seconds 800 --output "$OUT/xdit-serve.jsonl" ;;
+  e2e)     run e2e 3600 $PY bench/e2e_slo.py --model flux-dev --devices "$devs" --profile bench/profiles/flux-dev-${ngpu}xH200.json \
+           --mix ${E2E_MIX:-skewed,uniform} --num-requests ${E2E_N:-8,6} --slo-scales 1.0,1.1,1.2,1.5 \
+           --policies tetri,fixed1,fixed2,rssp --output "$OUT/e2e" ;;
   xdit)    run xdit-step 240 $PY -m torch.distributed.run --standalone --nproc_per_node=2 bench/xdit_baseline.py step --resolutions 256,512,1024,2048 --iters 10 --output "$OUT/xdit-step.jsonl" ;;
   *) echo "unknown stage $s" ;;
 esac; done
