@@ -153,11 +153,7 @@ class Executor:
             yield None
             return
         if self._encode_stream is None:
-            # Pool streams are non-blocking. High priority: the encode shares its device with whatever
-            # group runs there, and on an equal-priority stream each of its many small kernels queues
-            # behind a whole step-sized kernel (seconds per prompt behind a 2048^2 step); at high
-            # priority the block scheduler runs its blocks as soon as any SM frees up.
-            self._encode_stream = torch.cuda.Stream(device, priority=-1)
+            self._encode_stream = torch.cuda.Stream(device)  # pool streams are non-blocking
         with torch.cuda.stream(self._encode_stream):
             yield self._encode_stream
 
