@@ -5,7 +5,8 @@ The simulator costs every group at its profiled time alone; in the live engine, 
 devices share one process (one GIL, one prompt encoder). This measures, on the executor directly:
 
   1. prompt encode time with the devices idle, and while a long step-bound group runs on the
-     encoder's device, with the encode stream at normal and at high priority (what the executor uses);
+     encoder's device, with the encode stream at normal priority (the executor's) and at high
+     priority (tried on 2xH200: no difference, so the delay is not GPU scheduling);
   2. a small request's steps on another device, alone and next to that long group (host-side
      contention: both executor threads launch their graphs and Euler updates under one GIL).
 

@@ -24,6 +24,7 @@ The last rank to finish resolves the future and hands the requests back (`Reques
 """
 from __future__ import annotations
 
+import collections
 import io
 import threading
 import time
@@ -42,6 +43,15 @@ if TYPE_CHECKING:  # pragma: no cover
     from tetri_engine.executor.executor import Executor
 
 
+# Steps a rank may have queued on its GPU ahead of the one running there. Unbounded, a thread fills the
+# device's launch queue and then lives at its limit: every launch waits a little for a slot, and the
+# thread wakes for the GIL after each one, which starves the other threads of the process (another
+# group's launches, the prompt encoder, the event loop): bench/corun_interference.py measured a
+# 512^2 group on one H200 2.9x slower next to a 2048^2 group on the other. Two keeps the GPU fed
+# (the next step is queued while one runs) while the thread sleeps in an event wait, GIL released.
+MAX_STEPS_QUEUED = 2
+
+
 def describe_error(exc: BaseException) -> str:
     if isinstance(exc, torch.cuda.OutOfMemoryError):
         return f"CUDA out of memory: {exc}"
@@ -53,6 +63,17 @@ def encode_png(image) -> bytes:
     # Level 1: PNG compression of a 2048x2048 image at the default level costs more than its decode.
     image.save(buffer, format="PNG", compress_level=1)
     return buffer.getvalue()
+
+
+def _wait_for_queue_room(queued: collections.deque, device: torch.device) -> None:
+    """Mark the end of the steps launched so far; then wait (GIL released) until at most
+    MAX_STEPS_QUEUED - 1 of them are still to run on the device. No deadlock in a group: the per-step
+    barrier means every rank has launched the steps (and their exchanges) being waited for."""
+    event = torch.cuda.Event(blocking=True)  # the wait sleeps rather than spins: cores stay free for Python
+    event.record(torch.cuda.current_stream(device))
+    queued.append(event)
+    while len(queued) > MAX_STEPS_QUEUED - 1:
+        queued.popleft().synchronize()
 
 
 class StepsJob:
@@ -141,7 +162,10 @@ class StepsJob:
         inputs_key, inputs, graph = None, None, None
         start = time.perf_counter()
         stopping = self.stopping[rank]  # grows in `_agree`, identically on every rank
+        queued: collections.deque = collections.deque()  # CUDA events, one after each launched step
         for _ in range(self.num_steps):
+            if device.type == "cuda":
+                _wait_for_queue_room(queued, device)
             active = [s for s in self.states if s.request_id not in failed and s.request_id not in stopping
                       and step[s.request_id] < s.prepared.num_steps]
             if not active:
