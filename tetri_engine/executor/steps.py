@@ -44,11 +44,11 @@ if TYPE_CHECKING:  # pragma: no cover
 
 
 # Steps a rank may have queued on its GPU ahead of the one running there. Unbounded, a thread fills the
-# device's launch queue and then lives at its limit: every launch waits a little for a slot, and the
-# thread wakes for the GIL after each one, which starves the other threads of the process (another
-# group's launches, the prompt encoder, the event loop): bench/corun_interference.py measured a
-# 512^2 group on one H200 2.9x slower next to a 2048^2 group on the other. Two keeps the GPU fed
-# (the next step is queued while one runs) while the thread sleeps in an event wait, GIL released.
+# device's launch queue and then lives at its limit, where every launch waits a little for a slot and
+# the thread wakes for the GIL after each one: the suspected reason why bench/corun_interference.py
+# measured a 512^2 group on one H200 2.9x slower next to a 2048^2 group on the other (the other
+# threads of the process wait for the GIL). Two keeps the GPU fed (the next step is queued while one
+# runs) while the thread sleeps in an event wait, GIL released.
 MAX_STEPS_QUEUED = 2
 
 
