@@ -209,7 +209,6 @@ async def run_all(args, devices: list[str], traces: dict[str, list[TraceRequest]
                     wall_s = time.monotonic() - t0
                     stats = engine.stats()
                     elapsed_s = time.monotonic() - engine.started_s
-                    gantt = None
                     if policy == "tetri":
                         from tetri_engine.sched.report import plot_gantt
 
