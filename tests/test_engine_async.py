@@ -191,7 +191,7 @@ async def test_abort_ends_the_stream_with_cancelled(engine):
 
 
 async def test_injected_step_failure_fails_one_request_only(engine, monkeypatch):
-    adapter = engine.runtime.adapter
+    adapter = engine.executor.runtime.adapter
     real_velocity = adapter.velocity
     victim_seed = 424242
 
@@ -388,7 +388,7 @@ async def test_leaving_generate_stops_the_request_mid_group(cache_dir):
         assert group.request_ids == ("alone",) and group.planned_steps == 60
         assert group.steps_done["alone"] < 60 // 2  # (a group without cancel reports 60)
         assert engine.busy_devices() == [] and engine.placement("alone") == ()
-        assert not engine._policy.busy_devices and not engine._policy.has_work()
+        assert not engine._core.policy.busy_devices and not engine._core.policy.has_work()
 
         stay = asyncio.create_task(run_to_final(engine, GenerationRequest(
             prompt="stay", request_id="pair-stay", seed=2, **common)))

@@ -12,14 +12,15 @@ from collections import Counter
 
 import pytest
 
+from tetri_engine.config import EngineConfig
 from tetri_engine.request import GenerationOutput, RequestMetrics, RequestState
 from tetri_engine.server import metrics as prom
 from tetri_engine.server import protocol
 from tetri_engine.server.config import ServerConfig
 from tetri_engine.server.protocol import APIError, Limits, parse_generation_request
 
-LIMITS = Limits(model_name="tiny", max_width=512, max_height=512, max_steps=50, max_n=3,
-                default_size="128x128")
+LIMITS = Limits(model_name="tiny", size_rule=EngineConfig(max_width=512, max_height=512).size_rule(),
+                max_steps=50, max_n=3, default_size="128x128")
 PNG = b"\x89PNG\r\n\x1a\nnot-really"
 
 
@@ -216,9 +217,9 @@ def test_a_config_the_server_cannot_serve_with_is_refused_before_anything_starts
     with pytest.raises(ValueError, match="default-size"):
         create_app(ServerConfig(default_size="100x100"))
     with pytest.raises(ValueError, match="default-size"):
-        create_app(ServerConfig(default_size="4096x4096", max_width=2048))
+        create_app(ServerConfig(default_size="4096x4096", engine=EngineConfig(max_width=2048)))
     # Without --default-size the default follows the limits down.
-    assert ServerConfig(max_width=256, max_height=128).resolved_default_size == "256x128"
+    assert ServerConfig(engine=EngineConfig(max_width=256, max_height=128)).resolved_default_size == "256x128"
 
 
 def test_api_key_comes_from_the_environment_when_not_given(monkeypatch):

@@ -32,13 +32,14 @@ import platform
 import statistics
 import time
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
+
+from tetri_engine.request import SizeRule
+from tetri_engine.sched.cost import num_tokens
 
 log = logging.getLogger("tetri_engine.profile")
 
 PROFILE_CODE_VERSION = 2  # bump when the measurement changes meaning: cached profiles are re-measured
-MIN_SIDE_PX = 64  # engine/admission.MIN_SIZE_PX
-PATCH_PX = 16
 
 
 @dataclass(frozen=True)
@@ -100,37 +101,39 @@ def usable_degrees(requested: Sequence[int], num_devices: int, num_heads: int) -
                          if d >= 1 and d & (d - 1) == 0 and d <= num_devices and num_heads % d == 0}))
 
 
-def default_startup_settings(runtime, num_devices: int, max_width: int, max_height: int) -> ProfileSettings:
-    """The short start-up measurement: a few sizes, every usable degree, batch 1, a few steps.
+def default_startup_settings(executor: Any, size_rule: SizeRule) -> ProfileSettings:
+    """The short start-up measurement: a few sizes, every usable degree, batch 1, a few steps, and
+    anchors at the smallest and largest size `size_rule` admits.
 
     CPU devices: 64/256/512/768 px, decode up to 512 px (it scales with pixels): about 3 s for the
     tiny model on 2 cores. GPUs: the paper's sizes up to the engine's maximum (a few steps each;
     2048^2 FLUX is ~1 s a step on one H200).
     """
-    degrees = usable_degrees([2**i for i in range(8)], num_devices, runtime.num_heads)
-    on_gpu = str(runtime.devices[0]).startswith("cuda")
-    if on_gpu:
+    degrees = usable_degrees([2**i for i in range(8)], len(executor.devices), executor.model.num_heads)
+    max_width, max_height = size_rule.max_width, size_rule.max_height
+    if str(executor.devices[0]).startswith("cuda"):
         sides = [s for s in (256, 512, 1024, 2048) if s <= min(max_width, max_height)]
         settings = dict(steps=4, warmup_steps=2, chunk_steps=2, decode_repeats=1)
     else:
         sides = [s for s in (64, 256, 512, 768) if s <= min(max_width, max_height)]
         settings = dict(steps=2, warmup_steps=1, chunk_steps=2, decode_repeats=1, decode_max_px=512)
-    anchors = ((MIN_SIDE_PX, MIN_SIDE_PX), (max_width, max_height))
+    anchors = ((size_rule.min_px, size_rule.min_px), (max_width, max_height))
     return ProfileSettings(resolutions=tuple((s, s) for s in sides), degrees=degrees, anchors=anchors, **settings)
 
 
-def measure_profile(runtime, executor, devices: Sequence[str], settings: ProfileSettings, *, model_name: str,
+def measure_profile(executor: Any, settings: ProfileSettings, *, model_name: str,
                     progress: Callable[[str], None] | None = None) -> dict:
-    """Measure a profile on `executor` (whose devices are `devices`). Returns the profile dict
-    (docs/ARCHITECTURE.md, "Profile JSON"), with a per-entry "n" (samples) and "cv" (spread)."""
+    """Measure a profile on `executor`'s devices. Returns the profile dict (docs/ARCHITECTURE.md,
+    "Profile JSON"), with a per-entry "n" (samples) and "cv" (spread)."""
     from tetri_engine.request import GenerationRequest
 
     say = progress or (lambda message: log.info("%s", message))
-    degrees = usable_degrees(settings.degrees, len(devices), runtime.num_heads)
+    devices, num_heads = executor.devices, executor.model.num_heads
+    degrees = usable_degrees(settings.degrees, len(devices), num_heads)
     skipped = sorted(set(settings.degrees) - set(degrees))
     if skipped:
         say(f"skipping degrees {skipped}: not a power of two <= {len(devices)} devices dividing "
-            f"{runtime.num_heads} heads")
+            f"{num_heads} heads")
     if not degrees:
         raise ValueError(f"no usable degree among {list(settings.degrees)} on {len(devices)} devices")
     total_steps = settings.warmup_steps + settings.steps
@@ -202,7 +205,7 @@ def measure_profile(runtime, executor, devices: Sequence[str], settings: Profile
     profile = {
         "model": model_name,
         "machine": machine_name(devices),
-        "dtype": str(runtime.dtype).replace("torch.", ""),
+        "dtype": executor.model.dtype,
         "created": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "num_devices": len(devices),
         "devices": list(devices),
@@ -247,14 +250,14 @@ def _add_anchors(step_entries: list[dict], anchors: Sequence[tuple[int, int]], d
     added = []
     degree1_ms: dict[tuple[int, int], float] = {}
     for degree in sorted(degrees):
-        points = sorted((e["width"] * e["height"] // PATCH_PX**2, e["ms"]) for e in step_entries
+        points = sorted((num_tokens(e["width"], e["height"]), e["ms"]) for e in step_entries
                         if e["degree"] == degree and e["batch"] == 1 and not e.get("extrapolated"))
         if not points:
             continue
         fit = _fit_ms(points)
         lo, hi = points[0][0], points[-1][0]
         for width, height in anchors:
-            tokens = width * height // PATCH_PX**2
+            tokens = num_tokens(width, height)
             if lo <= tokens <= hi:
                 continue
             if tokens > hi:  # at least proportional to tokens from the largest measured step (small
@@ -288,13 +291,14 @@ def cache_path(cache_dir: str, model_name: str, devices: Sequence[str], dtype: s
     return os.path.join(cache_dir, "profiles", f"{safe_model}-{digest}.json")
 
 
-def load_or_measure_profile(runtime, executor, devices: Sequence[str], model_name: str, *, cache_dir: str,
-                            max_width: int, max_height: int, settings: ProfileSettings | None = None) -> dict:
-    """The start-up profile: from the disk cache when this model/devices/dtype/torch was measured
-    before, else measured now (short) and cached. A corrupt cache file is measured over."""
-    settings = settings or default_startup_settings(runtime, len(devices), max_width, max_height)
-    dtype = str(runtime.dtype).replace("torch.", "")
-    path = cache_path(cache_dir, model_name, devices, dtype, settings)
+def load_or_measure_profile(executor: Any, model_name: str, *, cache_dir: str, size_rule: SizeRule,
+                            settings: ProfileSettings | None = None) -> dict:
+    """The start-up profile of `executor`'s model on its devices: from the disk cache when this
+    model/devices/dtype/torch was measured before, else measured now (short) and cached. A corrupt
+    cache file is measured over. size_rule: the sizes the engine admits (the profile covers them)."""
+    settings = settings or default_startup_settings(executor, size_rule)
+    devices = executor.devices
+    path = cache_path(cache_dir, model_name, devices, executor.model.dtype, settings)
     try:
         with open(path, encoding="utf-8") as f:
             profile = json.load(f)
@@ -305,8 +309,7 @@ def load_or_measure_profile(runtime, executor, devices: Sequence[str], model_nam
     except (OSError, ValueError) as exc:
         log.warning("ignoring unreadable profile cache %s: %s", path, exc)
     start = time.perf_counter()
-    profile = measure_profile(runtime, executor, devices, settings, model_name=model_name,
-                              progress=lambda m: log.debug("profile: %s", m))
+    profile = measure_profile(executor, settings, model_name=model_name, progress=lambda m: log.debug("profile: %s", m))
     log.info("measured the step-time profile of %s on %s in %.1f s (cached at %s)", model_name,
              ",".join(devices), time.perf_counter() - start, path)
     try:
@@ -324,14 +327,11 @@ def profile_model(model_name: str, devices: Sequence[str], settings: ProfileSett
                   progress: Callable[[str], None] | None = None) -> dict:
     """Load `model_name` on `devices`, start an executor, measure, shut down: the whole profile run
     of `tetri-engine profile` and bench/profile_steps.py."""
-    from tetri_engine import ops
     from tetri_engine.executor import Executor
-    from tetri_engine.model import load_runtime
 
-    runtime = load_runtime(model_name, devices=list(devices), dtype=dtype)
-    executor = Executor(runtime, list(devices), ops.CommCache())
+    executor = Executor.load(model_name, list(devices), dtype=dtype)
     try:
-        return measure_profile(runtime, executor, devices, settings, model_name=model_name, progress=progress)
+        return measure_profile(executor, settings, model_name=model_name, progress=progress)
     finally:
         executor.shutdown()
 

@@ -20,7 +20,7 @@ Phases of a job, on every rank:
        never disagree on the batch (diverging collectives would hang NCCL). No extra sync per step.
     3. wait for the devices; rank 0 decodes the finished requests when asked (one at a time).
 
-The last rank to finish resolves the future and hands the requests back (`RequestState.idle`).
+The last rank to finish resolves the future and hands the requests back (`DenoiseState.idle`).
 """
 from __future__ import annotations
 
@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Callable
 
 import torch
 
-from tetri_engine.executor.state import RequestState, RequestStepResult, StepsResult
+from tetri_engine.executor.state import DenoiseState, RequestStepResult, StepsResult
 from tetri_engine.model.adapter import flow_match_euler_step
 from tetri_engine.model.step_cache import CacheStep
 from tetri_engine.model.ulysses import SPContext, catch_up, sequence_parallel, shard_length, valid_tokens
@@ -77,7 +77,7 @@ def _wait_for_queue_room(queued: collections.deque, device: torch.device) -> Non
 
 
 class StepsJob:
-    def __init__(self, executor: Executor, states: list[RequestState], device_indices: tuple[int, ...],
+    def __init__(self, executor: Executor, states: list[DenoiseState], device_indices: tuple[int, ...],
                  num_steps: int, on_step: Callable[[str, int], None] | None, decode_after: bool,
                  wait_for: list[threading.Event], release: list[threading.Event]):
         self.ex = executor
@@ -216,7 +216,7 @@ class StepsJob:
                 self._decode_finished()
 
     # -- phase 1 (rank 0)
-    def _cancel_requested(self, state: RequestState) -> bool:
+    def _cancel_requested(self, state: DenoiseState) -> bool:
         """Rank 0's view of a request's cancel flag (or of the executor shutting down at exit)."""
         return state.cancelled or self.ex.exiting.is_set()
 
@@ -443,6 +443,7 @@ class StepsJob:
                 done = self.final_step.get(rid, start) - start
                 if self.job_error is None and rid in self.final_step:
                     s.step = self.final_step[rid]
+                    s.steps_s += self.steps_s
                     if done:
                         s.steps_at_degree[self.degree] = s.steps_at_degree.get(self.degree, 0) + done
                     s.peak_memory_bytes = max(s.peak_memory_bytes, peak)
