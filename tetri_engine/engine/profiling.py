@@ -125,8 +125,6 @@ def measure_profile(executor: Any, settings: ProfileSettings, *, model_name: str
                     progress: Callable[[str], None] | None = None) -> dict:
     """Measure a profile on `executor`'s devices. Returns the profile dict (docs/ARCHITECTURE.md,
     "Profile JSON"), with a per-entry "n" (samples) and "cv" (spread)."""
-    from tetri_engine.request import GenerationRequest
-
     say = progress or (lambda message: log.info("%s", message))
     devices, num_heads = executor.devices, executor.model.num_heads
     degrees = usable_degrees(settings.degrees, len(devices), num_heads)
@@ -136,72 +134,14 @@ def measure_profile(executor: Any, settings: ProfileSettings, *, model_name: str
             f"{num_heads} heads")
     if not degrees:
         raise ValueError(f"no usable degree among {list(settings.degrees)} on {len(devices)} devices")
-    total_steps = settings.warmup_steps + settings.steps
-    step_entries: list[dict] = []
-    decode_entries: list[dict] = []
-    encode_samples_s: list[float] = []
-    counter = 0
-
-    def encode(width: int, height: int, count: int) -> list[str]:
-        nonlocal counter
-        ids = []
-        for _ in range(count):
-            counter += 1
-            rid = f"__profile__/{counter}"
-            request = GenerationRequest(prompt="a profile of the step time", width=width, height=height,
-                                        num_inference_steps=total_steps, seed=counter, request_id=rid)
-            result = executor.submit_encode(rid, request).result()
-            encode_samples_s.append(result.encode_s)
-            ids.append(rid)
-        return ids
-
-    def run_steps(ids: list[str], degree: int, steps: int) -> list[float]:
-        """Per-step seconds of each call, `chunk_steps` steps at a time."""
-        samples = []
-        left = steps
-        while left > 0:
-            n = min(settings.chunk_steps, left)
-            result = executor.submit_steps(ids, list(range(degree)), n).result()
-            errors = result.errors
-            if errors:
-                raise RuntimeError(f"profiling step failed: {errors}")
-            samples.append(result.seconds / n)
-            left -= n
-        return samples
-
+    run = _Measurement(executor, settings, say)
     for width, height in settings.resolutions:
-        decoded = False
         for degree in degrees:
             batches = [1] + [b for b in settings.batches if b > 1 and degree == 1
                              and max(width, height) <= settings.batch_max_px]
             for batch in batches:
-                ids = encode(width, height, batch)
-                try:
-                    if settings.warmup_steps:
-                        run_steps(ids, degree, settings.warmup_steps)
-                    samples = run_steps(ids, degree, settings.steps)
-                    median_s = statistics.median(samples)
-                    cv = statistics.pstdev(samples) / statistics.mean(samples) if len(samples) > 1 else 0.0
-                    step_entries.append({"width": width, "height": height, "degree": degree, "batch": batch,
-                                         "ms": round(median_s * 1e3, 4), "n": settings.steps,
-                                         "calls": len(samples), "cv": round(cv, 4)})
-                    say(f"{width}x{height} degree {degree} batch {batch}: {median_s * 1e3:.2f} ms/step")
-                    wants_decode = settings.decode_max_px is None or max(width, height) <= settings.decode_max_px
-                    if not decoded and batch == 1 and wants_decode:
-                        decode_s = []
-                        for _ in range(max(1, settings.decode_repeats)):
-                            before = executor.request_stats(ids[0])["decode_s"]
-                            executor.submit_decode(ids[0], 0).result()
-                            decode_s.append(executor.request_stats(ids[0])["decode_s"] - before)
-                        decode_entries.append({"width": width, "height": height,
-                                               "ms": round(statistics.median(decode_s) * 1e3, 4)})
-                        say(f"{width}x{height} decode: {statistics.median(decode_s) * 1e3:.2f} ms")
-                        decoded = True
-                finally:
-                    for rid in ids:
-                        executor.release(rid)
-
-    extrapolated = _add_anchors(step_entries, settings.anchors, degrees)
+                run.measure(width, height, degree, batch)
+    extrapolated = _add_anchors(run.step_entries, settings.anchors, degrees)
     profile = {
         "model": model_name,
         "machine": machine_name(devices),
@@ -213,13 +153,83 @@ def measure_profile(executor: Any, settings: ProfileSettings, *, model_name: str
         "source": (f"measured by tetri_engine.engine.profiling: median of {settings.steps} steps after "
                    f"{settings.warmup_steps} warm-up steps, {settings.chunk_steps} steps per call"),
         "settings": settings.key_dict(),
-        "step_ms": step_entries,
-        "decode_ms": decode_entries,
-        "encode_ms": round(statistics.median(encode_samples_s) * 1e3, 4) if encode_samples_s else 0.0,
+        "step_ms": run.step_entries,
+        "decode_ms": run.decode_entries,
+        "encode_ms": round(statistics.median(run.encode_samples_s) * 1e3, 4) if run.encode_samples_s else 0.0,
     }
     if extrapolated:
         profile["extrapolated"] = extrapolated
     return profile
+
+
+class _Measurement:
+    """The entries of one profile run, measured one (size, degree, batch) at a time."""
+
+    def __init__(self, executor: Any, settings: ProfileSettings, say: Callable[[str], None]):
+        self.executor, self.settings, self.say = executor, settings, say
+        self.step_entries: list[dict] = []
+        self.decode_entries: list[dict] = []
+        self.encode_samples_s: list[float] = []
+        self._decoded: set[tuple[int, int]] = set()
+        self._counter = 0
+
+    def measure(self, width: int, height: int, degree: int, batch: int) -> None:
+        """One step entry (warm-up, then the timed steps); the size's decode once, at batch 1."""
+        settings = self.settings
+        ids = self._encode(width, height, batch)
+        try:
+            if settings.warmup_steps:
+                self._run_steps(ids, degree, settings.warmup_steps)
+            samples = self._run_steps(ids, degree, settings.steps)
+            median_s = statistics.median(samples)
+            cv = statistics.pstdev(samples) / statistics.mean(samples) if len(samples) > 1 else 0.0
+            self.step_entries.append({"width": width, "height": height, "degree": degree, "batch": batch,
+                                      "ms": round(median_s * 1e3, 4), "n": settings.steps,
+                                      "calls": len(samples), "cv": round(cv, 4)})
+            self.say(f"{width}x{height} degree {degree} batch {batch}: {median_s * 1e3:.2f} ms/step")
+            wants_decode = settings.decode_max_px is None or max(width, height) <= settings.decode_max_px
+            if (width, height) not in self._decoded and batch == 1 and wants_decode:
+                self._measure_decode(ids[0], width, height)
+        finally:
+            for rid in ids:
+                self.executor.release(rid)
+
+    def _encode(self, width: int, height: int, count: int) -> list[str]:
+        from tetri_engine.request import GenerationRequest
+
+        ids = []
+        for _ in range(count):
+            self._counter += 1
+            rid = f"__profile__/{self._counter}"
+            request = GenerationRequest(prompt="a profile of the step time", width=width, height=height,
+                                        num_inference_steps=self.settings.warmup_steps + self.settings.steps,
+                                        seed=self._counter, request_id=rid)
+            self.encode_samples_s.append(self.executor.submit_encode(rid, request).result().encode_s)
+            ids.append(rid)
+        return ids
+
+    def _run_steps(self, ids: list[str], degree: int, steps: int) -> list[float]:
+        """Per-step seconds of each call, `chunk_steps` steps at a time."""
+        samples = []
+        left = steps
+        while left > 0:
+            n = min(self.settings.chunk_steps, left)
+            result = self.executor.submit_steps(ids, list(range(degree)), n).result()
+            if result.errors:
+                raise RuntimeError(f"profiling step failed: {result.errors}")
+            samples.append(result.seconds / n)
+            left -= n
+        return samples
+
+    def _measure_decode(self, rid: str, width: int, height: int) -> None:
+        decode_s = []
+        for _ in range(max(1, self.settings.decode_repeats)):
+            before = self.executor.progress(rid).decode_s
+            self.executor.submit_decode(rid, 0).result()
+            decode_s.append(self.executor.progress(rid).decode_s - before)
+        self.decode_entries.append({"width": width, "height": height, "ms": round(statistics.median(decode_s) * 1e3, 4)})
+        self.say(f"{width}x{height} decode: {statistics.median(decode_s) * 1e3:.2f} ms")
+        self._decoded.add((width, height))
 
 
 def _fit_ms(points: list[tuple[int, float]]) -> Callable[[int], float]:

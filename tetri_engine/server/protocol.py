@@ -189,29 +189,7 @@ def parse_generation_request(body: Any, limits: Limits) -> ImageGenerationParams
         raise bad_request(f"'prompt' is {len(prompt)} characters; at most {MAX_PROMPT_CHARS}.",
                           "prompt")
 
-    model = body.get("model")
-    if model is not None and model != limits.model_name:
-        raise bad_request(f"The model '{model}' is not served here; this server serves "
-                          f"'{limits.model_name}' (GET /v1/models).", "model",
-                          code="model_not_found")
-
-    response_format = body.get("response_format")
-    if response_format == "url":
-        raise bad_request("response_format 'url' is not supported: this server does not host "
-                          "image files. Use 'b64_json' (the default).", "response_format",
-                          code="unsupported_value")
-    if response_format not in (None, "b64_json"):
-        raise bad_request(f"'response_format' must be 'b64_json', got {response_format!r}.",
-                          "response_format")
-    output_format = body.get("output_format")
-    if output_format not in (None, "png"):
-        raise bad_request(f"'output_format' {output_format!r} is not supported; only 'png'.",
-                          "output_format", code="unsupported_value")
-    background = body.get("background")
-    if background not in (None, "auto", "opaque"):
-        raise bad_request(f"'background' {background!r} is not supported; images are opaque.",
-                          "background", code="unsupported_value")
-
+    _check_model_and_format(body, limits)
     n = _int(body, "n", 1, 1, limits.max_n)
     width, height = parse_size(body.get("size"), limits.default_size, limits.size_rule)
     stream = _bool(body, "stream")
@@ -245,6 +223,32 @@ def parse_generation_request(body: Any, limits: Limits) -> ImageGenerationParams
         num_inference_steps=steps, guidance_scale=guidance, negative_prompt=negative, seed=seed,
         deadline_ms=deadline_ms, slo_scale=slo_scale, partial_images=partial_images, preview_every=preview_every,
         progress_events=progress_events, cache=CacheMode(cache), user=user)
+
+
+def _check_model_and_format(body: dict, limits: Limits) -> None:
+    """The model asked for must be the one served, and the answer a PNG in base64 JSON."""
+    model = body.get("model")
+    if model is not None and model != limits.model_name:
+        raise bad_request(f"The model '{model}' is not served here; this server serves "
+                          f"'{limits.model_name}' (GET /v1/models).", "model",
+                          code="model_not_found")
+
+    response_format = body.get("response_format")
+    if response_format == "url":
+        raise bad_request("response_format 'url' is not supported: this server does not host "
+                          "image files. Use 'b64_json' (the default).", "response_format",
+                          code="unsupported_value")
+    if response_format not in (None, "b64_json"):
+        raise bad_request(f"'response_format' must be 'b64_json', got {response_format!r}.",
+                          "response_format")
+    output_format = body.get("output_format")
+    if output_format not in (None, "png"):
+        raise bad_request(f"'output_format' {output_format!r} is not supported; only 'png'.",
+                          "output_format", code="unsupported_value")
+    background = body.get("background")
+    if background not in (None, "auto", "opaque"):
+        raise bad_request(f"'background' {background!r} is not supported; images are opaque.",
+                          "background", code="unsupported_value")
 
 
 def _int(body: dict, name: str, default, low: int, high: int):
