@@ -211,6 +211,27 @@ def test_server_config_maps_onto_engine_config_and_documents_every_flag():
         assert flag in help_text
 
 
+def test_every_engine_option_is_a_serve_flag_and_bad_values_are_refused():
+    import dataclasses
+
+    parser = argparse.ArgumentParser()
+    ServerConfig.add_arguments(parser)
+    help_text = parser.format_help()
+    for f in dataclasses.fields(EngineConfig):
+        assert "--" + f.name.replace("_", "-") in help_text, f.name
+    config = ServerConfig.from_args(parser.parse_args(["--no-cuda-graphs", "--admission", "best_effort",
+                                                      "--round-s", "0.5"]))
+    assert config.engine.cuda_graphs is False and config.engine.round_s == 0.5
+    assert config.engine.admission == "best_effort"
+    assert ServerConfig.from_args(parser.parse_args([])).engine == EngineConfig()
+    for flags, words in ((["--max-queue", "0"], "max_queue"), (["--round-s", "-1"], "round_s"),
+                         (["--max-width", "32"], "max_width")):
+        with pytest.raises(ValueError, match=words):
+            ServerConfig.from_args(parser.parse_args(flags))
+    with pytest.raises(ValueError, match="admission must be 'reject' or 'best_effort'"):
+        EngineConfig(admission="maybe")
+
+
 def test_a_config_the_server_cannot_serve_with_is_refused_before_anything_starts():
     from tetri_engine.server import create_app
 

@@ -40,8 +40,8 @@ class EngineConfig:
     num_cpu_devices: int = option(4, "number of virtual CPU devices when there is no GPU")
     dtype: str = option("auto", "model dtype: auto (bf16 on GPU, fp32 on CPU), bf16, fp16, fp32",
                        choices=("auto", "bf16", "fp16", "fp32"))
-    policy: str = option("tetri", "scheduling policy: tetri, fixedK (K = 1, 2, 4, 8: xDiT-style fixed "
-                        "degree), rssp, edfK")
+    policy: str = option("tetri", "scheduling policy: a name tetri_engine.sched.make_policy knows, e.g. "
+                        "tetri, fixedK (xDiT-style fixed degree K), rssp, edfK")
     profile: str | None = option(None, "step-time profile JSON (bench/profiles/*.json); default: measured "
                                 "at start-up and cached under --cache-dir", metavar="PATH")
     cache_dir: str = option(None, "directory for cached profiles (default: ~/.cache/tetri-engine)",

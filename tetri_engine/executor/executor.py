@@ -96,8 +96,7 @@ class Executor:
         from tetri_engine import ops
 
         self.runtime = runtime
-        self.model = ModelInfo(name=runtime.name, family=runtime.family,
-                               dtype=str(runtime.dtype).replace("torch.", ""), num_heads=runtime.num_heads,
+        self.model = ModelInfo(dtype=str(runtime.dtype).replace("torch.", ""), num_heads=runtime.num_heads,
                                default_steps=runtime.default_steps, default_guidance=runtime.default_guidance,
                                size_rule=runtime.size_rule)
         self.devices = list(devices or runtime.devices)

@@ -20,8 +20,6 @@ from tetri_engine.request import SizeRule
 class ModelInfo:
     """What the layers above the executor need to know of the loaded model."""
 
-    name: str
-    family: str  # "flux" | "sd3"
     dtype: str  # "float32", "bfloat16", ...
     num_heads: int  # a group's degree must divide it (Ulysses)
     default_steps: int

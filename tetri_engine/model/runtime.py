@@ -20,11 +20,8 @@ from tetri_engine.model.presets import PRESETS, Preset, build_random_pipeline, b
 from tetri_engine.model.sd3 import SD3Adapter
 from tetri_engine.request import SizeRule
 
-# pipeline class name (model_index.json "_class_name") -> adapter: adding a model family adds a line here
-ADAPTERS: dict[str, type[ModelAdapter]] = {
-    "FluxPipeline": FluxAdapter,
-    "StableDiffusion3Pipeline": SD3Adapter,
-}
+# pipeline class name (model_index.json "_class_name") -> adapter: a new model family is one adapter here
+ADAPTERS: dict[str, type[ModelAdapter]] = {a.pipeline_class_name: a for a in (FluxAdapter, SD3Adapter)}
 
 def torch_device(name: str) -> torch.device:
     """"cuda:N" -> cuda device N; "cpu:N" (a virtual device) -> the host CPU."""
