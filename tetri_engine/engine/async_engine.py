@@ -21,7 +21,9 @@ from typing import Any, AsyncIterator, Callable
 
 from tetri_engine.config import EngineConfig
 from tetri_engine.engine.admission import Admission, ModelLimits
+from tetri_engine.engine.core import EngineCore
 from tetri_engine.engine.stats import RoundRecord, stats_dict
+from tetri_engine.engine.tracker import TrackedRequest
 from tetri_engine.errors import EngineNotRunning, RequestRejected
 from tetri_engine.request import GenerationOutput, GenerationRequest, OutputKind, RequestState, SizeRule, StrEnum
 
@@ -89,7 +91,7 @@ class AsyncEngine:
         self._executor = None
         self._cost = None
         self._admission: Admission | None = None
-        self._core = None  # EngineCore, from start()
+        self._core: EngineCore | None = None  # from start()
         self._clock_task: asyncio.Task | None = None
         self._shutdown_task: asyncio.Task | None = None
 
@@ -195,8 +197,6 @@ class AsyncEngine:
         """Load the model on the devices (the executor's threads), load or measure the cost model,
         make the policy and warm its communicators up, and start the round clock. Slow work runs in a
         thread: the loop stays responsive."""
-        from tetri_engine.engine.core import EngineCore
-
         if self._phase != EnginePhase.CREATED:
             raise RuntimeError(f"an AsyncEngine starts once (it is {self._phase})")
         self._phase = EnginePhase.STARTING
@@ -317,9 +317,7 @@ class AsyncEngine:
         await tracked.ended.wait()
         return True
 
-    def _admit(self, request: GenerationRequest):
-        from tetri_engine.engine.tracker import TrackedRequest
-
+    def _admit(self, request: GenerationRequest) -> TrackedRequest:
         if self._phase in (EnginePhase.CREATED, EnginePhase.STARTING):
             raise EngineNotRunning("the engine is not started: use `async with engine:` or `await engine.start()`")
         if self._phase == EnginePhase.STOPPED:

@@ -26,7 +26,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from tetri_engine.engine.stats import GroupRecord, RoundCounters, RoundLog
+from tetri_engine.engine.stats import GroupRecord, RequestCounters, RoundCounters, RoundLog
 from tetri_engine.engine.tracker import RequestTracker, TrackedRequest
 from tetri_engine.request import CacheMode, RequestState
 
@@ -92,7 +92,7 @@ class EngineCore:
         self.policy = policy
         self.counters = RoundCounters(num_devices=len(self.devices), started_s=time.monotonic())
         self.rounds = RoundLog(self.counters)
-        self.tracker.counters = type(self.tracker.counters)()
+        self.tracker.counters = RequestCounters()
 
     # ---- the clock -----------------------------------------------------------------------------
 
