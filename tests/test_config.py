@@ -26,7 +26,7 @@ def test_the_size_rule_says_what_to_send_instead():
     rule.check(1024, 512)
     for (width, height), words in (((100, 64), "width=100 is not a multiple of 16.*try 96 or 112"),
                                    ((64, 32), "height=32 is below the minimum of 64"),
-                                   ((64, 1040), "height=1040 is beyond this engine's maximum of 512"),
+                                   ((64, 1040), "height=1040 is beyond the maximum of 512 px"),
                                    ((64.0, 64), "width must be an integer")):
         with pytest.raises(ValueError, match=words):
             rule.check(width, height)

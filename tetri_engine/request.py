@@ -102,7 +102,7 @@ class SizeRule:
             if value < self.min_px:
                 raise ValueError(f"{name}={value} is below the minimum of {self.min_px} px")
             if limit is not None and value > limit:
-                raise ValueError(f"{name}={value} is beyond this engine's maximum of {limit} px")
+                raise ValueError(f"{name}={value} is beyond the maximum of {limit} px here")
 
 
 def _smaller(a: int | None, b: int | None) -> int | None:
