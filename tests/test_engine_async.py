@@ -191,7 +191,7 @@ async def test_abort_ends_the_stream_with_cancelled(engine):
 
 
 async def test_injected_step_failure_fails_one_request_only(engine, monkeypatch):
-    adapter = engine.runtime.adapter
+    adapter = engine.executor.runtime.adapter
     real_velocity = adapter.velocity
     victim_seed = 424242
 
@@ -388,7 +388,7 @@ async def test_leaving_generate_stops_the_request_mid_group(cache_dir):
         assert group.request_ids == ("alone",) and group.planned_steps == 60
         assert group.steps_done["alone"] < 60 // 2  # (a group without cancel reports 60)
         assert engine.busy_devices() == [] and engine.placement("alone") == ()
-        assert not engine._policy.busy_devices and not engine._policy.has_work()
+        assert not engine._core.policy.busy_devices and not engine._core.policy.has_work()
 
         stay = asyncio.create_task(run_to_final(engine, GenerationRequest(
             prompt="stay", request_id="pair-stay", seed=2, **common)))
@@ -427,3 +427,40 @@ async def test_switch_policy_only_while_idle_and_keeps_serving(engine):
         assert engine.stats()["states"]["completed"] == 1
     finally:
         await engine.switch_policy(before)
+
+
+async def test_an_unknown_policy_is_refused_before_anything_loads():
+    with pytest.raises(ValueError, match="unknown policy 'nope'"):
+        AsyncEngine(EngineConfig(model="tiny", devices=DEVICES, policy="nope"))
+    AsyncEngine(EngineConfig(model="tiny", devices=DEVICES, policy="fixed16"))  # a known family, any degree
+
+
+async def test_the_policy_is_told_of_cancels_but_never_asked_to_abort_a_completed_request(cache_dir):
+    from tetri_engine.sched import make_policy
+
+    aborted = []
+
+    def recording_tetri(num_devices, cost):
+        policy = make_policy("tetri", num_devices, cost)
+        abort = policy.abort
+
+        def record(request_id):
+            aborted.append(request_id)
+            return abort(request_id)
+
+        policy.abort = record
+        return policy
+
+    config = EngineConfig(model="tiny", devices=DEVICES, cache_dir=cache_dir)
+    async with AsyncEngine(config, policy_factory=recording_tetri) as engine:
+        results = await asyncio.gather(*(run_to_final(engine, GenerationRequest(
+            prompt=f"done {i}", width=64, height=64, num_inference_steps=3, seed=i, deadline_s=600))
+            for i in range(3)))
+        assert all(outputs[-1].state == RequestState.COMPLETED for outputs, _ in results)
+        async with contextlib.aclosing(engine.generate(GenerationRequest(
+                prompt="leave", width=512, height=512, num_inference_steps=60, request_id="leaves",
+                deadline_s=600))) as stream:
+            await first_output(stream, "step")
+        if engine.request_state("leaves") is not None:
+            await engine.abort("leaves")
+    assert aborted == ["leaves"]  # its steps were not done: the policy still planned it
