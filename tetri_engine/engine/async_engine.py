@@ -780,10 +780,11 @@ class AsyncEngine:
         Times are seconds since the engine started, the clock of round_records(). Each dict:
         request_id, width, height, num_steps, steps_done, state ("waiting": has not run yet,
         "running": has), arrival_s, deadline_s; slack_s = time left to the deadline minus the fastest
-        it could still finish (remaining steps at the fastest degree, then decode; < 0: it cannot);
-        late = its deadline has passed or a plan in flight marks it late (RoundPlan.late) -- decided
-        here only, so a better notion from the scheduler plugs in at one place; devices and
-        group_start_s of the group running its steps now ([] and None when it is in none).
+        it could still finish (remaining steps at the fastest degree, then decode); late = it cannot
+        make its deadline any more: slack_s < 0 (the policies' own test for RoundPlan.late, applied
+        now; true once the deadline has passed) or a plan in flight marks it late. Late is decided
+        here only, so a better notion from the scheduler plugs in at one place. devices and
+        group_start_s: the group running its steps now ([] and None when it is in none).
         """
         if self._policy is None or self._phase == "stopped":
             return []
@@ -795,13 +796,13 @@ class AsyncEngine:
             fastest_s = self._cost.isolated_s(t.width, t.height, t.total_steps - t.steps_done,
                                               self._policy.max_degree, cached=t.request.cache == "auto")
             info = in_group.get(t.request_id)
+            slack_s = t.deadline_at_s - now_s - fastest_s
             out.append({
                 "request_id": t.request_id, "width": t.width, "height": t.height,
                 "num_steps": t.total_steps, "steps_done": t.steps_done,
                 "state": "waiting" if t.first_round_s is None else "running",
                 "arrival_s": t.arrival_s - self._t0_s, "deadline_s": t.deadline_at_s - self._t0_s,
-                "slack_s": t.deadline_at_s - now_s - fastest_s,
-                "late": now_s > t.deadline_at_s or t.request_id in marked_late,
+                "slack_s": slack_s, "late": slack_s < 0 or t.request_id in marked_late,
                 "devices": list(self._names(info.plan.groups[info.index].device_ids)) if info else [],
                 "group_start_s": info.dispatch_s - self._t0_s if info else None,
             })

@@ -66,9 +66,12 @@ class ServerConfig:
                                     "--max-height)", metavar="WxH")
     comm_cache_size: int = _opt(64, "communicator cache size (device groups kept warm)")
     # HTTP.
-    api_key: str | None = _opt(None, "require `Authorization: Bearer KEY` on /v1/* (default: the "
-                               f"{API_KEY_ENV} environment variable; unset: no key needed)",
+    api_key: str | None = _opt(None, "require `Authorization: Bearer KEY` on /v1/* and /dashboard "
+                               f"(default: the {API_KEY_ENV} environment variable; unset: no key "
+                               "needed)",
                                metavar="KEY")
+    dashboard: bool = _opt(True, "serve the live dashboard at /dashboard (on by default; it needs "
+                           "the API key too when one is set); --no-dashboard leaves it out")
     max_body_bytes: int = _opt(1 << 20, "largest request body accepted, in bytes (larger: HTTP 413)")
     drain_timeout_s: float = _opt(60.0, "on SIGINT/SIGTERM, wait at most this long for in-flight "
                                   "requests before cancelling them")
@@ -103,6 +106,10 @@ class ServerConfig:
             default = getattr(defaults, f.name)
             kind = _base_type(hints[f.name])
             help_text = f.metadata["help"]
+            if kind is bool:  # --flag / --no-flag; the help text says which one is the default
+                parser.add_argument(flag, dest=f.name, default=default, help=help_text,
+                                    action=argparse.BooleanOptionalAction)
+                continue
             if default is not None and "(default" not in help_text:
                 help_text += f" (default: {default})"
             kwargs = {"dest": f.name, "default": default, "help": help_text}
