@@ -120,8 +120,9 @@ async def test_stream_shows_the_groups_queue_and_counters_of_what_ran(aiohttp_cl
     assert len(late) == 1 and late[0]["slack_s"] < 0
     assert len(on_time) == 1 and 0 < on_time[0]["slack_s"] < on_time[0]["deadline_in_s"] < 600
     assert body["queue"][0] is late[0]  # ordered by deadline
-    body = await read_until(stream, lambda b: any(g["running"] for g in b["running"]))
-    running = [g for g in body["running"] if g["running"]]
+    body = await read_until(stream, lambda b: any(not g["ended"] for g in b["running"]))
+    running = [g for g in body["running"] if not g["ended"]]
+    assert all(g["running"] for g in body["running"])
     assert all(g["degree"] == len(g["devices"]) and set(g["request_ids"]) <= set(rows) for g in running)
     late_id = late[0]["request_id"]
     answers = await asyncio.gather(long, hopeless)

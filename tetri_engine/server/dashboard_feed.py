@@ -14,8 +14,9 @@ than a backlog, so a slow page costs nothing here.
 
 A block on the timeline is one group: its devices, request ids, degree, steps, the requests'
 size, and `late`: those of its requests that were seen late (`live_requests()` decides that) or
-whose deadline it ended after. Groups running now come from live_requests() (marked running)
-and are replaced by their record once their round has ended (same start time and devices).
+whose deadline it ended after. Groups running now come from live_requests() ("running": true,
+and "ended": true once they stopped) and give way to their record once their round has ended
+(same start time and devices).
 """
 from __future__ import annotations
 
@@ -114,11 +115,11 @@ class DashboardFeed:
                 group = running.setdefault(key, {
                     "start_s": r["group_start_s"], "devices": list(r["devices"]), "request_ids": [],
                     "degree": len(r["devices"]), "width": r["width"], "height": r["height"],
-                    "steps": 0, "running": True})
+                    "steps": 0, "running": True, "ended": False})
                 group["request_ids"].append(rid)
         for key, group in self._running.items():  # ended, record not in yet: keep it where it stopped
             if key not in running:
-                group["running"] = False
+                group["ended"] = True
         for key, group in running.items():
             group["end_s"] = now_s
             group["late"] = self._late_ids(group["request_ids"], now_s)

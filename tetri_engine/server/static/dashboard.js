@@ -8,9 +8,11 @@ const HISTORY_S = 300;
 const FRAME_MS = 125; // timeline redraws between ticks, so running blocks grow smoothly
 const QUEUE_ROWS = 12; // the soonest deadlines; the rest are counted
 const SVG_NS = "http://www.w3.org/2000/svg";
-// Colour by resolution class (side rounded to a power of two), as in the demo's Gantt plot.
-const SIZE_COLOURS = { 6: "#8c8c8c", 7: "#64b5cd", 8: "#4c72b0", 9: "#55a868", 10: "#dd8452",
-                       11: "#8172b3", 12: "#da8bc3" };
+// Colour by resolution: the paper's four sizes always the same colours (those of the demo's Gantt
+// plot), any other size one of OTHER_COLOURS picked by its numbers (the same on every page). Red is
+// kept for "late".
+const SIZE_COLOURS = { "256x256": "#4c72b0", "512x512": "#55a868", "1024x1024": "#dd8452", "2048x2048": "#8172b3" };
+const OTHER_COLOURS = ["#64b5cd", "#937860", "#da8bc3", "#b8a33f", "#5f9e8f", "#8c8c8c", "#e0a458"]; // 7: prime
 
 const state = {
   header: { devices: [] },
@@ -94,12 +96,15 @@ function shortId(id) {
 }
 
 function sizeColour(w, h) {
-  if (!w || !h) return "#b0b0b0";
-  return SIZE_COLOURS[Math.round(Math.log2(w * h) / 2)] || "#937860";
+  if (!w || !h) return "#cfd3da";
+  return SIZE_COLOURS[`${w}x${h}`] || OTHER_COLOURS[((w / 16) * 5 + (h / 16) * 3) % OTHER_COLOURS.length];
 }
 
 function sizeText(w, h) { return w && h ? `${w}×${h}` : "?"; }
-function fmtS(s) { return `${s < 0 ? "−" : ""}${Math.abs(s) < 10 ? Math.abs(s).toFixed(1) : Math.abs(s).toFixed(0)} s`; }
+function fmtS(s) {
+  const a = Math.abs(s);
+  return `${s < 0 ? "−" : ""}${a.toFixed(a < 1 ? 2 : a < 10 ? 1 : 0)} s`;
+}
 function pct(f) { return `${Math.round(100 * f)}%`; }
 function windowText() { return state.windowS >= 120 ? `${state.windowS / 60} min` : `${state.windowS} s`; }
 function deviceIndex(name) { return state.header.devices.indexOf(name); }
@@ -223,7 +228,7 @@ function renderTimeline() {
   const sizes = new Map();
   const blocks = [...state.groups.values(), ...state.running];
   for (const g of blocks) {
-    const end = g.running ? Math.max(g.end_s, now) : g.end_s;
+    const end = g.running && !g.ended ? Math.max(g.end_s, now) : g.end_s;
     if (end < t0) continue;
     sizes.set(sizeText(g.width, g.height), sizeColour(g.width, g.height));
     nodes.push(block(g, x(Math.max(g.start_s, t0)), x(Math.min(end, now)), laneH, top));
@@ -235,7 +240,7 @@ function renderTimeline() {
 function defs() {
   const d = el("svg:defs");
   const p = el("svg:pattern", { id: "late-hatch", width: 6, height: 6, patternUnits: "userSpaceOnUse", patternTransform: "rotate(45)" });
-  p.append(el("svg:rect", { width: 2, height: 6, fill: "#c62828", "fill-opacity": 0.55 }));
+  p.append(el("svg:rect", { width: 1.5, height: 6, fill: "#b71c1c", "fill-opacity": 0.45 }));
   d.append(p);
   return d;
 }
@@ -264,7 +269,8 @@ function block(g, x0, x1, laneH, top) {
       const twoLines = h >= 30;
       node.append(el("svg:text", { x: x0 + 4, y: twoLines ? cy - 2 : cy + 4 }, clip(`${label}`, chars)));
       if (twoLines) {
-        const detail = `k=${g.degree} · ${g.running ? "running" : `${g.steps} steps`}`;
+        const what = g.ended ? "done" : g.running ? "running" : `${g.steps} step${g.steps === 1 ? "" : "s"}`;
+        const detail = `k=${g.degree} · ${what}`;
         node.append(el("svg:text", { class: "minor", x: x0 + 4, y: cy + 11 }, detail.length <= chars ? detail : `k=${g.degree}`));
       }
       else if (chars > label.length + 4) node.lastChild.textContent = `${label} k=${g.degree}`;
@@ -297,7 +303,7 @@ function renderLegend(sizes) {
     item.append(sw, text === "?" ? "size not seen (ended between samples)" : text);
     box.append(item);
   }
-  for (const [cls, text] of [["late", "late (cannot make its deadline)"], ["running", "running now"]]) {
+  for (const [cls, text] of [["late", "late (cannot make its deadline)"], ["running", "round in progress"]]) {
     const item = el("span", { class: "item" });
     item.append(el("span", { class: `swatch ${cls}` }), text);
     box.append(item);
