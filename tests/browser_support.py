@@ -11,7 +11,6 @@ and saves the dashboard as it looks while the burst runs.
 """
 from __future__ import annotations
 
-import base64
 import os
 import shutil
 import sys
@@ -32,9 +31,8 @@ def find_binaries() -> tuple[str, str] | None:
     return browser, driver
 
 
-def headless_chromium(width: int = 1280, height: int = 900, api_key: str | None = None):
-    """A selenium WebDriver on the system's headless Chromium. With api_key, every request the
-    pages make carries it as HTTP Basic credentials, as a browser does once the user typed it."""
+def headless_chromium(width: int = 1280, height: int = 900):
+    """A selenium WebDriver on the system's headless Chromium."""
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
 
@@ -50,11 +48,15 @@ def headless_chromium(width: int = 1280, height: int = 900, api_key: str | None 
         options.add_argument(arg)
     chrome = webdriver.Chrome(options=options, service=Service(executable_path=driver))
     chrome.set_window_size(width, height)
-    if api_key is not None:
-        token = base64.b64encode(f"dashboard:{api_key}".encode()).decode()
-        chrome.execute_cdp_cmd("Network.enable", {})
-        chrome.execute_cdp_cmd("Network.setExtraHTTPHeaders", {"headers": {"Authorization": f"Basic {token}"}})
     return chrome
+
+
+def with_key(url: str, api_key: str) -> str:
+    """The URL with the key as HTTP Basic password: the browser answers the dashboard's 401 with
+    it, then sends it with every request of the page (its script, style and event stream), as it
+    does with a key a user typed into its prompt."""
+    scheme, _, rest = url.partition("://")
+    return f"{scheme}://dashboard:{api_key}@{rest}"
 
 
 # JavaScript that reads the timeline's blocks out of the page (what the test asserts on).
@@ -102,7 +104,7 @@ async def _screenshot(path: str) -> int:
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)
     await site.start()
-    port = site._server.sockets[0].getsockname()[1]
+    port = runner.addresses[0][1]
     base = f"http://127.0.0.1:{port}"
     await wait_until_ready(app)
     rng = random.Random(3)

@@ -1,8 +1,9 @@
 """The dashboard in a real browser: headless Chromium (Debian's chromium + chromium-driver, through
-selenium; `make browser` installs them) loads /dashboard from a live tiny-model server with an API
-key while a mixed burst runs, and the DOM must show a block for every group that ran, with the
-right request, size, degree and devices, the late request marked, and the queue while it is busy.
-Saves a screenshot (its path is printed). Skips, saying why, where Chromium is not installed."""
+selenium; `make browser` installs them) loads /dashboard from a live tiny-model server that has an
+API key, given as a user gives it (HTTP Basic, for the page, its files and its event stream), while
+a burst runs. The DOM must show the queue while it is busy and, after, a block for every group that
+ran, with the right request, size, degree and devices, late requests marked. Saves a screenshot
+(its path is printed). Skips, saying why, where Chromium is not installed."""
 from __future__ import annotations
 
 import asyncio
@@ -11,7 +12,7 @@ import random
 
 import pytest
 
-from browser_support import MISSING, READ_BLOCKS, find_binaries, headless_chromium, save_page_png
+from browser_support import MISSING, READ_BLOCKS, find_binaries, headless_chromium, save_page_png, with_key
 from test_server_support import small_config
 from tetri_engine.server import create_app, wait_until_ready
 from tetri_engine.server.app import ENGINE
@@ -47,9 +48,9 @@ async def test_dashboard_in_headless_chromium_shows_the_burst(aiohttp_client, tm
     client = await aiohttp_client(app)
     await wait_until_ready(app)
     auth = {"Authorization": f"Bearer {KEY}"}
-    chrome = await asyncio.to_thread(headless_chromium, 1280, 860, KEY)
+    chrome = await asyncio.to_thread(headless_chromium, 1280, 860)
     try:
-        await asyncio.to_thread(chrome.get, str(client.make_url("/dashboard?window=60")))
+        await asyncio.to_thread(chrome.get, with_key(str(client.make_url("/dashboard?window=60")), KEY))
         await poll_dom(chrome, "return document.getElementById('connection').textContent;", lambda t: t == "live")
 
         # 1. A long request: the page shows it queued with a deadline and slack, and running.

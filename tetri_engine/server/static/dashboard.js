@@ -45,7 +45,7 @@ function groupKey(g) { return `${g.start_s}|${g.devices.join(",")}`; }
 
 function apply(msg, reset) {
   if (reset) { state.groups.clear(); state.lateIds.clear(); }
-  state.header = msg;
+  state.header = { phase: msg.phase, model: msg.model, policy: msg.policy, devices: msg.devices };
   for (const g of msg.groups) state.groups.set(groupKey(g), g);
   state.running = msg.running;
   state.queue = msg.queue;
