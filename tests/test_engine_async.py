@@ -230,6 +230,42 @@ async def test_preview_outputs(engine):
     assert all(p.image.size == (256 // 8, 128 // 8) for p in previews)
 
 
+async def test_live_requests_show_deadline_slack_late_and_the_running_group(engine, monkeypatch):
+    assert engine.live_requests() == []
+    on_time = GenerationRequest(prompt="on time", width=256, height=256, num_inference_steps=40,
+                                request_id="live-on-time", deadline_s=600)
+    monkeypatch.setattr(engine.config, "admission", "best_effort")
+    hopeless = GenerationRequest(prompt="hopeless", width=256, height=256, num_inference_steps=20,
+                                 request_id="live-hopeless", deadline_s=1e-3)
+    stream = engine.generate(on_time)
+    await first_output(stream, "step")
+    late_stream = engine.generate(hopeless)
+    await first_output(late_stream, "queued")
+    running = None
+    for _ in range(500):  # until a snapshot catches it inside a group (bounded polls, not a timer)
+        live = {r["request_id"]: r for r in engine.live_requests()}
+        assert live["live-hopeless"]["slack_s"] < 0  # it cannot make it, even before its deadline passed
+        if live["live-on-time"]["devices"] and live["live-hopeless"]["late"]:
+            running = live["live-on-time"]
+            break
+        await asyncio.sleep(0.005)
+    assert running is not None, live
+    now_s = time.monotonic() - engine.started_s
+    assert (running["width"], running["height"], running["num_steps"]) == (256, 256, 40)
+    assert running["state"] == "running" and 0 <= running["steps_done"] < 40
+    assert running["deadline_s"] - running["arrival_s"] == pytest.approx(600)
+    assert 0 < running["slack_s"] < running["deadline_s"] - now_s  # remaining work is not free
+    assert running["late"] is False
+    assert set(running["devices"]) <= set(DEVICES) and running["group_start_s"] <= now_s
+
+    outputs = [out async for out in stream] + [out async for out in late_stream]
+    assert {o.state for o in outputs if o.kind == "final"} == {RequestState.COMPLETED}
+    assert engine.live_requests() == []
+    # The running group it showed is the one round_records() reports once it ends (same clock, same key).
+    groups = [g for r in engine.round_records() for g in r.groups if "live-on-time" in g.request_ids]
+    assert any(g.start_s == running["group_start_s"] and list(g.devices) == running["devices"] for g in groups)
+
+
 # ---- a policy that moves a request across groups of every width, to check seeds survive regroups ----
 
 def moving_policy(num_devices, cost):

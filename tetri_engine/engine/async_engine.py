@@ -25,7 +25,8 @@ from tetri_engine.engine.core import EngineCore
 from tetri_engine.engine.stats import RoundRecord, stats_dict
 from tetri_engine.engine.tracker import TrackedRequest
 from tetri_engine.errors import EngineNotRunning, RequestRejected
-from tetri_engine.request import GenerationOutput, GenerationRequest, OutputKind, RequestState, SizeRule, StrEnum
+from tetri_engine.request import (CacheMode, GenerationOutput, GenerationRequest, OutputKind, RequestState, SizeRule,
+                                  StrEnum)
 
 log = logging.getLogger("tetri_engine.engine")
 
@@ -161,6 +162,25 @@ class AsyncEngine:
     def round_records(self) -> list[RoundRecord]:
         """Completed rounds, oldest first (the last ROUND_LOG_SIZE): what ran where, for how long."""
         return self._core.rounds.records() if self._core is not None else []
+
+    def live_requests(self) -> list[dict[str, Any]]:
+        """The requests accepted and not yet ended, oldest first, for live views (/dashboard). Read-only.
+
+        Times are seconds since `started_s`, the clock of round_records(). Each dict: request_id, width,
+        height, num_steps, steps_done, state ("waiting": has not run yet, "running": has), arrival_s,
+        deadline_s; slack_s = time left to the deadline minus the fastest it could still finish
+        (remaining steps at the fastest degree, then decode); late = slack_s < 0 or a plan in flight
+        marks it late; devices and group_start_s: the group running its steps now ([] and None).
+        """
+        if self._core is None or self._phase == EnginePhase.STOPPED:
+            return []
+        max_degree = self._core.policy.max_degree
+
+        def fastest_s(t, steps_left: int) -> float:
+            return self._cost.isolated_s(t.request.width, t.request.height, steps_left, max_degree,
+                                         cached=t.request.cache == CacheMode.AUTO)
+
+        return self._core.live_requests(time.monotonic(), fastest_s)
 
     def stats(self) -> dict[str, Any]:
         """Engine figures for /health and /metrics (docs/ARCHITECTURE.md, `engine`).

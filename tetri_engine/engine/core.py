@@ -94,6 +94,29 @@ class EngineCore:
         self.rounds = RoundLog(self.counters)
         self.tracker.counters = RequestCounters()
 
+    def live_requests(self, now_s: float, fastest_s: Callable[[TrackedRequest, int], float]) -> list[dict[str, Any]]:
+        """A read-only snapshot of the live requests for live views (AsyncEngine.live_requests).
+        fastest_s(tracked, steps_left): the least time those steps and the decode can take."""
+        t0_s = self.counters.started_s
+        marked_late = {rid for info in self._inflight.values() for rid in info.plan.late}
+        running = {rid: info for info in self._inflight.values() for rid in info.group.request_ids}
+        out = []
+        for t in self.tracker.live.values():
+            steps_done = t.last_step_reported
+            slack_s = t.deadline_at_s - now_s - fastest_s(t, t.total_steps - steps_done)
+            info = running.get(t.request_id)
+            out.append({
+                "request_id": t.request_id, "width": t.request.width, "height": t.request.height,
+                "num_steps": t.total_steps, "steps_done": steps_done,
+                "state": "waiting" if t.first_round_s is None else "running",
+                "arrival_s": t.arrival_s - t0_s, "deadline_s": t.deadline_at_s - t0_s,
+                # late: the policies' own test (slack < 0, true once the deadline has passed) or a plan says so
+                "slack_s": slack_s, "late": slack_s < 0 or t.request_id in marked_late,
+                "devices": list(info.devices) if info else [],
+                "group_start_s": info.dispatch_s - t0_s if info else None,
+            })
+        return out
+
     # ---- the clock -----------------------------------------------------------------------------
 
     async def run(self) -> None:

@@ -5,6 +5,7 @@ Routes
   GET  /v1/models, /v1/models/{id}
   GET  /health                  200 when the engine serves, 503 while starting, draining or failed
   GET  /metrics                 Prometheus text exposition
+  GET  /dashboard, /dashboard/*  the live dashboard (dashboard.py; --no-dashboard leaves it out)
 
 The engine is created and started in `app.cleanup_ctx`; the start (model load, profiling) runs as a
 background task so the port answers at once: /health says "starting" and generation answers 503
@@ -33,6 +34,7 @@ from aiohttp import web
 
 from tetri_engine.errors import EngineNotRunning, RejectionReason, RequestRejected
 from tetri_engine.request import GenerationOutput, GenerationRequest, RequestState
+from tetri_engine.server import dashboard
 from tetri_engine.server import metrics as prom
 from tetri_engine.server import protocol
 from tetri_engine.server.config import ServerConfig
@@ -77,6 +79,8 @@ def create_app(config: ServerConfig) -> web.Application:
     app.router.add_get("/v1/models/{model_id:.+}", get_model)
     app.router.add_get("/health", health)
     app.router.add_get("/metrics", metrics)
+    if config.dashboard:
+        dashboard.setup(app, get_engine=lambda: app.get(ENGINE), api_key=config.api_key)
     return app
 
 

@@ -35,9 +35,11 @@ class ServerConfig:
                                      "size=auto (default: 512x512, capped at --max-width and "
                                      "--max-height)", metavar="WxH")
     # HTTP.
-    api_key: str | None = option(None, "require `Authorization: Bearer KEY` on /v1/* (default: the "
-                                f"{API_KEY_ENV} environment variable; unset: no key needed)",
-                                metavar="KEY")
+    api_key: str | None = option(None, "require `Authorization: Bearer KEY` on /v1/* and /dashboard "
+                                f"(default: the {API_KEY_ENV} environment variable; unset: no key "
+                                "needed)", metavar="KEY")
+    dashboard: bool = option(True, "serve the live dashboard at /dashboard (on by default; it needs "
+                             "the API key too when one is set); --no-dashboard leaves it out")
     max_body_bytes: int = option(1 << 20, "largest request body accepted, in bytes (larger: HTTP 413)")
     drain_timeout_s: float = option(60.0, "on SIGINT/SIGTERM, wait at most this long for in-flight "
                                    "requests before cancelling them")
