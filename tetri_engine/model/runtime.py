@@ -8,6 +8,7 @@ share the one CPU model. The text encoders live on the first device only.
 from __future__ import annotations
 
 import json
+import logging
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -172,6 +173,8 @@ def load_runtime(name_or_path: str = "tiny", devices: list[str] | None = None, d
     devices: ["cuda:0", ...] or virtual CPU devices ["cpu:0", ...] (default ["cpu:0"]); one kind only.
     dtype: "auto" (bf16 on GPU, fp32 on CPU), "bf16", "fp16", "fp32". seed: random weights of presets.
     """
+    # The pipelines warn with the cut-off part of every long prompt: client text must not reach the logs.
+    logging.getLogger("diffusers.pipelines").setLevel(logging.ERROR)
     devices = list(devices or ["cpu:0"])
     if len(set(devices)) != len(devices):
         raise ValueError(f"devices must be distinct, got {devices}")
