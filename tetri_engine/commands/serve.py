@@ -38,13 +38,11 @@ def run(args: argparse.Namespace) -> int:
 
 def _quiet_model_libraries(level: str) -> None:
     """diffusers and transformers log through their own handlers, blind to the root logger's level:
-    --log-level applies to them too (at least warning: their info lines are per-call noise)."""
-    from diffusers.utils import logging as diffusers_logging
-    from transformers.utils import logging as transformers_logging
-
-    value = max(logging.WARNING, getattr(logging, level.upper()))
-    diffusers_logging.set_verbosity(value)
-    transformers_logging.set_verbosity(value)
+    --log-level applies to them too (at least warning: their info lines are per-call noise). They
+    read these variables when first imported (later, in the engine's start); one set by the user wins."""
+    verbosity = "warning" if level in ("debug", "info") else level
+    for variable in ("DIFFUSERS_VERBOSITY", "TRANSFORMERS_VERBOSITY"):
+        os.environ.setdefault(variable, verbosity)
 
 
 def run_event_loop(main) -> int:
