@@ -112,20 +112,33 @@ async def test_an_answer_nobody_reads_is_cut_after_the_write_timeout(caplog):
     assert "read nothing of its answer for 0.5 s" in caplog.text
 
 
-async def test_one_connection_beyond_the_cap_gets_503_and_is_closed():
-    async with served(max_connections=3, keepalive_timeout_s=30, header_timeout_s=30) as (app, port):
-        held = [await asyncio.open_connection("127.0.0.1", port) for _ in range(3)]
+async def test_the_connection_cap_closes_idle_connections_first_then_answers_503(caplog):
+    caplog.set_level(logging.INFO, logger="tetri_engine.server")
+    async with served(max_connections=3, keepalive_timeout_s=30, header_timeout_s=30, body_timeout_s=30) as (app, port):
+        # Idle sockets (a client's pool, or someone holding descriptors) cannot lock requests out:
+        # a new connection closes the oldest idle one.
+        idle = [await asyncio.open_connection("127.0.0.1", port) for _ in range(3)]
         await until(lambda: app[STATE].open_connections == 3)
+        status, _, _ = split_answer(await raw_http(port, post(SMALL, "Connection: close")))
+        assert status == 200
+        assert await asyncio.wait_for(idle[0][0].read(), 20) == b""  # the oldest idle one was closed
+        for _, writer in idle:
+            writer.close()
+        # Every connection with a request in progress (bodies still coming): one more gets a 503.
+        busy = []
+        for _ in range(3):
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(post(b'{"pro', content_length=100))
+            busy.append((reader, writer))
+        await until(lambda: len(app[STATE].in_flight.reading) == 3)  # three handlers reading their bodies
         status, headers, body = split_answer(await raw_http(port, b""))
         assert status == 503 and headers["retry-after"] == "1"
         assert envelope(body)["code"] == "too_many_connections"
         assert app[STATE].open_connections == 3  # the refused one was never counted, nor kept
-        held[0][1].close()
-        await until(lambda: app[STATE].open_connections == 2)
-        status, _, _ = split_answer(await raw_http(port, post(SMALL, "Connection: close")))
-        assert status == 200
-        for _, writer in held[1:]:
+        for _, writer in busy:
             writer.close()
+        await until(lambda: app[STATE].open_connections == 0)
+    assert "each with a request in progress (--max-connections)" in caplog.text
 
 
 BAD_HTTP = [

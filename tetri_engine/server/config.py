@@ -57,8 +57,9 @@ class ServerConfig:
                                             "none: a request from another site's page is refused, 403)",
                                             metavar="LIST")
     # Connections: every way a client can hold a connection open is bounded in time or count.
-    max_connections: int | None = option(None, "most client connections open at once; one more is answered "
-                                         "503 and closed (default: 1024, fewer when the open-file limit "
+    max_connections: int | None = option(None, "most client connections open at once; one more closes the "
+                                         "oldest idle one, or is answered 503 when each has a request in "
+                                         "progress (default: 1024, fewer when the open-file limit "
                                          f"leaves less than {RESERVED_DESCRIPTORS} descriptors for the rest)")
     keepalive_timeout_s: float = option(15.0, "close a connection idle this long between requests")
     header_timeout_s: float = option(10.0, "a request's headers must arrive within this time of its "

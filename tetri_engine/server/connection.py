@@ -8,8 +8,11 @@ is bounded in time or count (`serve` flags; ServerConfig documents the defaults)
   answer                     write_timeout_s without the client reading any of it: the connection
                              is aborted (its unsent answer freed; a request still running is
                              cancelled with it). Slow but steady readers are not cut.
-  connections                max_connections open at once: one more is answered 503 and closed at
-                             once (a client that already sent its request may see a reset instead)
+  connections                max_connections open at once. One more closes the oldest connection
+                             that is waiting for a request (idle keep-alive, or headers still
+                             coming), so idle sockets cannot lock requests out; when every one has
+                             a request in progress, it is answered 503 and closed at once (a client
+                             that already sent its request may see a reset instead)
   URL, header lines, count   414 / 431 beyond MAX_URL_BYTES / MAX_HEADER_LINE_BYTES / MAX_HEADERS
 
 Malformed HTTP (which aiohttp's parser refuses before the app sees it) is answered in OpenAI's error
@@ -100,8 +103,27 @@ class GuardedServer(web.Server):
                          **plain._kwargs)
         self.limits = limits
         self.state = state
+        self.open: dict[GuardedConnection, None] = {}  # accepted and not lost, oldest first
         self.refused_since_log = 0
         self.refusal_logged_s = -REFUSAL_LOG_EVERY_S
+
+    def admit(self, connection: GuardedConnection) -> bool:
+        """Count a new connection in, making room by closing the oldest one waiting for a request;
+        False when every open connection has a request in progress."""
+        if len(self.open) >= self.limits.max_connections:
+            idle = next((c for c in self.open if c.awaiting_request()), None)
+            if idle is None:
+                return False
+            self.forget(idle)
+            log.debug("closed an idle connection to make room (--max-connections)")
+            idle.force_close()
+        self.open[connection] = None
+        self.state.open_connections = len(self.open)
+        return True
+
+    def forget(self, connection: GuardedConnection) -> None:
+        self.open.pop(connection, None)
+        self.state.open_connections = len(self.open)
 
     def __call__(self) -> GuardedConnection:
         return GuardedConnection(self, loop=self._loop, **self._kwargs)
@@ -110,8 +132,8 @@ class GuardedServer(web.Server):
         self.refused_since_log += 1
         now_s = time.monotonic()
         if now_s - self.refusal_logged_s >= REFUSAL_LOG_EVERY_S:
-            log.warning("refused %d connection(s): %d are open (--max-connections)", self.refused_since_log,
-                        self.limits.max_connections)
+            log.warning("refused %d connection(s): %d are open, each with a request in progress "
+                        "(--max-connections)", self.refused_since_log, self.limits.max_connections)
             self.refused_since_log, self.refusal_logged_s = 0, now_s
 
 
@@ -131,16 +153,15 @@ class GuardedConnection(RequestHandler):
     # ---- opening and closing -----------------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        state, limits = self._server.state, self._server.limits
-        if state.open_connections >= limits.max_connections:
+        if not self._server.admit(self):
             self._refused = True
             self._server.note_refusal()
             transport.write(raw_answer(APIError(
-                503, f"The server has {limits.max_connections} connections open, its limit; retry shortly.",
-                type="server_error", code="too_many_connections", headers={"Retry-After": "1"})))
+                503, f"The server has {self._server.limits.max_connections} connections open, each with a "
+                "request in progress (its limit); retry shortly.", type="server_error",
+                code="too_many_connections", headers={"Retry-After": "1"})))
             transport.close()
             return
-        state.open_connections += 1
         self._raw_transport = transport
         super().connection_made(transport)
         # However the connection's task ends, an answer the client does not read cannot hold it open:
@@ -150,12 +171,16 @@ class GuardedConnection(RequestHandler):
     def connection_lost(self, exc: BaseException | None) -> None:
         if self._refused:
             return
-        self._server.state.open_connections -= 1
+        self._server.forget(self)
         for timer in (self._header_timer, self._write_timer, self._flush_timer):
             if timer is not None:
                 timer.cancel()
         self._raw_transport = None
         super().connection_lost(exc)
+
+    def awaiting_request(self) -> bool:
+        """Every request received so far is answered: idle, or the next one's headers are coming."""
+        return self._raw_transport is not None and self._request_count == self._answered
 
     def _bound_the_flush(self) -> None:
         transport = self._raw_transport
