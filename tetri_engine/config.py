@@ -19,7 +19,7 @@ def default_cache_dir() -> str:
 class AdmissionMode(StrEnum):
     """What admission does with a deadline that cannot be met even at full width."""
 
-    REJECT = "reject"  # RequestRejected("deadline_impossible"), HTTP 429
+    REJECT = "reject"  # RequestRejected("deadline_impossible"), HTTP 400 (retrying cannot help)
     BEST_EFFORT = "best_effort"  # accept it anyway; it counts as a missed deadline
 
 
@@ -51,7 +51,7 @@ class EngineConfig:
     max_queue: int = option(64, "at most this many requests waiting or running; more are refused "
                            "(queue_full, HTTP 429)")
     admission: AdmissionMode = option(AdmissionMode.REJECT, "a deadline that cannot be met even at full "
-                                     "width: reject (HTTP 429) or best_effort (accept anyway)",
+                                     "width: reject (HTTP 400) or best_effort (accept anyway)",
                                      choices=tuple(m.value for m in AdmissionMode))
     slo_scale: float = option(1.0, "default deadline = the SLO table's target for the resolution x this "
                              "scale (requests may send their own deadline or scale)")

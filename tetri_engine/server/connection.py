@@ -179,8 +179,11 @@ class GuardedConnection(RequestHandler):
         super().connection_lost(exc)
 
     def awaiting_request(self) -> bool:
-        """Every request received so far is answered: idle, or the next one's headers are coming."""
-        return self._raw_transport is not None and self._request_count == self._answered
+        """Every request received so far is answered and sent: idle, or the next one's headers are
+        coming (closing it loses nothing; a client retries an idle keep-alive connection)."""
+        transport = self._raw_transport
+        return transport is not None and self._request_count == self._answered \
+            and transport.get_write_buffer_size() == 0
 
     def _bound_the_flush(self) -> None:
         transport = self._raw_transport
