@@ -68,9 +68,9 @@ async def test_dns_rebinding_host_names_are_refused_on_loopback(aiohttp_client):
 
 async def test_allowed_hosts_and_cors_origins_open_only_what_they_name(aiohttp_client):
     app_origin = "https://app.example"
-    _, client = await client_for(aiohttp_client, allowed_hosts=["gpu-box.lan", "10.0.0.7"],
+    _, client = await client_for(aiohttp_client, allowed_hosts=["gpu-box.lan", "10.0.0.7:8000", "fd00::7"],
                                  cors_origins=[app_origin], api_key="k3y")
-    for host in ("gpu-box.lan", "GPU-BOX.lan:8000", "10.0.0.7:8000", "localhost"):
+    for host in ("gpu-box.lan", "GPU-BOX.lan:8000", "10.0.0.7", "[fd00::7]:8000", "localhost"):
         assert (await client.get("/health", headers={"Host": host})).status == 200, host
     assert await error_code(await client.get("/health", headers={"Host": "other.lan"}), 403) == "host_not_allowed"
     # The allowed site's page: its preflight (no key: browsers send none) is answered, then its request.

@@ -3,7 +3,7 @@
 mutations (encodings, compression, truncation, nesting), against the real server (tiny model).
 
 Bounded: a fixed seed picks FIELD_MUTATIONS of the field x value grid, plus every body mutation
-(< 300 requests, a few seconds on a 2-core CPU box). For each answer:
+(< 300 requests; about 10 s on the 2-core CPU dev box). For each answer:
 - never 5xx; a 4xx carries OpenAI's envelope; a 200 is a complete image answer (or a stream ending
   with `image_generation.completed`);
 - the expected outcome comes from the API's documented rules (`RULES` below, written from README and

@@ -182,11 +182,15 @@ async def stream_image(request: web.Request, engine: "AsyncEngine", params: prot
         except ConnectionResetError:
             log.info("%s: the client left the stream; its request was cancelled", gen_request.request_id)
             return response
-    with contextlib.suppress(ConnectionResetError):
-        if error is not None:
-            middleware.log_error(request, error, "error event")
-            await response.write(protocol.error_event(error))
-        await response.write_eof()
+    try:
+        with contextlib.suppress(ConnectionResetError):
+            if error is not None:
+                middleware.log_error(request, error, "error event")
+                await response.write(protocol.error_event(error))
+            await response.write_eof()
+    except asyncio.CancelledError:  # the drain's cut, while the last event went out: the stream ends
+        if not flight.was_cut():
+            raise
     return response
 
 

@@ -134,7 +134,7 @@ def check_host(request: web.Request, config: ServerConfig) -> None:
 
 def allowed_host_names(config: ServerConfig) -> frozenset[str] | None:
     """The Host names accepted, or None when any is (bound beyond loopback, no --allowed-hosts)."""
-    extra = {_bracketed(h.strip().lower()) for h in config.allowed_hosts or ()}
+    extra = {_configured_name(h) for h in config.allowed_hosts or ()}
     if not extra and not is_loopback(config.host):
         return None
     return LOOPBACK_NAMES | extra
@@ -157,8 +157,12 @@ def host_name(host: str) -> str:
     return host.partition(":")[0]
 
 
-def _bracketed(name: str) -> str:
-    return f"[{name}]" if ":" in name and not name.startswith("[") else name
+def _configured_name(name: str) -> str:
+    """An --allowed-hosts entry as host_name() gives it: 'gpu-box:8000' -> 'gpu-box', 'fe80::1' -> '[fe80::1]'."""
+    name = name.strip().lower()
+    if name.count(":") > 1 and not name.startswith("["):  # a bare IPv6 address
+        return f"[{name}]"
+    return host_name(name)
 
 
 def same_origin(request: web.Request, origin: str) -> bool:
