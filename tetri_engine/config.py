@@ -38,8 +38,9 @@ class EngineConfig:
                                       "(default: every visible GPU, else --num-cpu-devices virtual CPU "
                                       "devices)", metavar="LIST")
     num_cpu_devices: int = option(4, "number of virtual CPU devices when there is no GPU")
-    dtype: str = option("auto", "model dtype: auto (bf16 on GPU, fp32 on CPU), bf16, fp16, fp32",
-                       choices=("auto", "bf16", "fp16", "fp32"))
+    dtype: str = option("auto", "model dtype: auto (bf16 on GPU, fp32 on CPU), bf16, fp16, fp32, or fp8: float8 "
+                       "(e4m3, row-wise scaled) GEMMs in the transformer blocks, activations as auto "
+                       "(quality cost: bench/RESULTS.md)", choices=("auto", "bf16", "fp16", "fp32", "fp8"))
     policy: str = option("tetri", "scheduling policy: a name tetri_engine.sched.make_policy knows, e.g. "
                         "tetri, fixedK (xDiT-style fixed degree K), rssp, edfK")
     profile: str | None = option(None, "step-time profile JSON (bench/profiles/*.json); default: measured "
@@ -62,10 +63,22 @@ class EngineConfig:
                                  "used beyond it are destroyed)")
     cuda_graphs: bool = option(True, "replay each batch's denoising forward as a CUDA graph, captured once "
                               "per shape, group and rank (GPU only; off: every step launches eagerly)")
+    compile: bool = option(True, "torch.compile the transformer blocks (GPU only; ignored on CPU devices): every "
+                          "shape the engine plans compiles at start-up (inductor cache under --cache-dir), a "
+                          "shape outside that set runs eagerly, never compiling in a request")
+    warmup_sizes: list[str] | None = option(None, "image sizes WxH compiled at start-up besides the profile's, "
+                                           "e.g. 1024x768,768x1024 (with --compile on GPUs)", metavar="LIST")
+    attention: str = option("auto", "attention kernel: auto (GPU: the fastest of cudnn, flash, efficient that "
+                           "agrees with the reference on a probe; CPU: sdpa), sdpa (PyTorch picks per call), "
+                           "cudnn, flash, efficient, math", choices=("auto", "sdpa", "cudnn", "flash",
+                                                                     "efficient", "math"))
+    ulysses_chunks: int = option(1, "sequence-parallel attention: split each exchange into this many head chunks "
+                                "so that one chunk's exchange overlaps another's attention (GPU; 1: one "
+                                "exchange of q, k and v, one of the output)")
 
     def __post_init__(self) -> None:
         self.admission = AdmissionMode.parse(self.admission, "admission")
-        for name in ("num_cpu_devices", "round_steps", "max_queue", "max_steps", "comm_cache_size"):
+        for name in ("num_cpu_devices", "round_steps", "max_queue", "max_steps", "comm_cache_size", "ulysses_chunks"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name}={value!r} must be an integer >= 1")
@@ -76,6 +89,18 @@ class EngineConfig:
         for name in ("max_width", "max_height"):
             if getattr(self, name) < MIN_SIZE_PX:
                 raise ValueError(f"{name}={getattr(self, name)!r} is below the minimum image side of {MIN_SIZE_PX} px")
+        for width, height in self.warmup_size_list():
+            self.size_rule().check(width, height)
+
+    def warmup_size_list(self) -> list[tuple[int, int]]:
+        """`warmup_sizes` as (width, height) pairs; ValueError for an item that is not WxH."""
+        sizes = []
+        for item in self.warmup_sizes or []:
+            width, sep, height = str(item).strip().lower().partition("x")
+            if not (sep and width.isdigit() and height.isdigit()):
+                raise ValueError(f"warmup_sizes: {item!r} is not a size WxH, e.g. 1024x768")
+            sizes.append((int(width), int(height)))
+        return sizes
 
     def size_rule(self) -> SizeRule:
         """The sizes this configuration serves (the loaded model may narrow it: AsyncEngine.size_rule)."""
