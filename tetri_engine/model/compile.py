@@ -85,7 +85,10 @@ class _BlockForward:
         self.owner = owner
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        return (self.compiled if self.owner.may_compile else self.run_only)(*args, **kwargs)
+        if not self.owner.may_compile:
+            return self.run_only(*args, **kwargs)
+        with _recompile_limits():  # (dynamo's settings are per thread in recent torch: set where it compiles)
+            return self.compiled(*args, **kwargs)
 
 
 class CompiledBlocks:
@@ -98,7 +101,6 @@ class CompiledBlocks:
         self.may_compile = False
         self._lock = threading.Lock()
         self._entered = 0
-        _raise_recompile_limits()
         self.blocks = [block for t in transformers for block in transformer_blocks(t)]
         for block in self.blocks:
             block.forward = _BlockForward(block.forward, self.backend, self)
@@ -127,10 +129,12 @@ def transformer_blocks(transformer: torch.nn.Module) -> list[torch.nn.Module]:
     return [*getattr(transformer, "transformer_blocks", []), *getattr(transformer, "single_transformer_blocks", [])]
 
 
-def _raise_recompile_limits() -> None:
+def _recompile_limits():
+    """dynamo's per-function and total recompile limits raised to RECOMPILE_LIMIT (torch 2.7+ names
+    them recompile_limit, earlier cache_size_limit)."""
     config = torch._dynamo.config
-    for name, value in (("recompile_limit", RECOMPILE_LIMIT), ("cache_size_limit", RECOMPILE_LIMIT),
-                        ("accumulated_recompile_limit", 8 * RECOMPILE_LIMIT),
-                        ("accumulated_cache_size_limit", 8 * RECOMPILE_LIMIT)):
-        if hasattr(config, name) and getattr(config, name) < value:
-            setattr(config, name, value)
+    if hasattr(config, "recompile_limit"):
+        return config.patch(recompile_limit=max(config.recompile_limit, RECOMPILE_LIMIT),
+                            accumulated_recompile_limit=max(config.accumulated_recompile_limit, 8 * RECOMPILE_LIMIT))
+    return config.patch(cache_size_limit=max(config.cache_size_limit, RECOMPILE_LIMIT),
+                        accumulated_cache_size_limit=max(config.accumulated_cache_size_limit, 8 * RECOMPILE_LIMIT))
