@@ -280,10 +280,11 @@ _side_streams: dict[str, torch.cuda.Stream] = {}
 
 
 def _side_stream(device: torch.device) -> torch.cuda.Stream:
-    """The exchange stream of a device (one executor thread per device uses it)."""
+    """The exchange stream of a device (one executor thread per device uses it). High priority, so
+    that the GPU schedules the exchange's few blocks ahead of queued attention blocks."""
     key = str(device)
     if key not in _side_streams:
-        _side_streams[key] = torch.cuda.Stream(device)
+        _side_streams[key] = torch.cuda.Stream(device, priority=-1)
     return _side_streams[key]
 
 
