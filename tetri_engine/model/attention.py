@@ -129,22 +129,33 @@ def choose_backend(requested: str, device: torch.device, dtype: torch.dtype, num
     return choice
 
 
-def _probe(device: torch.device, dtype: torch.dtype, heads: int, tokens: int, head_dim: int) -> list[torch.Tensor]:
+def _probe(device: torch.device, dtype: torch.dtype, heads: int, tokens: int, head_dim: int,
+           packed: bool = False) -> list[torch.Tensor]:
+    """q, k, v [1, heads, tokens, head_dim] laid out as the model's attention hands them over: views of
+    [1, tokens, heads, head_dim] (degree 1), or of one [1, tokens, 3, heads, head_dim] buffer (`packed`:
+    what a Ulysses exchange receives)."""
     generator = torch.Generator(device="cpu").manual_seed(0)
-    return [torch.randn(1, heads, tokens, head_dim, generator=generator).to(device, dtype) for _ in range(3)]
+    if packed:
+        qkv = torch.randn(1, tokens, 3, heads, head_dim, generator=generator).to(device, dtype)
+        return [t.transpose(1, 2) for t in qkv.unbind(2)]
+    return [torch.randn(1, tokens, heads, head_dim, generator=generator).to(device, dtype).transpose(1, 2)
+            for _ in range(3)]
 
 
 def _disagreement(name: str, device: torch.device, dtype: torch.dtype, heads: int, head_dim: int) -> str | None:
-    """None when kernel `name` runs and agrees with float32 math on a small probe, else why not."""
-    q, k, v = _probe(device, dtype, min(heads, 4), CHECK_TOKENS, head_dim)
-    try:
-        out = _kernel(q, k, v, name).float()
-    except RuntimeError as exc:
-        return f"{type(exc).__name__}: {str(exc).splitlines()[0][:160]}"
-    reference = _kernel(q.float(), k.float(), v.float(), "math")
-    rel_l2 = ((out - reference).norm() / reference.norm()).item()
-    if not rel_l2 <= AGREE_REL_L2:  # (NaN included)
-        return f"differs from the math reference by {rel_l2:.2e} relative L2 (limit {AGREE_REL_L2:.0e})"
+    """None when kernel `name` runs and agrees with float32 math on small probes of both layouts, else
+    why not."""
+    for packed in (False, True):
+        q, k, v = _probe(device, dtype, min(heads, 4), CHECK_TOKENS, head_dim, packed)
+        try:
+            out = _kernel(q, k, v, name).float()
+        except RuntimeError as exc:
+            return f"{type(exc).__name__}: {str(exc).splitlines()[0][:160]}"
+        reference = _kernel(q.float(), k.float(), v.float(), "math")
+        rel_l2 = ((out - reference).norm() / reference.norm()).item()
+        if not rel_l2 <= AGREE_REL_L2:  # (NaN included)
+            return (f"differs from the math reference by {rel_l2:.2e} relative L2 (limit {AGREE_REL_L2:.0e}"
+                    f"{', packed q/k/v' if packed else ''})")
     return None
 
 

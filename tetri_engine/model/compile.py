@@ -130,11 +130,13 @@ def transformer_blocks(transformer: torch.nn.Module) -> list[torch.nn.Module]:
 
 
 def _recompile_limits():
-    """dynamo's per-function and total recompile limits raised to RECOMPILE_LIMIT (torch 2.7+ names
-    them recompile_limit, earlier cache_size_limit)."""
+    """dynamo's per-function and total recompile limits raised to RECOMPILE_LIMIT (newer torch names
+    them recompile_limit / accumulated_recompile_limit, older cache_size_limit / accumulated_...)."""
     config = torch._dynamo.config
-    if hasattr(config, "recompile_limit"):
-        return config.patch(recompile_limit=max(config.recompile_limit, RECOMPILE_LIMIT),
-                            accumulated_recompile_limit=max(config.accumulated_recompile_limit, 8 * RECOMPILE_LIMIT))
-    return config.patch(cache_size_limit=max(config.cache_size_limit, RECOMPILE_LIMIT),
-                        accumulated_cache_size_limit=max(config.accumulated_cache_size_limit, 8 * RECOMPILE_LIMIT))
+    limits = {}
+    for names, value in ((("recompile_limit", "cache_size_limit"), RECOMPILE_LIMIT),
+                         (("accumulated_recompile_limit", "accumulated_cache_size_limit"), 8 * RECOMPILE_LIMIT)):
+        name = next((n for n in names if hasattr(config, n)), None)
+        if name is not None:
+            limits[name] = max(getattr(config, name), value)
+    return config.patch(**limits)
