@@ -13,10 +13,10 @@ When it compiles: only inside `CompiledBlocks.compiling()`, which the executor's
 the profile measurement) enter. Everywhere else each block runs in dynamo's "run" mode: the compiled
 code whose guards match its inputs, else the block's eager forward. So a request never waits for a
 compilation: a shape outside the warmed set runs eagerly (slower, correct), whatever order things
-happen in. This is what `torch.compiler.set_stance("eager_on_recompile")` does (the stance exists,
-with this meaning, in torch 2.6 to 2.13: it sets dynamo's callback to `False`, "run mode"), but per
-block rather than for the whole process, so it neither leaks into a host program's own
-torch.compile nor needs restoring.
+happen in. `torch.compiler.set_stance("eager_on_recompile")` (torch >= 2.6; read in 2.13's source: it
+sets dynamo's frame callback to `False`, "run mode") does the same for the whole process; here the same
+mode is set per block with `torch._dynamo.run` (its RunOnlyContext is in every torch 2.x), so it
+neither leaks into a host program's own torch.compile nor needs restoring.
 
 Where it caches: inductor's on-disk caches (FX graphs, AOT autograd, Triton kernels) go to
 TORCHINDUCTOR_CACHE_DIR, which `use_cache_dir` points at the engine's cache directory unless the
