@@ -12,7 +12,7 @@ from tetri_engine.sched.trace import TraceRequest, generate_trace, mix_probabili
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 H200 = os.path.join(REPO, "bench", "profiles", "flux-dev-h200-modelled.json")
-POLICIES = ["tetri", "fixed1", "fixed2", "fixed4", "fixed8", "rssp", "edf1", "edf2"]
+POLICIES = ["tetri", "tetri-paper", "fixed1", "fixed2", "fixed4", "fixed8", "rssp", "edf1", "edf2", "srpt"]
 
 
 @pytest.fixture(scope="module")

@@ -11,14 +11,15 @@ always an argument, so the very same policy objects drive the live engine and th
 """
 from __future__ import annotations
 
-from tetri_engine.sched.baselines import EDFPolicy, FixedSPPolicy, RSSPPolicy
+from tetri_engine.sched.baselines import EDFPolicy, FixedSPPolicy, RSSPPolicy, SRPTPolicy
 from tetri_engine.sched.cost import CostModel, num_tokens
 from tetri_engine.sched.plan import GroupAssignment, LatentMove, RoundPlan, RoundResult, SchedRequest, SchedState
 from tetri_engine.sched.policy import GroupSpec, Policy
 from tetri_engine.sched.slo import slo_s, table_slo_s
+from tetri_engine.sched.paper import PaperTetriPolicy
 from tetri_engine.sched.tetri import TetriPolicy
 
-POLICY_NAMES = ("tetri", "fixed1", "fixed2", "fixed4", "fixed8", "rssp", "edf1", "edf2", "edf4", "edf8")
+POLICY_NAMES = ("tetri", "tetri-paper", "fixed1", "fixed2", "fixed4", "fixed8", "rssp", "edf1", "edf2", "edf4", "edf8", "srpt")
 
 
 def make_policy(name: str, num_devices: int, cost: CostModel, *, round_steps: int = 5,
@@ -32,6 +33,10 @@ def make_policy(name: str, num_devices: int, cost: CostModel, *, round_steps: in
     common = dict(round_steps=round_steps, round_s=round_s)
     if key == "tetri":
         return TetriPolicy(num_devices, cost, **common, **options)
+    if key == "tetri-paper":
+        return PaperTetriPolicy(num_devices, cost, **common, **options)
+    if key == "srpt":
+        return SRPTPolicy(num_devices, cost, **common, **options)
     if key == "rssp":
         return RSSPPolicy(num_devices, cost, **common, **options)
     for prefix, cls in (("fixed", FixedSPPolicy), ("edf", EDFPolicy)):
@@ -54,6 +59,8 @@ __all__ = [
     "RoundResult",
     "SchedRequest",
     "SchedState",
+    "SRPTPolicy",
+    "PaperTetriPolicy",
     "TetriPolicy",
     "make_policy",
     "num_tokens",

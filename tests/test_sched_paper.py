@@ -1,4 +1,5 @@
-"""TetriServe policy: each step of a round on hand-built cases with known answers, and the protocol."""
+"""The paper-faithful TetriServe policy (`tetri-paper`): each step of a round on hand-built cases with
+known answers, and the protocol."""
 from __future__ import annotations
 
 import itertools
@@ -6,7 +7,7 @@ import random
 
 import pytest
 
-from tetri_engine.sched import CostModel, RoundResult, SchedRequest, SchedState, TetriPolicy, make_policy
+from tetri_engine.sched import CostModel, PaperTetriPolicy as TetriPolicy, RoundResult, SchedRequest, SchedState, make_policy
 
 # Toy profile (ms). 256^2 is launch-bound (more devices: slower; batch 2 almost free); 1024^2 and
 # 2048^2 scale sub-linearly.
@@ -229,7 +230,7 @@ def test_round_fill_uses_the_longest_groups_length():
 
 def test_round_length_from_round_steps():
     cost = toy()
-    p = make_policy("tetri", 4, cost, round_steps=5)
+    p = make_policy("tetri-paper", 4, cost, round_steps=5)
     assert p.round_s == pytest.approx(5 * cost.typical_step_s())
 
 
