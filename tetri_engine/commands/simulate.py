@@ -1,12 +1,14 @@
 """`tetri-engine simulate`: replay traces through scheduling policies on simulated devices.
 
     tetri-engine simulate --profile bench/profiles/flux-dev-h200-modelled.json --gpus 8 \\
-        --mix uniform,skewed --rate 12 --num-requests 300 --slo-scale 1.0,1.1,1.2,1.5 \\
-        --policies tetri,fixed1,fixed2,fixed4,fixed8,rssp,edf2 --output sim-out
+        --mix uniform,skewed,mixed --rate 12 --num-requests 300 --slo-scale 1.0,1.1,1.2,1.5 \\
+        --policies tetri,tetri-paper,fixed1,fixed2,fixed4,fixed8,rssp,edf2,srpt --output sim-out
 
-Prints a SAR table (policy x SLO scale) per trace and writes, under --output: results.json, the
-traces replayed (trace-<label>.jsonl), sar.png (SAR vs scale) and gantt-<label>.png (per-device
-timeline of one run). Never imports torch.
+Prints per trace a SAR table (policy x SLO scale) with a `bound` row (an LP relaxation no schedule
+can beat, sched/bound.py; `--bound mip` for the tighter 0/1 bound, `--bound none` to skip) and the
+slowdown percentiles (latency / fastest time alone) of every policy, and writes, under --output:
+results.json, the traces replayed (trace-<label>.jsonl), sar.png (SAR vs scale) and
+gantt-<label>.png (per-device timeline of one run). Never imports torch.
 """
 from __future__ import annotations
 
@@ -36,18 +38,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     src = parser.add_mutually_exclusive_group()
     src.add_argument("--trace", help="JSON-lines trace file (arrival_s, width, height, steps, slo_ms)")
     src.add_argument("--mix", type=_names, default=["uniform"],
-                     help="generated workload mix(es): uniform, skewed, or both comma-separated (default: uniform)")
+                     help="generated workload mix(es), comma-separated: uniform, skewed (the paper's), mixed "
+                          "(non-square sizes, 20/28/50 steps) (default: uniform)")
     parser.add_argument("--rate", type=float, default=12.0, help="arrivals per minute (default: %(default)s)")
     parser.add_argument("--num-requests", type=int, default=300)
-    parser.add_argument("--steps", type=int, default=50, help="denoising steps per request (default: %(default)s)")
+    parser.add_argument("--steps", type=int, default=50,
+                        help="denoising steps per request, uniform/skewed mixes (default: %(default)s)")
     parser.add_argument("--arrival", choices=("poisson", "gamma"), default="poisson",
                         help="arrival process; gamma is bursty (default: %(default)s)")
     parser.add_argument("--burstiness-cv", type=float, default=2.0, help="gamma inter-arrival CV (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--slo-scale", type=_floats, default=[1.0, 1.1, 1.2, 1.5],
                         help="comma-separated SLO scales (default: 1.0,1.1,1.2,1.5)")
-    parser.add_argument("--policies", type=_names, default=["tetri", "fixed1", "fixed2", "fixed4", "fixed8", "rssp", "edf2"],
-                        help="comma-separated policies (default: tetri,fixed1,fixed2,fixed4,fixed8,rssp,edf2)")
+    default_policies = ["tetri", "tetri-paper", "fixed1", "fixed2", "fixed4", "fixed8", "rssp", "edf2", "srpt"]
+    parser.add_argument("--policies", type=_names, default=default_policies,
+                        help=f"comma-separated policies (default: {','.join(default_policies)})")
+    parser.add_argument("--bound", choices=("lp", "mip", "none"), default="lp",
+                        help="upper bound on SAR per scale: LP relaxation (fast), MIP dual bound (tighter, "
+                             "slower), none (default: %(default)s)")
     parser.add_argument("--round-steps", type=int, default=5, help="TetriServe round: steps of a typical request")
     parser.add_argument("--round-s", type=float, default=None, help="TetriServe round length in seconds (overrides)")
     parser.add_argument("--jitter-cv", type=float, default=0.0, help="Gaussian jitter of simulated group times")
@@ -135,7 +143,8 @@ def run(args: argparse.Namespace) -> int:
         for label, trace in traces:
             sweeps.append(run_sweep(trace, cost, args.gpus, policies, args.slo_scale, label=label,
                                     round_steps=args.round_steps, round_s=args.round_s, jitter_cv=args.jitter_cv,
-                                    seed=args.seed, gantt_policy=args.gantt_policy, progress=step))
+                                    seed=args.seed, gantt_policy=args.gantt_policy, progress=step,
+                                    bound=None if args.bound == "none" else args.bound))
     finally:
         close()
     elapsed = time.perf_counter() - t0
@@ -149,6 +158,7 @@ def run(args: argparse.Namespace) -> int:
         "gpus": args.gpus,
         "policies": policies,
         "slo_scales": args.slo_scale,
+        "bound": args.bound,
         "round_steps": args.round_steps,
         "round_s": args.round_s,
         "jitter_cv": args.jitter_cv,

@@ -27,6 +27,8 @@ test`), so `tetri_engine.sched` stays importable without it.
 """
 from __future__ import annotations
 
+import os
+import sys
 import time
 from dataclasses import dataclass
 from typing import Sequence
@@ -54,12 +56,24 @@ class Bound:
     num_rows: int
 
 
-def _load_highspy():
+def _new_highs():
+    """A silent HiGHS instance. (The first one in a process prints a banner on the C stdout before
+    any option can be set; it is sent to /dev/null so that tables printed around it stay clean.)"""
     try:
         import highspy
     except ImportError as exc:  # pragma: no cover - exercised only without the extra
         raise BoundUnavailable("the SAR bound needs highspy (pip install highspy, or tetri-engine[bound])") from exc
-    return highspy
+    sys.stdout.flush()
+    saved = os.dup(1)
+    try:
+        with open(os.devnull, "w") as devnull:
+            os.dup2(devnull.fileno(), 1)
+            h = highspy.Highs()
+    finally:
+        os.dup2(saved, 1)
+        os.close(saved)
+    h.setOptionValue("output_flag", False)
+    return highspy, h
 
 
 def sar_bound(trace: Sequence[TraceRequest], cost: CostModel, num_devices: int, slo_scale: float = 1.0, *,
@@ -87,9 +101,7 @@ def sar_bound(trace: Sequence[TraceRequest], cost: CostModel, num_devices: int, 
         return Bound(0.0, 0.0, n, 0, integral, "trivial", 0.0, 0, 0)
     t0 = time.perf_counter()
     cols, lower, upper = _build(jobs, num_devices)
-    highspy = _load_highspy()
-    h = highspy.Highs()
-    h.setOptionValue("output_flag", False)
+    highspy, h = _new_highs()
     h.setOptionValue("time_limit", float(time_limit_s))
     lp = highspy.HighsLp()
     lp.num_col_ = len(cols.cost)
