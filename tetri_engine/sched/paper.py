@@ -50,6 +50,7 @@ from tetri_engine.sched.allocation import HullPoint, allocate as _allocate, lowe
 from tetri_engine.sched.cost import CostModel
 from tetri_engine.sched.knapsack import group_knapsack
 from tetri_engine.sched.placement import place
+from tetri_engine.sched.round_fill import fill_round
 from tetri_engine.sched.plan import SchedRequest
 from tetri_engine.sched.policy import GroupSpec, Policy, steps_in
 
@@ -483,58 +484,18 @@ class PaperTetriPolicy(Policy):
     # ---- round fill ----------------------------------------------------------------------------
 
     def _fill(self, specs: list[GroupSpec]) -> list[GroupSpec]:
-        """Choose the round's length and every group's step count so that the devices idle least.
-
-        Groups have different step times, so with one length for all some idle at the end of the
-        round. Candidate lengths are the group ends (k steps, + decode when k finishes the request)
-        within [ROUND_MIN, ROUND_MAX] x tau (and at least the longest single step); each group then
-        runs as many steps as fit, and the length wasting the fewest device-seconds (per second of
-        round) wins."""
-        tau = self.round_s
-        reqs = self._requests
+        """Choose the round's length and every group's step count so that the devices idle least
+        (round_fill.fill_round)."""
         groups = []
         for s in specs:
-            members = [reqs[rid] for rid in s.request_ids]
-            r0 = members[0]
-            info = self._res_of(r0)
+            members = [self._requests[rid] for rid in s.request_ids]
+            info = self._res_of(members[0])
             t = info.step_s[len(s.device_ids)] if len(members) == 1 else info.batch_step_s[len(members)]
             remaining = min(r.remaining_steps for r in members)
             decode = sum(self._res_of(r).decode_s for r in members if r.remaining_steps == remaining)
-            groups.append((s, t, remaining, decode))
-        shortest_round = max(t + (decode if remaining == 1 else 0.0) for _, t, remaining, decode in groups)
-        lo = max(ROUND_MIN * tau, shortest_round)
-        hi = max(ROUND_MAX * tau, lo)
-        candidates = {lo, hi}
-        for _, t, remaining, decode in groups:
-            if t < FINE_STEP * tau and remaining * t > hi:
-                continue  # short steps fit any length well (< FINE_STEP x tau idle): no candidates
-            k = max(1, math.ceil(lo / t - 1e-9))
-            while k <= remaining:
-                end = k * t + (decode if k == remaining else 0.0)
-                if end > hi + 1e-9:
-                    break
-                if end >= lo - 1e-9:
-                    candidates.add(end)
-                k += 1
-
-        def steps_within(length: float, t: float, remaining: int, decode: float) -> int:
-            q = min(remaining, int(math.floor(length / t + 1e-9)))
-            if q == remaining and q * t + decode > length + 1e-9:
-                q -= 1  # the decode would outlast the round: finish next round
-            return q
-
-        best = None
-        for length in sorted(candidates):
-            idle = 0.0
-            for s, t, remaining, decode in groups:
-                q = steps_within(length, t, remaining, decode)
-                idle += len(s.device_ids) * (length - q * t - (decode if q == remaining else 0.0))
-            score = idle / length
-            if best is None or score < best[0] - 1e-9:
-                best = (score, length)
-        length = best[1]
-        return [GroupSpec(s.device_ids, s.request_ids, max(1, steps_within(length, t, remaining, decode)))
-                for s, t, remaining, decode in groups]
+            groups.append((len(s.device_ids), t, remaining, decode))
+        steps = fill_round(groups, self.round_s, ROUND_MIN, ROUND_MAX, FINE_STEP)
+        return [GroupSpec(s.device_ids, s.request_ids, q) for s, q in zip(specs, steps)]
 
 
 def _chain_items(items: list[_Item], spare: list[tuple], make) -> Iterator[_Item]:

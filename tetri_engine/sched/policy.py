@@ -30,6 +30,17 @@ from tetri_engine.sched.plan import GroupAssignment, LatentMove, RoundPlan, Roun
 
 
 @dataclass(frozen=True)
+class Admission:
+    """Answer of `Policy.admission_check`. reason: "fits", "busy" (not alongside the protected
+    requests now; retry_after_s says in how many seconds it would), or "deadline_impossible" (not
+    even alone on the whole machine; retry_after_s None)."""
+
+    fits: bool
+    retry_after_s: float | None
+    reason: str
+
+
+@dataclass(frozen=True)
 class GroupSpec:
     """What a policy decides for one group; the base class turns it into a GroupAssignment."""
 
@@ -127,6 +138,19 @@ class Policy:
         before this cannot be met by any schedule."""
         t = now_s + self.cost.isolated_s(width, height, num_steps, self.max_degree, cached)
         return t + (self.cost.encode_s() if include_encode else 0.0)
+
+    def admission_check(self, width: int, height: int, num_steps: int, deadline_s: float, now_s: float,
+                        cached: bool = False) -> "Admission":
+        """Would a request arriving now with this absolute deadline fit alongside the requests this
+        policy protects? The base answer only checks the request alone (`min_finish_s`); `tetri`
+        answers for the whole machine and estimates when it could fit (tetri.py)."""
+        if self.min_finish_s(width, height, num_steps, now_s, cached=cached) > deadline_s + 1e-9:
+            return Admission(False, None, "deadline_impossible")
+        return Admission(True, None, "fits")
+
+    def is_given_up(self, request_id: str) -> bool:
+        """Has the policy given this request up (it still runs, best effort)? Only `tetri` gives up."""
+        return False
 
     def candidate_groups(self) -> list[tuple[int, ...]]:
         """Every multi-device group this policy may ask for (to create communicators up front)."""

@@ -1,31 +1,35 @@
 """tetri: TetriServe's step-level parallelism with a scheduler built for overload, bursts and tails.
 
-The paper-faithful policy (`tetri-paper`, paper.py) protects requests one at a time. This one
-decides who can make it *together*, and is event-driven. Every `schedule(now_s)` call runs, in order:
+The paper-faithful policy (`tetri-paper`, paper.py) protects requests one at a time: each must be
+able to finish with every device to itself, so in a burst every request looks alive until too late.
+This one decides who can make it *together*, and is event-driven. Every `schedule(now_s)` call:
 
-1. Triage (`_triage`, triage.py). A virtual schedule of every request still protected on the
-   whole machine over time: deadline order, each at the cheapest degree that still ends by its
-   deadline on the devices that free up first (so its degree accounts for the others). Requests
-   that do not fit are given up, the fewest and the cheapest to lose first (Moore-Hodgson). Given
-   up is for good and said at once: `RoundPlan.given_up`, `plan.late`, `policy.is_given_up(rid)`.
+1. Triage (`_triage`, triage.py), whether or not a device is idle. A virtual schedule of every
+   request still protected, on the whole machine over time: deadline order, each at the cheapest
+   degree (or pair of degrees) that still ends by its deadline on the devices that free up first, so
+   its degree accounts for the others. Requests that do not fit are given up, the fewest and the
+   cheapest to lose first (Moore-Hodgson), after trying to make room by reordering or speeding up
+   the last ones placed. Given up is for good and said at once: `RoundPlan.given_up` (even on an
+   empty plan), `plan.late`, `policy.is_given_up(rid)`. Given-up requests still run, best effort.
 2. Start what the virtual schedule starts now, at its degree (`_start_due`).
-3. Work conservation (`_start_early`): devices still idle go to protected requests that start later
-   in the virtual schedule, earliest deadline first, at up to their planned degree.
-4. Elastic scale-up (`_scale_up`): devices still idle double the degree of a group planned now whose
-   step gets faster, biggest saving of time per added device first.
-5. Late requests (`_start_late`): devices still idle run requests given up, least remaining work
-   first (shortest-remaining-processing-time), so they finish as soon as possible without costing an
-   on-time one: they only ever get devices nobody protected wanted now, for one short group.
-6. Placement (`_place`, placement.py): aligned groups; a request keeps the devices its latent is on.
+3. Devices idle now that the virtual schedule needs only later are "windows": work put on them
+   must end by then, so it costs the protected requests nothing. Protected requests due later run
+   in them first, earliest deadline first, at up to their planned degree (`_start_early`).
+4. Elastic scale-up (`_scale_up`): a group planned now doubles its degree with idle devices while
+   its step gets >= 5% faster, biggest saving of time per added device first. (4a, opt-in,
+   `rescue_slowdown`: given-up requests whose slowdown would reach it go first, `_rescue`.)
+5. Late requests (`_start_late`): what is still idle runs given-up requests, least remaining work
+   first (shortest remaining processing time), then scale-up again for them.
+6. Placement (`_place`, placement.py): aligned groups, a request keeps the devices its latent is on;
+   a group that finds its idle devices fragmented runs at half the degree.
 
-No rounds: a group runs about `round_s` seconds of steps (at least one step), and when it ends its
-devices are planned again at once, while the other groups run on (event-driven, like the baselines;
-`synchronous_rounds` is False). `round_s` (or `round_steps`) stays the one tunable: shorter groups
-react sooner, longer ones regroup less.
+No rounds: a group runs about `round_s` seconds of steps (at least one step; `round_s` /
+`round_steps` stay the one tunable: shorter groups react sooner, longer ones regroup less), and
+when it ends its devices are planned again at once while the other groups run on
+(`synchronous_rounds` is False, as for the baselines).
 
-Admission (`admission_check`): would a new request fit alongside the protected ones without giving
-any of them up, and if not, when could it (the earliest end of a group in the virtual schedule after
-which it would fit)? Pure, fast, and the same virtual schedule the policy plans with.
+Admission (`admission_check`): would a new request fit alongside the protected ones without any
+of them being given up, and if not, when could it? Pure, fast, the same virtual schedule.
 """
 from __future__ import annotations
 
@@ -36,20 +40,10 @@ from tetri_engine.sched.allocation import HullPoint, lower_hull
 from tetri_engine.sched.cost import CostModel
 from tetri_engine.sched.placement import place
 from tetri_engine.sched.plan import SchedRequest
-from tetri_engine.sched.policy import GroupSpec, Policy, steps_in
+from tetri_engine.sched.policy import Admission, GroupSpec, Policy, steps_in
 from tetri_engine.sched.triage import Job, Slot, edf_order, first_needs, fit_all, triage
 
 SCALE_UP_MIN_GAIN = 0.05  # double a group's degree only if its step gets >= 5% faster
-
-
-@dataclass(frozen=True)
-class Admission:
-    """Answer of `admission_check`. retry_after_s: seconds from now after which the same request
-    would fit (None: fits now, or never, alone on the whole machine)."""
-
-    fits: bool
-    retry_after_s: float | None
-    reason: str
 
 
 @dataclass(frozen=True)
@@ -66,10 +60,13 @@ class TetriPolicy(Policy):
     synchronous_rounds = False
 
     def __init__(self, num_devices: int, cost: CostModel, *, round_steps: int = 5, round_s: float | None = None,
-                 scale_up: bool = True, give_up: bool = True):
+                 scale_up: bool = True, give_up: bool = True, rescue_slowdown: float | None = None):
         super().__init__(num_devices, cost, round_steps=round_steps, round_s=round_s)
         self.scale_up = scale_up  # switches for ablations (bench/sim_ablation.py)
         self.give_up = give_up
+        # Tails vs SAR: a given-up request whose slowdown would reach this even if it ran at its
+        # fastest from now is served before protected requests scale up (None: never).
+        self.rescue_slowdown = rescue_slowdown
         self._shapes: dict[tuple[int, int, bool], _Shape] = {}
         self._given_up: set[str] = set()
         self._slots: dict[str, Slot] = {}  # the virtual schedule of the last triage: request id -> slot
@@ -192,12 +189,31 @@ class TetriPolicy(Policy):
         free = self._start_due(protected, chosen, len(idle) - len(windows), now_s)
         windows = sorted(windows + [math.inf] * max(0, free), reverse=True)  # + devices never needed
         self._start_early(protected, chosen, windows, now_s)
+        if self.rescue_slowdown is not None:
+            late = self._rescue(late, chosen, windows, now_s)
         if self.scale_up:
             self._scale_up(ready, chosen, windows, now_s)
         self._start_late(late, chosen, windows, now_s)
         if self.scale_up:  # and the late requests' groups, with what is still idle
             self._scale_up(ready, chosen, windows, now_s)
         return self._place(chosen, idle)
+
+    def _rescue(self, late: list[SchedRequest], chosen: dict, windows: list[float], now_s: float) -> list[SchedRequest]:
+        """4a (opt-in). Given-up requests about to exceed rescue_slowdown, the most slowed first, at
+        up to their fastest degree, before the protected ones scale up. Returns the others."""
+        slowdown = {r.request_id: self._projected_slowdown(r, now_s) for r in late}
+        for r in sorted(late, key=lambda r: -slowdown[r.request_id]):
+            if not windows or slowdown[r.request_id] < self.rescue_slowdown:
+                break
+            self._take(r, [d for d, _ in self._shape_of(r).options], chosen, windows, now_s)
+        return [r for r in late if r.request_id not in chosen]
+
+    def _projected_slowdown(self, r: SchedRequest, now_s: float) -> float:
+        """Its slowdown if it finished as fast as it can from now."""
+        shape = self._shape_of(r)
+        fastest = min(t for _, t in shape.options)
+        iso = self.cost.encode_s() + r.num_steps * fastest + shape.decode_s
+        return (now_s - r.arrival_s + r.remaining_steps * fastest + shape.decode_s) / iso
 
     def _steps(self, r: SchedRequest, degree: int, window_s: float = math.inf) -> int:
         """Steps of r at `degree` in one group: about round_s, at most window_s (0: none fit)."""

@@ -175,7 +175,8 @@ def triage(jobs: Sequence[Job], free_at: Sequence[float]) -> tuple[list[Slot], l
         if _repair(job, kept, slots, profiles):
             i += 1
             continue
-        victim = max(range(len(kept) + 1), key=lambda p: (kept[p] if p < len(kept) else job).cost_s)
+        # (ties: the later one, so the job in turn before those already placed)
+        victim = max(range(len(kept) + 1), key=lambda p: ((kept[p] if p < len(kept) else job).cost_s, p))
         if victim == len(kept):  # the job itself is the costliest: give it up, go on
             dropped.append(job.key)
             i += 1
