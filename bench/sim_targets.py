@@ -30,6 +30,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from tetri_engine.sched import CostModel, make_policy  # noqa: E402
 from tetri_engine.sched.bound import sar_bound  # noqa: E402
+from tetri_engine.sched.metrics import percentile  # noqa: E402
 from tetri_engine.sched.simulator import simulate  # noqa: E402
 from tetri_engine.sched.trace import generate_trace  # noqa: E402
 
@@ -72,8 +73,8 @@ def run_cell(task: tuple) -> list[dict]:
             row["sar"][name] = result.sar
             row["slowdown"][name] = result.slowdowns()
             row["given_up"][name] = sum(r.given_up_s is not None for r in result.requests)
-            times = sorted(result.decision_s)
-            row["decision_p99_ms"][name] = 1e3 * times[int(0.99 * (len(times) - 1))] if times else None
+            p99 = percentile(result.decision_s, 99)
+            row["decision_p99_ms"][name] = None if p99 is None else 1e3 * p99
         rows.append(row)
     return rows
 

@@ -153,7 +153,9 @@ def triage(jobs: Sequence[Job], free_at: Sequence[float]) -> tuple[list[Slot], l
     of one of the last jobs placed, or starting one of those at its next wider degree. If neither
     works, Moore-Hodgson: give up the costliest of the jobs placed and it, and place again the jobs
     behind the one given up (the profile before each placed job is kept, so that costs only their
-    re-placement)."""
+    re-placement). Repairs are skipped for a job that does not fit even before anyone else is
+    placed, and stop after REPAIR_BUDGET placements per call, so a decision stays short whatever
+    the queue."""
     dropped: list[Hashable] = []
     queue: list[Job] = []
     for job in edf_order(jobs):
@@ -162,6 +164,8 @@ def triage(jobs: Sequence[Job], free_at: Sequence[float]) -> tuple[list[Slot], l
     kept: list[Job] = []
     slots: list[Slot] = []
     profiles: list[list[float]] = [sorted(free_at)]  # profiles[p]: free times before kept[p]
+    budget = [REPAIR_BUDGET]
+    top_cost = -1.0  # the costliest kept job's cost (kept only grows between recomputations)
     i = 0
     while i < len(queue):
         job = queue[i]
@@ -170,20 +174,23 @@ def triage(jobs: Sequence[Job], free_at: Sequence[float]) -> tuple[list[Slot], l
             kept.append(job)
             slots.append(slot)
             profiles.append(occupy(profiles[-1], slot))
+            top_cost = max(top_cost, job.cost_s)
             i += 1
             continue
-        if _repair(job, kept, slots, profiles):
+        if budget[0] > 0 and fit(job, profiles[0]) is not None and _repair(job, kept, slots, profiles, budget):
+            top_cost = max(top_cost, job.cost_s)
             i += 1
             continue
-        # (ties: the later one, so the job in turn before those already placed)
-        victim = max(range(len(kept) + 1), key=lambda p: ((kept[p] if p < len(kept) else job).cost_s, p))
-        if victim == len(kept):  # the job itself is the costliest: give it up, go on
+        if job.cost_s >= top_cost:  # the job itself is the costliest (ties: the later one): give it up
             dropped.append(job.key)
             i += 1
             continue
+        costs = [k.cost_s for k in kept]
+        victim = len(costs) - 1 - costs[::-1].index(top_cost)  # the latest of the costliest
         dropped.append(kept[victim].key)
         queue[i:i] = kept[victim + 1:]  # re-place the jobs behind the victim, then this one again
         del kept[victim:], slots[victim:], profiles[victim + 1:]
+        top_cost = max((k.cost_s for k in kept), default=-1.0)
     return slots, dropped
 
 
@@ -210,32 +217,36 @@ def first_needs(slots: Sequence[Slot], free_at: Sequence[float]) -> list[float]:
 
 
 REPAIR_DEPTH = 8  # how many of the last jobs placed a repair may move or speed up
+REPAIR_BUDGET = 64  # placements all repairs of one triage call may try
 
 
-def _repair(job: Job, kept: list[Job], slots: list[Slot], profiles: list[list[float]]) -> bool:
+def _repair(job: Job, kept: list[Job], slots: list[Slot], profiles: list[list[float]], budget: list[int]) -> bool:
     """`job` did not fit behind `kept`. Does it fit (every job behind the change still fitting)
     a) ahead of one of the last REPAIR_DEPTH jobs placed (a request with a later deadline but no
        slack, e.g. a large one near its end, may go before small ones with slack), or
     b) when one of those starts at its next wider degree (dearer, but done sooner)?
     Updates the lists and returns True if so."""
     for p in range(len(kept) - 1, max(-1, len(kept) - 1 - REPAIR_DEPTH), -1):
-        if _replace_from(p, [job] + kept[p:], kept, slots, profiles):
+        if _replace_from(p, [job] + kept[p:], kept, slots, profiles, budget):
             return True
     for p in range(len(kept) - 1, max(-1, len(kept) - 1 - REPAIR_DEPTH), -1):
         wider = [d for d, _ in kept[p].options if d > slots[p].degree]
         faster = fit(kept[p], profiles[p], min_degree=wider[0]) if wider else None
-        if faster is not None and _replace_from(p, kept[p:] + [job], kept, slots, profiles, first=faster):
+        if faster is not None and _replace_from(p, kept[p:] + [job], kept, slots, profiles, budget, first=faster):
             return True
     return False
 
 
 def _replace_from(p: int, order: list[Job], kept: list[Job], slots: list[Slot], profiles: list[list[float]],
-                  first: Slot | None = None) -> bool:
+                  budget: list[int], first: Slot | None = None) -> bool:
     """Place `order` from position p (the first with the given slot, if any); commit if all fit."""
     new_slots: list[Slot] = []
     new_profiles: list[list[float]] = []
     profile = profiles[p]
     for n, job in enumerate(order):
+        if budget[0] <= 0:
+            return False
+        budget[0] -= 1
         slot = first if n == 0 and first is not None else fit(job, profile)
         if slot is None:
             return False
