@@ -81,12 +81,18 @@ def fit(job: Job, free_at: Sequence[float], min_degree: int = 1) -> Slot | None:
     first, as `allocation.allocate`, switching once the wider degree's devices are free), starting
     at min_degree or more."""
     n = len(free_at)
-    options = [o for o in job.options if min_degree <= o[0] <= n]
     budget_end = job.deadline_s - job.decode_s + EPS
+    release, steps = job.release_s, job.steps
     prev = None
-    for degree, step_s in options:
-        start = max(job.release_s, free_at[degree - 1])
-        if start + job.steps * step_s <= budget_end:
+    for degree, step_s in job.options:
+        if degree < min_degree:
+            continue
+        if degree > n:
+            break
+        start = free_at[degree - 1]
+        if start < release:
+            start = release
+        if start + steps * step_s <= budget_end:
             if prev is not None:  # try running the cheaper degree first, switching to this one
                 mixed = _two_degrees(job, prev, (degree, step_s), free_at, budget_end)
                 if mixed is not None:
