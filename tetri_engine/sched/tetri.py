@@ -39,7 +39,7 @@ from dataclasses import dataclass
 from tetri_engine.sched.allocation import HullPoint, lower_hull
 from tetri_engine.sched.cost import CostModel
 from tetri_engine.sched.placement import place
-from tetri_engine.sched.plan import SchedRequest
+from tetri_engine.sched.plan import RoundPlan, RoundResult, SchedRequest
 from tetri_engine.sched.policy import Admission, GroupSpec, Policy, steps_in
 from tetri_engine.sched.triage import Job, Slot, edf_order, first_needs, fit_all, triage
 
@@ -82,7 +82,7 @@ class TetriPolicy(Policy):
         self._slots.pop(request_id, None)
         return super().abort(request_id)
 
-    def update_from_output(self, plan, result):
+    def update_from_output(self, plan: RoundPlan, result: RoundResult) -> list[SchedRequest]:
         finished = super().update_from_output(plan, result)
         for r in finished:
             self._given_up.discard(r.request_id)
