@@ -33,3 +33,20 @@ demo: install
 
 clean:
 	rm -rf build *.egg-info tetri_engine/_C*.so
+
+# `make browser`: Debian's chromium + chromium-driver for the dashboard's browser test
+# (tests/test_server_dashboard_browser.py), installed with apt-get where it exists and we are root;
+# elsewhere, or if apt-get fails, it says so and that test skips with the same message.
+.PHONY: browser
+test: browser
+browser:
+	@if command -v chromium >/dev/null 2>&1 && command -v chromedriver >/dev/null 2>&1; then \
+	  echo "browser: chromium and chromedriver are installed"; \
+	elif command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
+	  echo "browser: installing chromium and chromium-driver with apt-get ..."; \
+	  (export DEBIAN_FRONTEND=noninteractive; apt-get update -qq || true; \
+	   apt-get install -y -qq --no-install-recommends chromium chromium-driver >/dev/null) || \
+	  echo "browser: apt-get could not install them: the dashboard's browser test will skip"; \
+	else \
+	  echo "browser: no apt-get, or not root: the dashboard's browser test will skip (install chromium and chromium-driver to run it)"; \
+	fi

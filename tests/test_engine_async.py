@@ -191,7 +191,7 @@ async def test_abort_ends_the_stream_with_cancelled(engine):
 
 
 async def test_injected_step_failure_fails_one_request_only(engine, monkeypatch):
-    adapter = engine.runtime.adapter
+    adapter = engine.executor.runtime.adapter
     real_velocity = adapter.velocity
     victim_seed = 424242
 
@@ -228,6 +228,42 @@ async def test_preview_outputs(engine):
     # One preview per round boundary before the end (previews come between rounds).
     assert len(previews) == rounds - 1
     assert all(p.image.size == (256 // 8, 128 // 8) for p in previews)
+
+
+async def test_live_requests_show_deadline_slack_late_and_the_running_group(engine, monkeypatch):
+    assert engine.live_requests() == []
+    on_time = GenerationRequest(prompt="on time", width=256, height=256, num_inference_steps=40,
+                                request_id="live-on-time", deadline_s=600)
+    monkeypatch.setattr(engine.config, "admission", "best_effort")
+    hopeless = GenerationRequest(prompt="hopeless", width=256, height=256, num_inference_steps=20,
+                                 request_id="live-hopeless", deadline_s=1e-3)
+    stream = engine.generate(on_time)
+    await first_output(stream, "step")
+    late_stream = engine.generate(hopeless)
+    await first_output(late_stream, "queued")
+    running = None
+    for _ in range(500):  # until a snapshot catches it inside a group (bounded polls, not a timer)
+        live = {r["request_id"]: r for r in engine.live_requests()}
+        assert live["live-hopeless"]["slack_s"] < 0  # it cannot make it, even before its deadline passed
+        if live["live-on-time"]["devices"] and live["live-hopeless"]["late"]:
+            running = live["live-on-time"]
+            break
+        await asyncio.sleep(0.005)
+    assert running is not None, live
+    now_s = time.monotonic() - engine.started_s
+    assert (running["width"], running["height"], running["num_steps"]) == (256, 256, 40)
+    assert running["state"] == "running" and 0 <= running["steps_done"] < 40
+    assert running["deadline_s"] - running["arrival_s"] == pytest.approx(600)
+    assert 0 < running["slack_s"] < running["deadline_s"] - now_s  # remaining work is not free
+    assert running["late"] is False
+    assert set(running["devices"]) <= set(DEVICES) and running["group_start_s"] <= now_s
+
+    outputs = [out async for out in stream] + [out async for out in late_stream]
+    assert {o.state for o in outputs if o.kind == "final"} == {RequestState.COMPLETED}
+    assert engine.live_requests() == []
+    # The running group it showed is the one round_records() reports once it ends (same clock, same key).
+    groups = [g for r in engine.round_records() for g in r.groups if "live-on-time" in g.request_ids]
+    assert any(g.start_s == running["group_start_s"] and list(g.devices) == running["devices"] for g in groups)
 
 
 # ---- a policy that moves a request across groups of every width, to check seeds survive regroups ----
@@ -388,7 +424,7 @@ async def test_leaving_generate_stops_the_request_mid_group(cache_dir):
         assert group.request_ids == ("alone",) and group.planned_steps == 60
         assert group.steps_done["alone"] < 60 // 2  # (a group without cancel reports 60)
         assert engine.busy_devices() == [] and engine.placement("alone") == ()
-        assert not engine._policy.busy_devices and not engine._policy.has_work()
+        assert not engine._core.policy.busy_devices and not engine._core.policy.has_work()
 
         stay = asyncio.create_task(run_to_final(engine, GenerationRequest(
             prompt="stay", request_id="pair-stay", seed=2, **common)))
@@ -427,3 +463,40 @@ async def test_switch_policy_only_while_idle_and_keeps_serving(engine):
         assert engine.stats()["states"]["completed"] == 1
     finally:
         await engine.switch_policy(before)
+
+
+async def test_an_unknown_policy_is_refused_before_anything_loads():
+    with pytest.raises(ValueError, match="unknown policy 'nope'"):
+        AsyncEngine(EngineConfig(model="tiny", devices=DEVICES, policy="nope"))
+    AsyncEngine(EngineConfig(model="tiny", devices=DEVICES, policy="fixed16"))  # a known family, any degree
+
+
+async def test_the_policy_is_told_of_cancels_but_never_asked_to_abort_a_completed_request(cache_dir):
+    from tetri_engine.sched import make_policy
+
+    aborted = []
+
+    def recording_tetri(num_devices, cost):
+        policy = make_policy("tetri", num_devices, cost)
+        abort = policy.abort
+
+        def record(request_id):
+            aborted.append(request_id)
+            return abort(request_id)
+
+        policy.abort = record
+        return policy
+
+    config = EngineConfig(model="tiny", devices=DEVICES, cache_dir=cache_dir)
+    async with AsyncEngine(config, policy_factory=recording_tetri) as engine:
+        results = await asyncio.gather(*(run_to_final(engine, GenerationRequest(
+            prompt=f"done {i}", width=64, height=64, num_inference_steps=3, seed=i, deadline_s=600))
+            for i in range(3)))
+        assert all(outputs[-1].state == RequestState.COMPLETED for outputs, _ in results)
+        async with contextlib.aclosing(engine.generate(GenerationRequest(
+                prompt="leave", width=512, height=512, num_inference_steps=60, request_id="leaves",
+                deadline_s=600))) as stream:
+            await first_output(stream, "step")
+        if engine.request_state("leaves") is not None:
+            await engine.abort("leaves")
+    assert aborted == ["leaves"]  # its steps were not done: the policy still planned it

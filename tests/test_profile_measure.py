@@ -30,7 +30,7 @@ SMALL = profiling.ProfileSettings(resolutions=((64, 64), (128, 128)), degrees=(1
 
 def test_measured_profile_covers_what_was_asked_and_loads_as_a_cost_model(runtime_and_executor):
     runtime, executor = runtime_and_executor
-    profile = profiling.measure_profile(runtime, executor, DEVICES, SMALL, model_name="tiny")
+    profile = profiling.measure_profile(executor, SMALL, model_name="tiny")
     measured = {(e["width"], e["degree"], e["batch"]) for e in profile["step_ms"] if not e.get("extrapolated")}
     # Degree 4 needs 4 devices: skipped. Batch 2 only at degree 1.
     assert measured == {(64, 1, 1), (64, 2, 1), (128, 1, 1), (128, 2, 1), (64, 1, 2), (128, 1, 2)}
@@ -63,25 +63,27 @@ def test_extrapolated_anchors_are_bounded():
 
 def test_startup_profile_is_cached_on_disk(runtime_and_executor, tmp_path):
     from tetri_engine import ops
+    from tetri_engine.config import EngineConfig
     from tetri_engine.executor import Executor
 
     runtime, executor = runtime_and_executor
     settings = profiling.ProfileSettings(resolutions=((64, 64), (128, 128)), degrees=(1, 2), steps=1,
                                          warmup_steps=0, chunk_steps=1, decode_repeats=1)
-    first = profiling.load_or_measure_profile(runtime, executor, DEVICES, "tiny", cache_dir=str(tmp_path),
-                                              max_width=2048, max_height=2048, settings=settings)
+    size_rule = EngineConfig(max_width=2048, max_height=2048).size_rule()
+    first = profiling.load_or_measure_profile(executor, "tiny", cache_dir=str(tmp_path), size_rule=size_rule,
+                                              settings=settings)
     # A shut-down executor cannot measure anything: the second call must come from the cache.
     stopped = Executor(runtime, DEVICES, ops.CommCache())
     stopped.shutdown()
-    second = profiling.load_or_measure_profile(runtime, stopped, DEVICES, "tiny", cache_dir=str(tmp_path),
-                                               max_width=2048, max_height=2048, settings=settings)
+    second = profiling.load_or_measure_profile(stopped, "tiny", cache_dir=str(tmp_path), size_rule=size_rule,
+                                               settings=settings)
     assert second == first
     # A corrupt cache file is measured over.
     path = profiling.cache_path(str(tmp_path), "tiny", DEVICES, "float32", settings)
     with open(path, "w") as f:
         f.write("{not json")
-    third = profiling.load_or_measure_profile(runtime, executor, DEVICES, "tiny", cache_dir=str(tmp_path),
-                                              max_width=2048, max_height=2048, settings=settings)
+    third = profiling.load_or_measure_profile(executor, "tiny", cache_dir=str(tmp_path), size_rule=size_rule,
+                                              settings=settings)
     assert {(e["width"], e["degree"]) for e in third["step_ms"]} == {(e["width"], e["degree"]) for e in first["step_ms"]}
     with open(path) as f:
         assert json.load(f)["created"] == third["created"]

@@ -12,14 +12,15 @@ from collections import Counter
 
 import pytest
 
+from tetri_engine.config import EngineConfig
 from tetri_engine.request import GenerationOutput, RequestMetrics, RequestState
 from tetri_engine.server import metrics as prom
 from tetri_engine.server import protocol
 from tetri_engine.server.config import ServerConfig
 from tetri_engine.server.protocol import APIError, Limits, parse_generation_request
 
-LIMITS = Limits(model_name="tiny", max_width=512, max_height=512, max_steps=50, max_n=3,
-                default_size="128x128")
+LIMITS = Limits(model_name="tiny", size_rule=EngineConfig(max_width=512, max_height=512).size_rule(),
+                max_steps=50, max_n=3, default_size="128x128")
 PNG = b"\x89PNG\r\n\x1a\nnot-really"
 
 
@@ -210,15 +211,36 @@ def test_server_config_maps_onto_engine_config_and_documents_every_flag():
         assert flag in help_text
 
 
+def test_every_engine_option_is_a_serve_flag_and_bad_values_are_refused():
+    import dataclasses
+
+    parser = argparse.ArgumentParser()
+    ServerConfig.add_arguments(parser)
+    help_text = parser.format_help()
+    for f in dataclasses.fields(EngineConfig):
+        assert "--" + f.name.replace("_", "-") in help_text, f.name
+    config = ServerConfig.from_args(parser.parse_args(["--no-cuda-graphs", "--admission", "best_effort",
+                                                      "--round-s", "0.5"]))
+    assert config.engine.cuda_graphs is False and config.engine.round_s == 0.5
+    assert config.engine.admission == "best_effort"
+    assert ServerConfig.from_args(parser.parse_args([])).engine == EngineConfig()
+    for flags, words in ((["--max-queue", "0"], "max_queue"), (["--round-s", "-1"], "round_s"),
+                         (["--max-width", "32"], "max_width")):
+        with pytest.raises(ValueError, match=words):
+            ServerConfig.from_args(parser.parse_args(flags))
+    with pytest.raises(ValueError, match="admission must be 'reject' or 'best_effort'"):
+        EngineConfig(admission="maybe")
+
+
 def test_a_config_the_server_cannot_serve_with_is_refused_before_anything_starts():
     from tetri_engine.server import create_app
 
     with pytest.raises(ValueError, match="default-size"):
         create_app(ServerConfig(default_size="100x100"))
     with pytest.raises(ValueError, match="default-size"):
-        create_app(ServerConfig(default_size="4096x4096", max_width=2048))
+        create_app(ServerConfig(default_size="4096x4096", engine=EngineConfig(max_width=2048)))
     # Without --default-size the default follows the limits down.
-    assert ServerConfig(max_width=256, max_height=128).resolved_default_size == "256x128"
+    assert ServerConfig(engine=EngineConfig(max_width=256, max_height=128)).resolved_default_size == "256x128"
 
 
 def test_api_key_comes_from_the_environment_when_not_given(monkeypatch):

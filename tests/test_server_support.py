@@ -5,21 +5,26 @@ Every server test runs the real engine with the tiny model on virtual CPU device
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import io
 import json
 
+from tetri_engine.config import EngineConfig
 from tetri_engine.server import ServerConfig
 
 CPU_DEVICES = ["cpu:0", "cpu:1", "cpu:2", "cpu:3"]
 
 
 def small_config(**overrides) -> ServerConfig:
-    """Tiny model, 4 CPU devices, small limits so that bad sizes and bodies are cheap to send."""
+    """Tiny model, 4 CPU devices, small limits so that bad sizes and bodies are cheap to send.
+    overrides: fields of ServerConfig or of its EngineConfig."""
     values = dict(model="tiny", devices=list(CPU_DEVICES), max_width=256, max_height=256,
                   max_steps=20, max_n=3, default_size="64x64", max_queue=8,
                   max_body_bytes=64 * 1024, port=0)
     values.update(overrides)
-    return ServerConfig(**values)
+    engine_fields = {f.name for f in dataclasses.fields(EngineConfig)}
+    engine = EngineConfig(**{k: v for k, v in values.items() if k in engine_fields})
+    return ServerConfig(engine=engine, **{k: v for k, v in values.items() if k not in engine_fields})
 
 
 def parse_sse(text: str) -> list[tuple[str, dict]]:

@@ -9,22 +9,35 @@ from typing import TYPE_CHECKING
 
 __version__ = "0.1.0"
 
-from tetri_engine.config import EngineConfig
-from tetri_engine.errors import EngineNotRunning, RequestRejected
-from tetri_engine.request import GenerationOutput, GenerationRequest, RequestMetrics, RequestState
+from tetri_engine.config import AdmissionMode, EngineConfig
+from tetri_engine.errors import EngineNotRunning, RejectionReason, RequestRejected
+from tetri_engine.request import (
+    CacheMode,
+    GenerationOutput,
+    GenerationRequest,
+    OutputKind,
+    RequestMetrics,
+    RequestState,
+    SizeRule,
+)
 
 if TYPE_CHECKING:  # pragma: no cover
     from tetri_engine.engine.async_engine import AsyncEngine
 
 __all__ = [
+    "AdmissionMode",
     "AsyncEngine",
+    "CacheMode",
     "EngineConfig",
     "EngineNotRunning",
     "GenerationOutput",
     "GenerationRequest",
+    "OutputKind",
+    "RejectionReason",
     "RequestMetrics",
     "RequestRejected",
     "RequestState",
+    "SizeRule",
 ]
 
 

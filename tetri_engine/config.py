@@ -1,46 +1,83 @@
-"""EngineConfig: everything the engine is started with, as one plain dataclass."""
+"""EngineConfig: everything the engine is started with, as one plain dataclass, checked once here.
+
+Each field's `metadata["help"]` is its documentation and its `tetri-engine serve --help` text (the
+server builds one flag per field: server/config.py), so an engine option is one field here and
+nothing else. The policy name is the scheduler's fact: AsyncEngine checks it against `sched`.
+"""
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
+
+from tetri_engine.request import MIN_SIZE_PX, PATCH_PX, SizeRule, StrEnum
 
 
 def default_cache_dir() -> str:
     return os.path.join(os.path.expanduser("~"), ".cache", "tetri-engine")
 
 
+class AdmissionMode(StrEnum):
+    """What admission does with a deadline that cannot be met even at full width."""
+
+    REJECT = "reject"  # RequestRejected("deadline_impossible"), HTTP 429
+    BEST_EFFORT = "best_effort"  # accept it anyway; it counts as a missed deadline
+
+
+def option(default, help_text: str, *, factory=None, **extra):
+    metadata = {"help": help_text, **extra}
+    if factory is not None:
+        return field(default_factory=factory, metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
 @dataclass
 class EngineConfig:
-    # Model: "tiny" (embedded random-weight default), "flux-dev", "flux-schnell", "sd3-medium",
-    # or a local diffusers directory.
-    model: str = "tiny"
-    # Devices, e.g. ["cuda:0", "cuda:1"] or ["cpu:0", "cpu:1", "cpu:2", "cpu:3"] (virtual CPU devices).
-    # None: every visible GPU, else `num_cpu_devices` virtual CPU devices.
-    devices: list[str] | None = None
-    num_cpu_devices: int = 4
-    # dtype of the model: "auto" (bf16 on GPU, fp32 on CPU), "bf16", "fp16", "fp32".
-    dtype: str = "auto"
-    # Scheduling policy: "tetri" (default), "fixed1", "fixed2", "fixed4", "fixed8", "rssp", "edf2" ...
-    policy: str = "tetri"
-    # Step-time profile JSON (bench/profiles/*.json). None: measured at start-up for this model and
-    # these devices, cached under `cache_dir`.
-    profile: str | None = None
-    cache_dir: str = field(default_factory=default_cache_dir)
-    # Round length: `round_steps` steps of a typical request (paper: 5), or fixed `round_s` seconds.
-    round_steps: int = 5
-    round_s: float | None = None
-    # Admission: at most `max_queue` requests waiting or running; a deadline that cannot be met even
-    # at full width is rejected ("reject") or accepted best effort ("best_effort").
-    max_queue: int = 64
-    admission: str = "reject"
-    # Default deadline when a request gives none: the SLO table for its resolution x `slo_scale`.
-    slo_scale: float = 1.0
-    # Input limits.
-    max_width: int = 2048
-    max_height: int = 2048
-    max_steps: int = 100
-    # Communicator cache size (least-recently-used groups beyond it are destroyed).
-    comm_cache_size: int = 64
-    # CUDA graphs of the denoising steps (GPU only; executor/cuda_graphs.py): each batch's forward is
-    # captured once per shape, group and rank, then replayed. Off: every step launches eagerly.
-    cuda_graphs: bool = True
+    model: str = option("tiny", "model: tiny (embedded random-weight default), tiny-sd3, flux-dev, flux-schnell, "
+                       "sd3-medium, or a local diffusers directory")
+    devices: list[str] | None = option(None, "devices, comma-separated, e.g. cuda:0,cuda:1 or cpu:0,cpu:1 "
+                                      "(default: every visible GPU, else --num-cpu-devices virtual CPU "
+                                      "devices)", metavar="LIST")
+    num_cpu_devices: int = option(4, "number of virtual CPU devices when there is no GPU")
+    dtype: str = option("auto", "model dtype: auto (bf16 on GPU, fp32 on CPU), bf16, fp16, fp32",
+                       choices=("auto", "bf16", "fp16", "fp32"))
+    policy: str = option("tetri", "scheduling policy: a name tetri_engine.sched.make_policy knows, e.g. "
+                        "tetri, fixedK (xDiT-style fixed degree K), rssp, edfK")
+    profile: str | None = option(None, "step-time profile JSON (bench/profiles/*.json); default: measured "
+                                "at start-up and cached under --cache-dir", metavar="PATH")
+    cache_dir: str = option(None, "directory for cached profiles (default: ~/.cache/tetri-engine)",
+                           factory=default_cache_dir, metavar="DIR")
+    round_steps: int = option(5, "round length in steps of a typical request (TetriServe: 5)")
+    round_s: float | None = option(None, "fixed round length in seconds (overrides --round-steps)")
+    max_queue: int = option(64, "at most this many requests waiting or running; more are refused "
+                           "(queue_full, HTTP 429)")
+    admission: AdmissionMode = option(AdmissionMode.REJECT, "a deadline that cannot be met even at full "
+                                     "width: reject (HTTP 429) or best_effort (accept anyway)",
+                                     choices=tuple(m.value for m in AdmissionMode))
+    slo_scale: float = option(1.0, "default deadline = the SLO table's target for the resolution x this "
+                             "scale (requests may send their own deadline or scale)")
+    max_width: int = option(2048, "largest image width accepted, in pixels")
+    max_height: int = option(2048, "largest image height accepted, in pixels")
+    max_steps: int = option(100, "largest num_inference_steps accepted")
+    comm_cache_size: int = option(64, "communicator cache size (device groups kept warm; least recently "
+                                 "used beyond it are destroyed)")
+    cuda_graphs: bool = option(True, "replay each batch's denoising forward as a CUDA graph, captured once "
+                              "per shape, group and rank (GPU only; off: every step launches eagerly)")
+
+    def __post_init__(self) -> None:
+        self.admission = AdmissionMode.parse(self.admission, "admission")
+        for name in ("num_cpu_devices", "round_steps", "max_queue", "max_steps", "comm_cache_size"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name}={value!r} must be an integer >= 1")
+        if self.round_s is not None and not self.round_s > 0:
+            raise ValueError(f"round_s={self.round_s!r} must be > 0 seconds")
+        if not self.slo_scale > 0:
+            raise ValueError(f"slo_scale={self.slo_scale!r} must be > 0")
+        for name in ("max_width", "max_height"):
+            if getattr(self, name) < MIN_SIZE_PX:
+                raise ValueError(f"{name}={getattr(self, name)!r} is below the minimum image side of {MIN_SIZE_PX} px")
+
+    def size_rule(self) -> SizeRule:
+        """The sizes this configuration serves (the loaded model may narrow it: AsyncEngine.size_rule)."""
+        return SizeRule(multiple_px=PATCH_PX, min_px=MIN_SIZE_PX, max_width=self.max_width,
+                        max_height=self.max_height)

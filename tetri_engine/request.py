@@ -1,12 +1,43 @@
-"""What a user sends (GenerationRequest) and what comes back (GenerationOutput, RequestMetrics)."""
+"""What a user sends (GenerationRequest) and what comes back (GenerationOutput, RequestMetrics), the
+enums of a request's life, and the one rule for image sizes (SizeRule).
+
+Plain Python: every layer imports this module (the scheduler too, with torch unimportable).
+"""
 from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
 from typing import Any
 
+# Image pixels per DiT token side in every family served (FLUX, SD3): the VAE's 8x, then 2x2 latent
+# patches. The server needs it before a model is loaded; an adapter may narrow the rule further.
+PATCH_PX = 16
+# Below this an image is a handful of tokens: a degree-4 shard would be mostly padding.
+MIN_SIZE_PX = 64
 
-class RequestState(str, enum.Enum):
+
+class StrEnum(str, enum.Enum):
+    """An enum whose members are their string values (`out.kind == "step"`, JSON, f-strings),
+    on every Python this package supports (enum.StrEnum is 3.11+)."""
+
+    def __str__(self) -> str:
+        return self.value
+
+    def __format__(self, spec: str) -> str:
+        return format(self.value, spec)
+
+    @classmethod
+    def parse(cls, value: Any, name: str):
+        """`value` as a member, or ValueError naming `name` and the choices."""
+        try:
+            return cls(value)
+        except ValueError:
+            *others, last = [repr(m.value) for m in cls]
+            choices = f"{', '.join(others)} or {last}" if others else last
+            raise ValueError(f"{name} must be {choices}, got {value!r}") from None
+
+
+class RequestState(StrEnum):
     WAITING = "waiting"
     RUNNING = "running"
     COMPLETED = "completed"
@@ -18,6 +49,64 @@ class RequestState(str, enum.Enum):
     def is_terminal(self) -> bool:
         return self in (RequestState.COMPLETED, RequestState.FAILED, RequestState.CANCELLED,
                         RequestState.REJECTED)
+
+
+class OutputKind(StrEnum):
+    """The kinds of `GenerationOutput`, in the order a request produces them."""
+
+    QUEUED = "queued"  # always first; queue_position
+    ROUND = "round"  # degree and devices of a group the request joins
+    STEP = "step"  # step k of total_steps done
+    PREVIEW = "preview"  # image is a low-cost preview (no VAE)
+    FINAL = "final"  # the last one: terminal state, image/png or error
+
+
+class CacheMode(StrEnum):
+    """Step caching of a request (model/step_cache.py)."""
+
+    OFF = "off"  # every step runs every block
+    AUTO = "auto"  # the model's cache plan decides which steps reuse the other blocks' residual
+
+
+@dataclass(frozen=True)
+class SizeRule:
+    """Which image sizes can be made: width and height multiples of `multiple_px`, from `min_px` up to
+    `max_width` x `max_height` pixels (None: no bound). The one place the rule is written: each layer
+    holds the numbers it owns (EngineConfig the served range, the model its patch and largest grid)
+    and `narrow()` combines them."""
+
+    multiple_px: int = PATCH_PX
+    min_px: int = PATCH_PX
+    max_width: int | None = None
+    max_height: int | None = None
+
+    def narrow(self, other: SizeRule) -> SizeRule:
+        """Sizes both rules allow (the multiples must divide one another, as 16 and 16 do)."""
+        multiple = max(self.multiple_px, other.multiple_px)
+        if multiple % min(self.multiple_px, other.multiple_px):
+            raise ValueError(f"size multiples {self.multiple_px} and {other.multiple_px} do not nest")
+        return SizeRule(multiple_px=multiple, min_px=max(self.min_px, other.min_px),
+                        max_width=_smaller(self.max_width, other.max_width),
+                        max_height=_smaller(self.max_height, other.max_height))
+
+    def check(self, width: Any, height: Any) -> None:
+        """ValueError naming the first side that breaks the rule and what to send instead."""
+        for name, value, limit in (("width", width, self.max_width), ("height", height, self.max_height)):
+            if not isinstance(value, int) or isinstance(value, bool):
+                raise ValueError(f"{name} must be an integer number of pixels, got {value!r}")
+            if value % self.multiple_px:
+                lower = value - value % self.multiple_px
+                raise ValueError(f"{name}={value} is not a multiple of {self.multiple_px}: width and height "
+                                 f"must be multiples of {self.multiple_px} pixels (try "
+                                 f"{max(lower, self.multiple_px)} or {lower + self.multiple_px})")
+            if value < self.min_px:
+                raise ValueError(f"{name}={value} is below the minimum of {self.min_px} px")
+            if limit is not None and value > limit:
+                raise ValueError(f"{name}={value} is beyond the maximum of {limit} px here")
+
+
+def _smaller(a: int | None, b: int | None) -> int | None:
+    return b if a is None else a if b is None else min(a, b)
 
 
 @dataclass
@@ -32,9 +121,8 @@ class GenerationRequest:
     # Deadline in seconds from arrival. None: SLO table for the resolution x slo_scale.
     deadline_s: float | None = None
     slo_scale: float | None = None
-    priority: int = 0
     request_id: str | None = None
-    cache: str = "off"  # step caching: "off" | "auto"
+    cache: CacheMode | str = CacheMode.OFF  # step caching (admission makes it a CacheMode)
     preview_every: int = 0  # >0: a low-cost preview image every K steps (streaming)
 
 
@@ -68,15 +156,15 @@ class RequestMetrics:
 
 @dataclass
 class GenerationOutput:
-    """One item of `AsyncEngine.generate()`.
+    """One item of `AsyncEngine.generate()` (kinds: `OutputKind`).
 
-    kind: "queued" (always first; queue_position), "round" (degree, devices assigned for a round),
-    "step" (step k of total done), "preview" (image is a low-cost preview), "final" (last item:
-    state is terminal; image/png set when completed, error set otherwise).
+    "queued" (always first; queue_position), "round" (degree, devices assigned for a round), "step"
+    (step k of total done), "preview" (image is a low-cost preview), "final" (last item: state is
+    terminal; image/png set when completed, error set otherwise).
     """
 
     request_id: str
-    kind: str
+    kind: OutputKind
     state: RequestState = RequestState.WAITING
     step: int = 0
     total_steps: int = 0
@@ -91,4 +179,4 @@ class GenerationOutput:
 
     @property
     def finished(self) -> bool:
-        return self.kind == "final"
+        return self.kind == OutputKind.FINAL

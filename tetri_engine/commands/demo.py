@@ -106,16 +106,7 @@ async def demo(args) -> int:
                               f"({out.queue_position} waiting ahead)", flush=True)
                     elif out.kind == "final":
                         finals[item.request_id] = out
-                        m = out.metrics
-                        verdict = "met" if m.deadline_met else "MISSED"
-                        degrees = " ".join(f"k{k}:{n}" for k, n in sorted(m.steps_at_degree.items()))
-                        print(f"{now:7.2f}s  {item.request_id} {out.state.value}: {m.total_s:.2f} s of "
-                              f"{m.deadline_s:.2f} s deadline ({verdict}); steps {degrees}; "
-                              f"{m.regroups} regroups{'; ' + out.error if out.error else ''}", flush=True)
-                        if out.png:
-                            with open(os.path.join(args.output, f"{item.request_id}-{item.width}x{item.height}.png"),
-                                      "wb") as f:
-                                f.write(out.png)
+                        report_final(args, item, out, now)
             except RequestRejected as exc:
                 rejected[item.request_id] = f"{exc.reason}: {exc}"
                 print(f"{time.monotonic() - t0:7.2f}s  {item.request_id} rejected ({exc.reason}): {exc}", flush=True)
@@ -125,14 +116,30 @@ async def demo(args) -> int:
         stats = engine.stats()
 
     print_schedule(rounds, {t.request_id: t for t in trace})
+    print_summary(args, config, len(trace), finals, stats)
+    write_outputs(args, config, trace, rounds, finals, arrivals_s, rejected, stats)
+    return 0
+
+
+def report_final(args, item: DemoRequest, out, now: float) -> None:
+    """One line for a request's final output; its image into the output directory."""
+    m = out.metrics
+    verdict = "met" if m.deadline_met else "MISSED"
+    degrees = " ".join(f"k{k}:{n}" for k, n in sorted(m.steps_at_degree.items()))
+    print(f"{now:7.2f}s  {item.request_id} {out.state.value}: {m.total_s:.2f} s of "
+          f"{m.deadline_s:.2f} s deadline ({verdict}); steps {degrees}; "
+          f"{m.regroups} regroups{'; ' + out.error if out.error else ''}", flush=True)
+    if out.png:
+        with open(os.path.join(args.output, f"{item.request_id}-{item.width}x{item.height}.png"), "wb") as f:
+            f.write(out.png)
+
+
+def print_summary(args, config, total: int, finals: dict, stats: dict) -> None:
     met = sum(1 for out in finals.values() if out.metrics and out.metrics.deadline_met)
-    total = len(trace)
     print(f"\nSLO attainment (SAR): {met}/{total} = {met / total:.2f} "
           f"(policy {config.policy}, SLO scale {args.slo_scale:g}; rejected requests count as missed)")
     busy = ", ".join(f"{d} {f:.0%}" for d, f in stats["device_busy_fraction"].items())
     print(f"rounds {stats['rounds']}, regroups {stats['regroups']}, device busy: {busy}")
-    write_outputs(args, config, trace, rounds, finals, arrivals_s, rejected, stats)
-    return 0
 
 
 def print_schedule(rounds, items) -> None:

@@ -24,7 +24,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    config = ServerConfig.from_args(args)
+    try:
+        config = ServerConfig.from_args(args)
+    except ValueError as exc:  # an engine option out of range (EngineConfig checks them)
+        print(f"tetri-engine serve: {exc}", file=sys.stderr)
+        return 2
     logging.basicConfig(level=config.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     return run_event_loop(serve(config))
@@ -63,7 +67,7 @@ async def serve(config: ServerConfig) -> int:
         return 1
     base_url = f"http://{_client_host(config.host)}:{config.port}"
     print(f"tetri-engine: listening on http://{config.host}:{config.port}; starting the engine "
-          f"(model {config.model}) ...", flush=True)
+          f"(model {config.engine.model}) ...", flush=True)
 
     stop = asyncio.Event()
     _install_signal_handlers(stop)
@@ -114,7 +118,7 @@ def _client_host(host: str) -> str:
 
 def example_curl(config: ServerConfig, base_url: str) -> str:
     """A shell command that generates one image and writes it to image.png (or prints the error)."""
-    size = "256x256" if config.max_width >= 256 and config.max_height >= 256 else config.resolved_default_size
+    size = "256x256" if min(config.engine.max_width, config.engine.max_height) >= 256 else config.resolved_default_size
     body = f'{{"prompt": "{EXAMPLE_PROMPT}", "size": "{size}"}}'
     auth = f' -H "Authorization: Bearer ${API_KEY_ENV}"' if config.api_key else ""
     # Double quotes only inside, so that the whole snippet sits in one pair of single quotes.

@@ -1,34 +1,38 @@
-"""Admission: check a GenerationRequest, fill in its defaults, and decide whether it can be queued.
+"""Admission: check a GenerationRequest, fill in its defaults, fix its deadline, and decide at once
+whether the engine takes it.
 
 Two kinds of refusal, kept apart on purpose:
 - `ValueError`: the request itself is wrong (size not a multiple of 16, too many steps, ...). Sending
   it again will never help; the message says what to change.
-- `RequestRejected`: the request is fine but the engine cannot take it now (queue full, draining) or
-  cannot meet its deadline even with every device on it. `retry_after_s` is a hint for clients.
+- `RequestRejected` (a `RejectionReason`): the request is fine but the engine cannot take it now
+  (queue full, draining) or cannot meet its deadline even with every device on it. `retry_after_s`
+  is a hint for clients.
 
 Nothing here touches the event loop or the executor, so it is cheap to call before anything is queued.
+The deadline test asks the policy (`min_finish_s`): the one place a policy's own admission estimate
+plugs in.
 """
 from __future__ import annotations
 
 import math
 import random
+import time
 import uuid
 from dataclasses import dataclass, replace
+from typing import Any
 
-from tetri_engine.config import EngineConfig
-from tetri_engine.request import GenerationRequest
+from tetri_engine.config import AdmissionMode, EngineConfig
+from tetri_engine.errors import RejectionReason, RequestRejected
+from tetri_engine.request import CacheMode, GenerationRequest, SizeRule
 
-# Below this an image is a handful of tokens: a degree-4 shard would be mostly padding.
-MIN_SIZE_PX = 64
 MAX_SEED = 2**63 - 1
-CACHE_MODES = ("off", "auto")
 
 
 @dataclass(frozen=True)
 class ModelLimits:
-    """What admission needs to know of the loaded model."""
+    """What admission needs to know of the loaded model (from the executor's ModelInfo)."""
 
-    patch_px: int  # width and height must be multiples of this (16 for FLUX and SD3)
+    size_rule: SizeRule  # the engine's sizes narrowed by the model's
     default_steps: int
     default_guidance: float
 
@@ -41,19 +45,7 @@ def validate_request(request: GenerationRequest, config: EngineConfig, limits: M
         raise ValueError(f"prompt must be a string, got {type(request.prompt).__name__}")
     if request.negative_prompt is not None and not isinstance(request.negative_prompt, str):
         raise ValueError("negative_prompt must be a string or None")
-
-    for name, value, limit in (("width", request.width, config.max_width),
-                               ("height", request.height, config.max_height)):
-        if not isinstance(value, int) or isinstance(value, bool):
-            raise ValueError(f"{name} must be an integer number of pixels, got {value!r}")
-        if value % limits.patch_px != 0:
-            lower = value - value % limits.patch_px
-            raise ValueError(f"{name}={value} is not a multiple of {limits.patch_px} "
-                             f"(try {max(lower, limits.patch_px)} or {lower + limits.patch_px})")
-        if value < MIN_SIZE_PX:
-            raise ValueError(f"{name}={value} is below the minimum of {MIN_SIZE_PX} px")
-        if value > limit:
-            raise ValueError(f"{name}={value} is beyond this engine's maximum of {limit} px")
+    limits.size_rule.check(request.width, request.height)
 
     steps = limits.default_steps if request.num_inference_steps is None else request.num_inference_steps
     if not isinstance(steps, int) or isinstance(steps, bool) or not 1 <= steps <= config.max_steps:
@@ -79,12 +71,9 @@ def validate_request(request: GenerationRequest, config: EngineConfig, limits: M
     if not isinstance(slo_scale, (int, float)) or not math.isfinite(slo_scale) or slo_scale <= 0:
         raise ValueError(f"slo_scale={slo_scale!r} must be a positive number")
 
-    if request.cache not in CACHE_MODES:
-        raise ValueError(f"cache={request.cache!r} must be one of {', '.join(CACHE_MODES)}")
+    cache = CacheMode.parse(request.cache, "cache")
     if not isinstance(request.preview_every, int) or request.preview_every < 0:
         raise ValueError(f"preview_every={request.preview_every!r} must be an integer >= 0")
-    if not isinstance(request.priority, int):
-        raise ValueError(f"priority={request.priority!r} must be an integer")
 
     request_id = request.request_id
     if request_id is None:
@@ -93,4 +82,63 @@ def validate_request(request: GenerationRequest, config: EngineConfig, limits: M
         raise ValueError(f"request_id={request_id!r} must be a non-empty string")
 
     return replace(request, num_inference_steps=steps, guidance_scale=float(guidance), seed=seed,
-                   slo_scale=float(slo_scale), request_id=request_id)
+                   slo_scale=float(slo_scale), request_id=request_id, cache=cache)
+
+
+class Admission:
+    """Whether a request is taken, and its deadline. `cost` is the sched.CostModel the engine plans with."""
+
+    def __init__(self, config: EngineConfig, limits: ModelLimits, cost: Any):
+        self.config = config
+        self.limits = limits
+        self.cost = cost
+
+    def check(self, request: GenerationRequest, *, policy: Any, live: dict[str, Any], draining: bool,
+              now_s: float | None = None) -> tuple[GenerationRequest, float]:
+        """-> (the validated request, its deadline in seconds from now), or raise ValueError /
+        RequestRejected. `live`: request_id -> TrackedRequest of the requests waiting or running."""
+        req = validate_request(request, self.config, self.limits)
+        try:
+            self.cost.check(req.width, req.height)
+        except ValueError as exc:
+            raise ValueError(f"{req.width}x{req.height} cannot be scheduled on this engine: {exc}") from None
+        if req.request_id in live:
+            raise ValueError(f"request_id {req.request_id!r} is already in use by a live request")
+        if draining:
+            raise RequestRejected("the engine is draining (shutting down) and takes no new requests",
+                                  reason=RejectionReason.DRAINING)
+        if len(live) >= self.config.max_queue:
+            raise RequestRejected(
+                f"queue full: {len(live)} requests are waiting or running (max_queue={self.config.max_queue})",
+                reason=RejectionReason.QUEUE_FULL, retry_after_s=self._retry_after_s(live, policy))
+        deadline_s = self._deadline_s(req, policy)
+        self._check_deadline(req, deadline_s, policy, time.monotonic() if now_s is None else now_s)
+        return req, deadline_s
+
+    def _deadline_s(self, req: GenerationRequest, policy: Any) -> float:
+        """The request's own deadline, else the SLO table's for its size x its scale."""
+        from tetri_engine.sched import slo_s
+
+        if req.deadline_s is not None:
+            return float(req.deadline_s)
+        return slo_s(req.width, req.height, req.num_inference_steps, cost=self.cost, scale=req.slo_scale,
+                     max_degree=policy.max_degree)
+
+    def _check_deadline(self, req: GenerationRequest, deadline_s: float, policy: Any, now_s: float) -> None:
+        """Refuse (admission "reject") a deadline that cannot be met even alone on the widest group."""
+        fastest_s = policy.min_finish_s(req.width, req.height, req.num_inference_steps, now_s,
+                                        cached=req.cache == CacheMode.AUTO) - now_s
+        if fastest_s > deadline_s and self.config.admission == AdmissionMode.REJECT:
+            raise RequestRejected(
+                f"deadline {deadline_s:.3g} s cannot be met: {req.width}x{req.height} in {req.num_inference_steps} "
+                f"steps takes at least {fastest_s:.3g} s here, even alone on {policy.max_degree} device(s)",
+                reason=RejectionReason.DEADLINE_IMPOSSIBLE)
+
+    def _retry_after_s(self, live: dict[str, Any], policy: Any) -> float:
+        """Hint for a client refused with queue_full: when the soonest live request should end."""
+        soonest_s = math.inf
+        for tracked in live.values():
+            remaining = tracked.total_steps - tracked.last_step_reported
+            soonest_s = min(soonest_s, self.cost.isolated_s(tracked.request.width, tracked.request.height,
+                                                            remaining, policy.max_degree))
+        return round(max(0.1, soonest_s if math.isfinite(soonest_s) else 1.0), 3)

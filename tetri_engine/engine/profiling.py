@@ -32,13 +32,14 @@ import platform
 import statistics
 import time
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
+
+from tetri_engine.request import SizeRule
+from tetri_engine.sched.cost import num_tokens
 
 log = logging.getLogger("tetri_engine.profile")
 
 PROFILE_CODE_VERSION = 2  # bump when the measurement changes meaning: cached profiles are re-measured
-MIN_SIDE_PX = 64  # engine/admission.MIN_SIZE_PX
-PATCH_PX = 16
 
 
 @dataclass(frozen=True)
@@ -100,109 +101,51 @@ def usable_degrees(requested: Sequence[int], num_devices: int, num_heads: int) -
                          if d >= 1 and d & (d - 1) == 0 and d <= num_devices and num_heads % d == 0}))
 
 
-def default_startup_settings(runtime, num_devices: int, max_width: int, max_height: int) -> ProfileSettings:
-    """The short start-up measurement: a few sizes, every usable degree, batch 1, a few steps.
+def default_startup_settings(executor: Any, size_rule: SizeRule) -> ProfileSettings:
+    """The short start-up measurement: a few sizes, every usable degree, batch 1, a few steps, and
+    anchors at the smallest and largest size `size_rule` admits.
 
     CPU devices: 64/256/512/768 px, decode up to 512 px (it scales with pixels): about 3 s for the
     tiny model on 2 cores. GPUs: the paper's sizes up to the engine's maximum (a few steps each;
     2048^2 FLUX is ~1 s a step on one H200).
     """
-    degrees = usable_degrees([2**i for i in range(8)], num_devices, runtime.num_heads)
-    on_gpu = str(runtime.devices[0]).startswith("cuda")
-    if on_gpu:
+    degrees = usable_degrees([2**i for i in range(8)], len(executor.devices), executor.model.num_heads)
+    max_width, max_height = size_rule.max_width, size_rule.max_height
+    if str(executor.devices[0]).startswith("cuda"):
         sides = [s for s in (256, 512, 1024, 2048) if s <= min(max_width, max_height)]
         settings = dict(steps=4, warmup_steps=2, chunk_steps=2, decode_repeats=1)
     else:
         sides = [s for s in (64, 256, 512, 768) if s <= min(max_width, max_height)]
         settings = dict(steps=2, warmup_steps=1, chunk_steps=2, decode_repeats=1, decode_max_px=512)
-    anchors = ((MIN_SIDE_PX, MIN_SIDE_PX), (max_width, max_height))
+    anchors = ((size_rule.min_px, size_rule.min_px), (max_width, max_height))
     return ProfileSettings(resolutions=tuple((s, s) for s in sides), degrees=degrees, anchors=anchors, **settings)
 
 
-def measure_profile(runtime, executor, devices: Sequence[str], settings: ProfileSettings, *, model_name: str,
+def measure_profile(executor: Any, settings: ProfileSettings, *, model_name: str,
                     progress: Callable[[str], None] | None = None) -> dict:
-    """Measure a profile on `executor` (whose devices are `devices`). Returns the profile dict
-    (docs/ARCHITECTURE.md, "Profile JSON"), with a per-entry "n" (samples) and "cv" (spread)."""
-    from tetri_engine.request import GenerationRequest
-
+    """Measure a profile on `executor`'s devices. Returns the profile dict (docs/ARCHITECTURE.md,
+    "Profile JSON"), with a per-entry "n" (samples) and "cv" (spread)."""
     say = progress or (lambda message: log.info("%s", message))
-    degrees = usable_degrees(settings.degrees, len(devices), runtime.num_heads)
+    devices, num_heads = executor.devices, executor.model.num_heads
+    degrees = usable_degrees(settings.degrees, len(devices), num_heads)
     skipped = sorted(set(settings.degrees) - set(degrees))
     if skipped:
         say(f"skipping degrees {skipped}: not a power of two <= {len(devices)} devices dividing "
-            f"{runtime.num_heads} heads")
+            f"{num_heads} heads")
     if not degrees:
         raise ValueError(f"no usable degree among {list(settings.degrees)} on {len(devices)} devices")
-    total_steps = settings.warmup_steps + settings.steps
-    step_entries: list[dict] = []
-    decode_entries: list[dict] = []
-    encode_samples_s: list[float] = []
-    counter = 0
-
-    def encode(width: int, height: int, count: int) -> list[str]:
-        nonlocal counter
-        ids = []
-        for _ in range(count):
-            counter += 1
-            rid = f"__profile__/{counter}"
-            request = GenerationRequest(prompt="a profile of the step time", width=width, height=height,
-                                        num_inference_steps=total_steps, seed=counter, request_id=rid)
-            result = executor.submit_encode(rid, request).result()
-            encode_samples_s.append(result.encode_s)
-            ids.append(rid)
-        return ids
-
-    def run_steps(ids: list[str], degree: int, steps: int) -> list[float]:
-        """Per-step seconds of each call, `chunk_steps` steps at a time."""
-        samples = []
-        left = steps
-        while left > 0:
-            n = min(settings.chunk_steps, left)
-            result = executor.submit_steps(ids, list(range(degree)), n).result()
-            errors = result.errors
-            if errors:
-                raise RuntimeError(f"profiling step failed: {errors}")
-            samples.append(result.seconds / n)
-            left -= n
-        return samples
-
+    run = _Measurement(executor, settings, say)
     for width, height in settings.resolutions:
-        decoded = False
         for degree in degrees:
             batches = [1] + [b for b in settings.batches if b > 1 and degree == 1
                              and max(width, height) <= settings.batch_max_px]
             for batch in batches:
-                ids = encode(width, height, batch)
-                try:
-                    if settings.warmup_steps:
-                        run_steps(ids, degree, settings.warmup_steps)
-                    samples = run_steps(ids, degree, settings.steps)
-                    median_s = statistics.median(samples)
-                    cv = statistics.pstdev(samples) / statistics.mean(samples) if len(samples) > 1 else 0.0
-                    step_entries.append({"width": width, "height": height, "degree": degree, "batch": batch,
-                                         "ms": round(median_s * 1e3, 4), "n": settings.steps,
-                                         "calls": len(samples), "cv": round(cv, 4)})
-                    say(f"{width}x{height} degree {degree} batch {batch}: {median_s * 1e3:.2f} ms/step")
-                    wants_decode = settings.decode_max_px is None or max(width, height) <= settings.decode_max_px
-                    if not decoded and batch == 1 and wants_decode:
-                        decode_s = []
-                        for _ in range(max(1, settings.decode_repeats)):
-                            before = executor.request_stats(ids[0])["decode_s"]
-                            executor.submit_decode(ids[0], 0).result()
-                            decode_s.append(executor.request_stats(ids[0])["decode_s"] - before)
-                        decode_entries.append({"width": width, "height": height,
-                                               "ms": round(statistics.median(decode_s) * 1e3, 4)})
-                        say(f"{width}x{height} decode: {statistics.median(decode_s) * 1e3:.2f} ms")
-                        decoded = True
-                finally:
-                    for rid in ids:
-                        executor.release(rid)
-
-    extrapolated = _add_anchors(step_entries, settings.anchors, degrees)
+                run.measure(width, height, degree, batch)
+    extrapolated = _add_anchors(run.step_entries, settings.anchors, degrees)
     profile = {
         "model": model_name,
         "machine": machine_name(devices),
-        "dtype": str(runtime.dtype).replace("torch.", ""),
+        "dtype": executor.model.dtype,
         "created": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "num_devices": len(devices),
         "devices": list(devices),
@@ -210,13 +153,83 @@ def measure_profile(runtime, executor, devices: Sequence[str], settings: Profile
         "source": (f"measured by tetri_engine.engine.profiling: median of {settings.steps} steps after "
                    f"{settings.warmup_steps} warm-up steps, {settings.chunk_steps} steps per call"),
         "settings": settings.key_dict(),
-        "step_ms": step_entries,
-        "decode_ms": decode_entries,
-        "encode_ms": round(statistics.median(encode_samples_s) * 1e3, 4) if encode_samples_s else 0.0,
+        "step_ms": run.step_entries,
+        "decode_ms": run.decode_entries,
+        "encode_ms": round(statistics.median(run.encode_samples_s) * 1e3, 4) if run.encode_samples_s else 0.0,
     }
     if extrapolated:
         profile["extrapolated"] = extrapolated
     return profile
+
+
+class _Measurement:
+    """The entries of one profile run, measured one (size, degree, batch) at a time."""
+
+    def __init__(self, executor: Any, settings: ProfileSettings, say: Callable[[str], None]):
+        self.executor, self.settings, self.say = executor, settings, say
+        self.step_entries: list[dict] = []
+        self.decode_entries: list[dict] = []
+        self.encode_samples_s: list[float] = []
+        self._decoded: set[tuple[int, int]] = set()
+        self._counter = 0
+
+    def measure(self, width: int, height: int, degree: int, batch: int) -> None:
+        """One step entry (warm-up, then the timed steps); the size's decode once, at batch 1."""
+        settings = self.settings
+        ids = self._encode(width, height, batch)
+        try:
+            if settings.warmup_steps:
+                self._run_steps(ids, degree, settings.warmup_steps)
+            samples = self._run_steps(ids, degree, settings.steps)
+            median_s = statistics.median(samples)
+            cv = statistics.pstdev(samples) / statistics.mean(samples) if len(samples) > 1 else 0.0
+            self.step_entries.append({"width": width, "height": height, "degree": degree, "batch": batch,
+                                      "ms": round(median_s * 1e3, 4), "n": settings.steps,
+                                      "calls": len(samples), "cv": round(cv, 4)})
+            self.say(f"{width}x{height} degree {degree} batch {batch}: {median_s * 1e3:.2f} ms/step")
+            wants_decode = settings.decode_max_px is None or max(width, height) <= settings.decode_max_px
+            if (width, height) not in self._decoded and batch == 1 and wants_decode:
+                self._measure_decode(ids[0], width, height)
+        finally:
+            for rid in ids:
+                self.executor.release(rid)
+
+    def _encode(self, width: int, height: int, count: int) -> list[str]:
+        from tetri_engine.request import GenerationRequest
+
+        ids = []
+        for _ in range(count):
+            self._counter += 1
+            rid = f"__profile__/{self._counter}"
+            request = GenerationRequest(prompt="a profile of the step time", width=width, height=height,
+                                        num_inference_steps=self.settings.warmup_steps + self.settings.steps,
+                                        seed=self._counter, request_id=rid)
+            self.encode_samples_s.append(self.executor.submit_encode(rid, request).result().encode_s)
+            ids.append(rid)
+        return ids
+
+    def _run_steps(self, ids: list[str], degree: int, steps: int) -> list[float]:
+        """Per-step seconds of each call, `chunk_steps` steps at a time."""
+        samples = []
+        left = steps
+        while left > 0:
+            n = min(self.settings.chunk_steps, left)
+            result = self.executor.submit_steps(ids, list(range(degree)), n).result()
+            if result.errors:
+                raise RuntimeError(f"profiling step failed: {result.errors}")
+            samples.append(result.seconds / n)
+            left -= n
+        return samples
+
+    def _measure_decode(self, rid: str, width: int, height: int) -> None:
+        decode_s = []
+        for _ in range(max(1, self.settings.decode_repeats)):
+            before = self.executor.progress(rid).decode_s
+            self.executor.submit_decode(rid, 0).result()
+            decode_s.append(self.executor.progress(rid).decode_s - before)
+        self.decode_entries.append({"width": width, "height": height, "ms": round(statistics.median(decode_s) * 1e3, 4)})
+        self.say(f"{width}x{height} decode: {statistics.median(decode_s) * 1e3:.2f} ms")
+        self._decoded.add((width, height))
 
 
 def _fit_ms(points: list[tuple[int, float]]) -> Callable[[int], float]:
@@ -247,14 +260,14 @@ def _add_anchors(step_entries: list[dict], anchors: Sequence[tuple[int, int]], d
     added = []
     degree1_ms: dict[tuple[int, int], float] = {}
     for degree in sorted(degrees):
-        points = sorted((e["width"] * e["height"] // PATCH_PX**2, e["ms"]) for e in step_entries
+        points = sorted((num_tokens(e["width"], e["height"]), e["ms"]) for e in step_entries
                         if e["degree"] == degree and e["batch"] == 1 and not e.get("extrapolated"))
         if not points:
             continue
         fit = _fit_ms(points)
         lo, hi = points[0][0], points[-1][0]
         for width, height in anchors:
-            tokens = width * height // PATCH_PX**2
+            tokens = num_tokens(width, height)
             if lo <= tokens <= hi:
                 continue
             if tokens > hi:  # at least proportional to tokens from the largest measured step (small
@@ -288,13 +301,14 @@ def cache_path(cache_dir: str, model_name: str, devices: Sequence[str], dtype: s
     return os.path.join(cache_dir, "profiles", f"{safe_model}-{digest}.json")
 
 
-def load_or_measure_profile(runtime, executor, devices: Sequence[str], model_name: str, *, cache_dir: str,
-                            max_width: int, max_height: int, settings: ProfileSettings | None = None) -> dict:
-    """The start-up profile: from the disk cache when this model/devices/dtype/torch was measured
-    before, else measured now (short) and cached. A corrupt cache file is measured over."""
-    settings = settings or default_startup_settings(runtime, len(devices), max_width, max_height)
-    dtype = str(runtime.dtype).replace("torch.", "")
-    path = cache_path(cache_dir, model_name, devices, dtype, settings)
+def load_or_measure_profile(executor: Any, model_name: str, *, cache_dir: str, size_rule: SizeRule,
+                            settings: ProfileSettings | None = None) -> dict:
+    """The start-up profile of `executor`'s model on its devices: from the disk cache when this
+    model/devices/dtype/torch was measured before, else measured now (short) and cached. A corrupt
+    cache file is measured over. size_rule: the sizes the engine admits (the profile covers them)."""
+    settings = settings or default_startup_settings(executor, size_rule)
+    devices = executor.devices
+    path = cache_path(cache_dir, model_name, devices, executor.model.dtype, settings)
     try:
         with open(path, encoding="utf-8") as f:
             profile = json.load(f)
@@ -305,8 +319,7 @@ def load_or_measure_profile(runtime, executor, devices: Sequence[str], model_nam
     except (OSError, ValueError) as exc:
         log.warning("ignoring unreadable profile cache %s: %s", path, exc)
     start = time.perf_counter()
-    profile = measure_profile(runtime, executor, devices, settings, model_name=model_name,
-                              progress=lambda m: log.debug("profile: %s", m))
+    profile = measure_profile(executor, settings, model_name=model_name, progress=lambda m: log.debug("profile: %s", m))
     log.info("measured the step-time profile of %s on %s in %.1f s (cached at %s)", model_name,
              ",".join(devices), time.perf_counter() - start, path)
     try:
@@ -324,14 +337,11 @@ def profile_model(model_name: str, devices: Sequence[str], settings: ProfileSett
                   progress: Callable[[str], None] | None = None) -> dict:
     """Load `model_name` on `devices`, start an executor, measure, shut down: the whole profile run
     of `tetri-engine profile` and bench/profile_steps.py."""
-    from tetri_engine import ops
     from tetri_engine.executor import Executor
-    from tetri_engine.model import load_runtime
 
-    runtime = load_runtime(model_name, devices=list(devices), dtype=dtype)
-    executor = Executor(runtime, list(devices), ops.CommCache())
+    executor = Executor.load(model_name, list(devices), dtype=dtype)
     try:
-        return measure_profile(runtime, executor, devices, settings, model_name=model_name, progress=progress)
+        return measure_profile(executor, settings, model_name=model_name, progress=progress)
     finally:
         executor.shutdown()
 

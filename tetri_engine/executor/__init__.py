@@ -3,6 +3,6 @@ engine drives (see docs/ARCHITECTURE.md, "model + executor")."""
 from __future__ import annotations
 
 from tetri_engine.executor.executor import Executor
-from tetri_engine.executor.state import EncodeResult, RequestStepResult, StepsResult
+from tetri_engine.executor.state import EncodeResult, ModelInfo, RequestProgress, RequestStepResult, StepsResult
 
-__all__ = ["EncodeResult", "Executor", "RequestStepResult", "StepsResult"]
+__all__ = ["EncodeResult", "Executor", "ModelInfo", "RequestProgress", "RequestStepResult", "StepsResult"]

@@ -1,5 +1,7 @@
 """The Executor the engine drives: one worker thread per device, the per-request denoising state, and
-the jobs (encode, steps, decode) that the engine submits and awaits as `concurrent.futures.Future`s.
+the jobs (encode, steps, decode, preview) that the engine submits and awaits as
+`concurrent.futures.Future`s. It owns the loaded model (`Executor.load`): the engine knows the model
+only through `Executor.model` (ModelInfo) and the jobs.
 
 Threads never touch an asyncio loop. Every call that may wait on other ranks (collectives, barriers,
 events) releases the GIL, so the threads of a group run together.
@@ -33,10 +35,11 @@ from typing import Any, Callable, Sequence
 import torch
 
 from tetri_engine.executor.cuda_graphs import DEFAULT_MAX_GRAPHS, CudaGraphs, graphs_wanted
-from tetri_engine.executor.state import EncodeResult, RequestState, StepsResult
+from tetri_engine.executor.state import DenoiseState, EncodeResult, ModelInfo, RequestProgress, StepsResult
 from tetri_engine.executor.steps import StepsJob, describe_error, encode_png
 from tetri_engine.model.runtime import ModelRuntime, torch_device
 from tetri_engine.model.ulysses import check_heads
+from tetri_engine.request import CacheMode
 
 EXIT_JOIN_S = 30.0  # at interpreter exit, how long to wait for the threads (one step each, at most)
 
@@ -93,6 +96,9 @@ class Executor:
         from tetri_engine import ops
 
         self.runtime = runtime
+        self.model = ModelInfo(dtype=str(runtime.dtype).replace("torch.", ""), num_heads=runtime.num_heads,
+                               default_steps=runtime.default_steps, default_guidance=runtime.default_guidance,
+                               size_rule=runtime.size_rule)
         self.devices = list(devices or runtime.devices)
         unknown = [d for d in self.devices if d not in runtime.devices]
         if unknown:
@@ -102,7 +108,7 @@ class Executor:
         self._cache_plan = cache_plan
         self._torch_devices = [torch_device(d) for d in self.devices]
         self.graphs = CudaGraphs(max_graphs) if graphs_wanted(cuda_graphs, self._torch_devices) else None
-        self._states: dict[str, RequestState] = {}
+        self._states: dict[str, DenoiseState] = {}
         self._lock = threading.Lock()  # states, and queuing a job on all of its threads at once
         self._closed = False
         # Set at interpreter exit without shutdown(): every steps job stops at its next step boundary.
@@ -118,19 +124,40 @@ class Executor:
         self._atexit = functools.partial(_shutdown_at_exit, weakref.ref(self))
         atexit.register(self._atexit)
 
+    @classmethod
+    def load(cls, model: str, devices: Sequence[str], *, dtype: str = "auto", comm_cache_size: int = 64,
+             cuda_graphs: bool | None = None) -> Executor:
+        """Load `model` (a preset or a local diffusers directory: `model.load_runtime`) on `devices` and
+        start an executor there, with a communicator cache of `comm_cache_size` groups."""
+        from tetri_engine import ops
+        from tetri_engine.model import load_runtime
+
+        runtime = load_runtime(model, devices=list(devices), dtype=dtype)
+        return cls(runtime, devices, ops.CommCache(capacity=comm_cache_size), cuda_graphs=cuda_graphs)
+
+    @staticmethod
+    def visible_devices(num_cpu_devices: int) -> list[str]:
+        """Every visible GPU ("cuda:N"), else `num_cpu_devices` virtual CPU devices ("cpu:N")."""
+        num_gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if num_gpus:
+            return [f"cuda:{i}" for i in range(num_gpus)]
+        return [f"cpu:{i}" for i in range(num_cpu_devices)]
+
     # -- helpers used by jobs
     def torch_device(self, device_index: int) -> torch.device:
         return self._torch_devices[device_index]
 
-    def decode_state(self, state: RequestState, device_index: int):
-        """Gather a request's latent onto a device and decode it there -> (PIL image, PNG bytes)."""
+    def whole_latent(self, state: DenoiseState, device: str) -> torch.Tensor:
+        """A request's whole latent [1, L, C] on `device` (a new tensor)."""
         from tetri_engine import ops
 
-        name = self.devices[device_index]
         if state.shards is None:  # no steps run: the noise itself
-            latent = state.prepared.noise.to(self._torch_devices[device_index])
-        else:
-            latent = ops.gather(state.shards, state.prepared.image_tokens, name)
+            return state.prepared.noise.to(torch_device(device), copy=True)
+        return ops.gather(state.shards, state.prepared.image_tokens, device)
+
+    def decode_state(self, state: DenoiseState, device_index: int):
+        """Gather a request's latent onto a device and decode it there -> (PIL image, PNG bytes)."""
+        latent = self.whole_latent(state, self.devices[device_index])
         image = self.runtime.decode(latent, state.width, state.height)
         return image, encode_png(image)
 
@@ -165,7 +192,7 @@ class Executor:
         (model/step_cache.py) with `cache_plan()`; "off" (or no such attribute) runs every block.
         """
         seed = request.seed if request.seed is not None else random.randrange(2**63)
-        state = RequestState(request_id=request_id, prompt=request.prompt, width=int(request.width),
+        state = DenoiseState(request_id=request_id, prompt=request.prompt, width=int(request.width),
                              height=int(request.height), seed=int(seed))
         future: Future[EncodeResult] = Future()
         # A steps job submitted before the encode ends swaps state.idle for its own event and waits
@@ -175,10 +202,7 @@ class Executor:
         def encode() -> None:
             start = time.perf_counter()
             try:
-                cache_mode = getattr(request, "cache", None) or "off"
-                if cache_mode not in ("off", "auto"):
-                    raise ValueError(f"cache must be 'off' or 'auto', got {cache_mode!r}")
-                if cache_mode == "auto":
+                if CacheMode.parse(getattr(request, "cache", None) or CacheMode.OFF, "cache") is CacheMode.AUTO:
                     from tetri_engine.model.step_cache import StepCache
 
                     state.cache = StepCache(self.cache_plan())
@@ -245,30 +269,46 @@ class Executor:
 
     def submit_decode(self, request_id: str, device_index: int) -> Future[tuple[Any, bytes]]:
         """Gather the request's latent onto `device_index` and decode it there -> (PIL image, PNG bytes)."""
+        def decode(state: DenoiseState) -> tuple[Any, bytes]:
+            start = time.perf_counter()
+            result = self.decode_state(state, device_index)
+            state.decode_s += time.perf_counter() - start
+            return result
+
+        return self._submit_after(request_id, device_index, decode)
+
+    def submit_preview(self, request_id: str) -> Future[Any]:
+        """A low-cost preview of the request's latent (PIL, width/8 x height/8, no VAE: `runtime.preview`)
+        once its submitted work is done; made on the thread of the first device holding it, so the loop
+        that asks never waits, and its next steps wait for the preview (it shows this boundary)."""
+        with self._lock:
+            placement = self._state(request_id).placement
+        return self._submit_after(request_id, placement[0] if placement else 0, lambda state: self.runtime.preview(
+            self.whole_latent(state, "cpu:0"), state.width, state.height))
+
+    def _submit_after(self, request_id: str, device_index: int, work: Callable[[DenoiseState], Any]) -> Future:
+        """Run `work(state)` on `device_index`'s thread after the request's earlier jobs, before later ones."""
         if not 0 <= device_index < len(self.devices):
             raise ValueError(f"device_index {device_index} out of range for {len(self.devices)} devices")
-        future: Future[tuple[Any, bytes]] = Future()
+        future: Future = Future()
         with self._lock:
             self._check_open()
             state = self._state(request_id)
             wait_for, state.idle = state.idle, threading.Event()
             release = state.idle
 
-            def decode() -> None:
+            def task() -> None:
                 wait_for.wait()
                 try:
                     if state.prepared is None:
                         raise RuntimeError(state.error or "the request has no prompt encoding")
-                    start = time.perf_counter()
-                    result = self.decode_state(state, device_index)
-                    state.decode_s += time.perf_counter() - start
-                    future.set_result(result)
+                    future.set_result(work(state))
                 except Exception as exc:
                     future.set_exception(exc)
                 finally:
                     release.set()
 
-            self._workers[device_index].tasks.put(decode)
+            self._workers[device_index].tasks.put(task)
         return future
 
     def cancel(self, request_id: str) -> bool:
@@ -299,6 +339,22 @@ class Executor:
             state = self._states.get(request_id)
         return None if state is None else state.placement
 
+    def progress(self, request_id: str) -> RequestProgress | None:
+        """What the executor did for the request so far (None: unknown or released)."""
+        with self._lock:
+            state = self._states.get(request_id)
+            return None if state is None else state.progress()
+
+    def warm_up(self, groups: Sequence[Sequence[int]]) -> None:
+        """Create the communicators of these groups of device indices now rather than in a round."""
+        names = [tuple(self.devices[i] for i in group) for group in groups]
+        if names:
+            self.comm_cache.warmup(names)
+
+    def comm_stats(self) -> dict[str, Any]:
+        """The communicator cache's counters (`ops.CommCache.stats()`)."""
+        return self.comm_cache.stats()
+
     def request_stats(self, request_id: str) -> dict[str, Any]:
         """steps_at_degree, regroups, peak_memory_bytes (GPU only; 0 on CPU), seed, step, ... of a request."""
         with self._lock:
@@ -311,16 +367,12 @@ class Executor:
 
     def latent(self, request_id: str, timeout_s: float | None = None) -> torch.Tensor:
         """The request's whole latent [1, L, C] on the CPU, once its submitted work is done."""
-        from tetri_engine import ops
-
         with self._lock:
             state = self._state(request_id)
             idle = state.idle
         if not idle.wait(timeout_s):
             raise TimeoutError(f"request {request_id!r} is still busy")
-        if state.shards is None:
-            return state.prepared.noise.clone()
-        return ops.gather(state.shards, state.prepared.image_tokens, "cpu:0")
+        return self.whole_latent(state, "cpu:0")
 
     def release(self, request_id: str) -> None:
         """Forget a request (its latent is freed once no queued job uses it). Unknown ids are ignored."""
@@ -355,7 +407,7 @@ class Executor:
     def __exit__(self, *exc) -> None:
         self.shutdown()
 
-    def _state(self, request_id: str) -> RequestState:
+    def _state(self, request_id: str) -> DenoiseState:
         state = self._states.get(request_id)
         if state is None:
             raise ValueError(f"unknown request {request_id!r}: submit_encode it first (or it was released)")

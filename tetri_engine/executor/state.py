@@ -1,4 +1,9 @@
-"""Per-request denoising state held by the executor, and the result records its futures resolve to."""
+"""Per-request denoising state held by the executor, what the executor tells the engine about its model
+and its requests (ModelInfo, RequestProgress), and the result records its futures resolve to.
+
+The executor is the one owner of what happened to a request on the devices (steps done, degrees,
+regroups, placement, times, peak memory); the engine reads `RequestProgress` snapshots of it.
+"""
 from __future__ import annotations
 
 import threading
@@ -8,10 +13,38 @@ from typing import Any
 import torch
 
 from tetri_engine.model.adapter import PreparedRequest
+from tetri_engine.request import SizeRule
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What the layers above the executor need to know of the loaded model."""
+
+    dtype: str  # "float32", "bfloat16", ...
+    num_heads: int  # a group's degree must divide it (Ulysses)
+    default_steps: int
+    default_guidance: float
+    size_rule: SizeRule  # the sizes the model can make
+
+
+@dataclass(frozen=True)
+class RequestProgress:
+    """A snapshot of what the executor did for one request so far."""
+
+    seed: int
+    step: int  # steps done in total
+    num_steps: int
+    placement: tuple[int, ...] | None  # device indices holding its latent, rank order
+    steps_at_degree: dict[int, int]  # degree -> steps run at it
+    regroups: int  # calls that moved its latent onto another group first
+    steps_s: float  # time of the step calls it ran in (a batch's time counts for each of its requests)
+    encode_s: float
+    decode_s: float
+    peak_memory_bytes: int  # GPU: max torch.cuda.max_memory_allocated over its calls' devices; CPU: 0
 
 
 @dataclass
-class RequestState:
+class DenoiseState:
     """One request between `submit_encode` and `release`.
 
     The latent lives as `shards` (one per device of `placement`, the `ops.shard` layout) from its first
@@ -35,6 +68,7 @@ class RequestState:
     steps_at_degree: dict[int, int] = field(default_factory=dict)
     regroups: int = 0
     peak_memory_bytes: int = 0  # GPU: max torch.cuda.max_memory_allocated over its jobs' devices; CPU: 0
+    steps_s: float = 0.0
     encode_s: float = 0.0
     decode_s: float = 0.0
     cache: Any = None  # a model.step_cache.StepCache when the request caches (cache="auto"), else None
@@ -50,21 +84,15 @@ class RequestState:
     def finished(self) -> bool:
         return self.prepared is not None and self.step >= self.prepared.num_steps
 
+    def progress(self) -> RequestProgress:
+        return RequestProgress(
+            seed=self.seed, step=self.step, num_steps=self.num_steps, placement=self.placement,
+            steps_at_degree=dict(self.steps_at_degree), regroups=self.regroups, steps_s=self.steps_s,
+            encode_s=self.encode_s, decode_s=self.decode_s, peak_memory_bytes=self.peak_memory_bytes)
+
     def stats(self) -> dict[str, Any]:
-        return {
-            "seed": self.seed,
-            "step": self.step,
-            "num_steps": self.num_steps,
-            "placement": self.placement,
-            "steps_at_degree": dict(self.steps_at_degree),
-            "regroups": self.regroups,
-            "peak_memory_bytes": self.peak_memory_bytes,
-            "encode_s": self.encode_s,
-            "decode_s": self.decode_s,
-            "error": self.error,
-            "cancelled": self.cancelled,
-            "cache": self.cache.stats() if self.cache is not None else None,
-        }
+        return {**self.progress().__dict__, "error": self.error, "cancelled": self.cancelled,
+                "cache": self.cache.stats() if self.cache is not None else None}
 
 
 @dataclass

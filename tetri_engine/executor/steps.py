@@ -20,7 +20,7 @@ Phases of a job, on every rank:
        never disagree on the batch (diverging collectives would hang NCCL). No extra sync per step.
     3. wait for the devices; rank 0 decodes the finished requests when asked (one at a time).
 
-The last rank to finish resolves the future and hands the requests back (`RequestState.idle`).
+The last rank to finish resolves the future and hands the requests back (`DenoiseState.idle`).
 """
 from __future__ import annotations
 
@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Callable
 
 import torch
 
-from tetri_engine.executor.state import RequestState, RequestStepResult, StepsResult
+from tetri_engine.executor.state import DenoiseState, RequestStepResult, StepsResult
 from tetri_engine.model.adapter import flow_match_euler_step
 from tetri_engine.model.step_cache import CacheStep
 from tetri_engine.model.ulysses import SPContext, catch_up, sequence_parallel, shard_length, valid_tokens
@@ -77,7 +77,7 @@ def _wait_for_queue_room(queued: collections.deque, device: torch.device) -> Non
 
 
 class StepsJob:
-    def __init__(self, executor: Executor, states: list[RequestState], device_indices: tuple[int, ...],
+    def __init__(self, executor: Executor, states: list[DenoiseState], device_indices: tuple[int, ...],
                  num_steps: int, on_step: Callable[[str, int], None] | None, decode_after: bool,
                  wait_for: list[threading.Event], release: list[threading.Event]):
         self.ex = executor
@@ -177,18 +177,8 @@ class StepsJob:
                 graph = self._graph(rank, active, step, context, transformer, adapter, inputs, device)
             outcome = self._step(rank, active, step, context, transformer, adapter, inputs, graph)
             if outcome is not None and outcome[0] == "failed" and len(active) > 1:
-                # Retry the batch one request at a time: only the requests that fail alone fail.
-                inputs_key = None
-                for s in active:
-                    single = self._step(rank, [s], step, context, transformer, adapter,
-                                        self._inputs(adapter, [s], device, rank))
-                    if single is not None:
-                        failed[s.request_id] = single[1]
-                        if single[0] == "out_of_step":
-                            outcome = single
-                            break
-                else:
-                    outcome = None
+                inputs_key = None  # (the retry ran other batches)
+                outcome = self._retry_alone(rank, active, step, context, transformer, adapter, device, failed)
             if outcome is not None:
                 for s in active:
                     failed.setdefault(s.request_id, outcome[1])
@@ -200,23 +190,10 @@ class StepsJob:
                     if s.request_id not in failed:
                         self._call_on_step(s.request_id, step[s.request_id])
 
-        # 3. The steps are done when the devices are; the group's time is the slowest rank's.
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-            self.peak_memory[rank] = torch.cuda.max_memory_allocated(device)
-        self._sync()
-        if rank == 0:
-            self.steps_s = time.perf_counter() - start
-            self.final_step = step
-            self.errors.update(failed)  # (phase 1 may have failed some already)
-            # A request cancelled after its last step ran to the end: it is not reported cancelled.
-            self.cancelled.update(s.request_id for s in self.states if s.request_id in stopping
-                                  and step[s.request_id] < s.prepared.num_steps)
-            if self.decode_after:
-                self._decode_finished()
+        self._end_steps(rank, device, start, step, failed)
 
     # -- phase 1 (rank 0)
-    def _cancel_requested(self, state: RequestState) -> bool:
+    def _cancel_requested(self, state: DenoiseState) -> bool:
         """Rank 0's view of a request's cancel flag (or of the executor shutting down at exit)."""
         return state.cancelled or self.ex.exiting.is_set()
 
@@ -326,6 +303,18 @@ class StepsJob:
                 cache_step.commit()
         return outcome
 
+    def _retry_alone(self, rank, active, step, context, transformer, adapter, device,
+                     failed: dict[str, str]) -> tuple[str, str] | None:
+        """After a failed batched step, each request of the batch one at a time: only the requests that
+        fail alone fail (added to `failed`). Returns an "out_of_step" outcome, else None."""
+        for s in active:
+            single = self._step(rank, [s], step, context, transformer, adapter, self._inputs(adapter, [s], device, rank))
+            if single is not None:
+                failed[s.request_id] = single[1]
+                if single[0] == "out_of_step":
+                    return single
+        return None
+
     def _graph(self, rank, active, step, context, transformer, adapter, inputs, device):
         """The CUDA graph of this batch's forward on this rank (captured now if need be), or None: eager.
 
@@ -413,7 +402,25 @@ class StepsJob:
         if self.degree > 1:
             self.barrier.wait()
 
-    # -- phase 3 (rank 0)
+    # -- phase 3
+    def _end_steps(self, rank: int, device: torch.device, start: float, step: dict[str, int],
+                   failed: dict[str, str]) -> None:
+        """The steps are done when the devices are; the group's time is the slowest rank's. Rank 0
+        records the outcome and decodes the finished requests when asked."""
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+            self.peak_memory[rank] = torch.cuda.max_memory_allocated(device)
+        self._sync()
+        if rank == 0:
+            self.steps_s = time.perf_counter() - start
+            self.final_step = step
+            self.errors.update(failed)  # (phase 1 may have failed some already)
+            # A request cancelled after its last step ran to the end: it is not reported cancelled.
+            self.cancelled.update(s.request_id for s in self.states if s.request_id in self.stopping[rank]
+                                  and step[s.request_id] < s.prepared.num_steps)
+            if self.decode_after:
+                self._decode_finished()
+
     def _decode_finished(self) -> None:
         for s in self.states:
             if s.request_id in self.errors or self.final_step[s.request_id] < s.prepared.num_steps:
@@ -443,6 +450,7 @@ class StepsJob:
                 done = self.final_step.get(rid, start) - start
                 if self.job_error is None and rid in self.final_step:
                     s.step = self.final_step[rid]
+                    s.steps_s += self.steps_s
                     if done:
                         s.steps_at_degree[self.degree] = s.steps_at_degree.get(self.degree, 0) + done
                     s.peak_memory_bytes = max(s.peak_memory_bytes, peak)

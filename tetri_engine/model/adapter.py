@@ -1,27 +1,38 @@
-"""What every model adapter shares: the sequence-parallel plan, latent packing, the Euler step, and
-the per-request inputs a denoising step needs.
+"""What every model adapter shares: the sequence-parallel plan and its application, latent packing,
+the Euler step, previews, and the per-request inputs a denoising step needs.
 
-An adapter (flux.py, sd3.py) turns one diffusers pipeline family into four operations the executor
-calls without knowing the model:
+An adapter (flux.py, sd3.py) is everything tetri-engine knows of one diffusers pipeline family. It
+turns the family into the operations the executor calls without knowing the model:
 
     prepare(...)        -> PreparedRequest   prompt embeddings, seeded noise, sigma schedule
     rank_inputs(...)    -> dict              the static inputs of one batched forward on one rank
     velocity(...)       -> list[Tensor]      one step's model output for each request, on the rank's shard
     decode(...)         -> PIL.Image         the whole latent to an image
+    preview(...)        -> PIL.Image         the latent through a fixed linear latent->RGB map (no VAE)
+
+and declares its facts: `patch_px` and `max_side_px()` (its SizeRule), `latent_rgb` (preview colours),
+`local_text_tokens` / `local_defaults` (a local diffusers directory's settings).
 
 How a model's inputs are split over a group is declared, not coded, in `sp_plan` (the spirit of
-diffusers' `_cp_plan`): each input is split along one token stream ("image" or "text"), or replicated.
-The output is never gathered: the velocity stays on the rank's image shard, where the Euler step runs.
+diffusers' `_cp_plan`): each input is split along one token stream ("image" or "text"), or
+replicated. `rank_inputs` applies the plan to whatever the adapter's `batch_inputs` and
+`shape_inputs` give; an input the plan does not declare is an error. The output is never gathered:
+the velocity stays on the rank's image shard, where the Euler step runs.
+
+Hand copies of diffusers code say so: "Copied from diffusers <version> `<dotted path>` (source sha256
+<digest>)". tests/test_model_copies.py recomputes each digest from the installed diffusers and fails
+when the source changed, so a diffusers upgrade is re-read, not trusted.
 """
 from __future__ import annotations
 
 import threading
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, Callable, ClassVar
 
 import torch
 
 from tetri_engine.model.ulysses import shard_length
+from tetri_engine.request import PATCH_PX, SizeRule
 
 
 @dataclass(frozen=True)
@@ -57,8 +68,11 @@ def split_for_rank(x: torch.Tensor, dim: int, length: int, rank: int, degree: in
 def apply_sp_plan(
     plan: SPPlan, inputs: dict[str, torch.Tensor], lengths: dict[str, int], rank: int, degree: int
 ) -> dict[str, torch.Tensor]:
+    """Rank `rank`'s part of each input, as `plan` declares (KeyError for an undeclared input)."""
     out = {}
     for name, tensor in inputs.items():
+        if name not in plan:
+            raise KeyError(f"input {name!r} is not declared in the adapter's sp_plan ({sorted(plan)})")
         rule = plan[name]
         if isinstance(rule, SeqSplit):
             out[name] = split_for_rank(tensor, rule.dim, lengths[rule.stream], rank, degree)
@@ -71,14 +85,20 @@ def apply_sp_plan(
 
 
 def pack_latents(latents: torch.Tensor) -> torch.Tensor:
-    """[B, C, h, w] -> [B, (h/2) * (w/2), C * 4]; the same layout as FluxPipeline._pack_latents."""
+    """[B, C, h, w] -> [B, (h/2) * (w/2), C * 4].
+
+    Copied from diffusers 0.42.1 `diffusers.pipelines.flux.pipeline_flux.FluxPipeline._pack_latents`
+    (source sha256 dc85e7c16790), the shape read from the tensor."""
     b, c, h, w = latents.shape
     latents = latents.view(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5)
     return latents.reshape(b, (h // 2) * (w // 2), c * 4)
 
 
 def unpack_latents(tokens: torch.Tensor, latent_h: int, latent_w: int) -> torch.Tensor:
-    """Inverse of `pack_latents`: [B, (h/2) * (w/2), C * 4] -> [B, C, h, w]."""
+    """Inverse of `pack_latents`: [B, (h/2) * (w/2), C * 4] -> [B, C, h, w].
+
+    Copied from diffusers 0.42.1 `diffusers.pipelines.flux.pipeline_flux.FluxPipeline._unpack_latents`
+    (source sha256 63df52eecd89), given the latent's size instead of the image's."""
     b, _, features = tokens.shape
     tokens = tokens.view(b, latent_h // 2, latent_w // 2, features // 4, 2, 2).permute(0, 3, 1, 4, 2, 5)
     return tokens.reshape(b, features // 4, latent_h, latent_w)
@@ -91,6 +111,9 @@ def flow_match_euler_step(
     sample: torch.Tensor, model_output: torch.Tensor, sigmas: torch.Tensor, step_index: int
 ) -> torch.Tensor:
     """`FlowMatchEulerDiscreteScheduler.step` (deterministic sampling) as a pure function of the schedule.
+    Copied from diffusers 0.42.1
+    `diffusers.schedulers.scheduling_flow_match_euler_discrete.FlowMatchEulerDiscreteScheduler.step`
+    (source sha256 3b73039e7d9e), the deterministic branch only.
 
     The diffusers scheduler keeps a step index inside; computing the update from the request's own
     sigmas lets any rank step its own shard, at any step, with no scheduler object. The arithmetic is
@@ -159,6 +182,11 @@ class ModelAdapter:
     family: ClassVar[str]
     pipeline_class_name: ClassVar[str]
     sp_plan: ClassVar[SPPlan]
+    patch_px: ClassVar[int] = PATCH_PX  # image pixels per token side: the VAE's 8x, then 2x2 latent patches
+    # Preview colours: rows are latent channels, columns R, G, B (None: three bands of channels, one per
+    # colour), and the RGB bias.
+    latent_rgb: ClassVar[tuple[tuple[float, float, float], ...] | None] = None
+    latent_rgb_bias: ClassVar[tuple[float, float, float]] = (0.0, 0.0, 0.0)
 
     def __init__(self, pipeline: Any, *, text_tokens: int, random_text: dict[str, tuple[int, ...]] | None):
         self.pipeline = pipeline
@@ -168,6 +196,17 @@ class ModelAdapter:
         self._static_cache: dict[tuple, torch.Tensor] = {}
         self._static_lock = threading.Lock()
 
+    # -- a local diffusers directory's settings (presets carry their own)
+    @classmethod
+    def local_text_tokens(cls, pipeline: Any) -> int:
+        """Text tokens of the prompt embeddings."""
+        raise NotImplementedError
+
+    @classmethod
+    def local_defaults(cls, pipeline: Any) -> tuple[int, float]:
+        """(default steps, default guidance scale)."""
+        raise NotImplementedError
+
     # -- what the runtime exposes
     @property
     def num_heads(self) -> int:
@@ -176,6 +215,15 @@ class ModelAdapter:
     @property
     def head_dim(self) -> int:
         return int(self.pipeline.transformer.config.attention_head_dim)
+
+    def max_side_px(self) -> int | None:
+        """The largest width or height the model can make (None: no limit of its own)."""
+        return None
+
+    @property
+    def size_rule(self) -> SizeRule:
+        side = self.max_side_px()
+        return SizeRule(multiple_px=self.patch_px, min_px=self.patch_px, max_width=side, max_height=side)
 
     def install_attention(self, transformer: torch.nn.Module) -> None:
         raise NotImplementedError
@@ -198,9 +246,30 @@ class ModelAdapter:
                 dtype: torch.dtype) -> PreparedRequest:
         raise NotImplementedError
 
+    def batch_inputs(self, prepared: list[PreparedRequest], device: torch.device) -> dict[str, torch.Tensor]:
+        """The whole (unsplit) conditioning of one batched forward on `device`: prompt embeddings ..."""
+        raise NotImplementedError
+
+    def shape_inputs(self, first: PreparedRequest, device: torch.device,
+                     dtype: torch.dtype) -> dict[str, Callable[[], torch.Tensor]]:
+        """Makers of the whole inputs that depend only on the shape (position ids, position embeddings)."""
+        return {}
+
     def rank_inputs(self, prepared: list[PreparedRequest], device: torch.device, rank: int,
                     degree: int) -> dict[str, torch.Tensor]:
-        raise NotImplementedError
+        """The static inputs of one batched forward on rank `rank` of a group of `degree`: `batch_inputs`
+        and `shape_inputs` (the latter made once per shape, device, rank and degree), each split as
+        `sp_plan` declares. The latent itself (`hidden_states`) comes sharded from the executor."""
+        first = prepared[0]
+        lengths = {"image": first.image_tokens, "text": first.text_tokens}
+        inputs = apply_sp_plan(self.sp_plan, self.batch_inputs(prepared, device), lengths, rank, degree)
+        dtype = first.noise.dtype
+        for name, make in self.shape_inputs(first, device, dtype).items():
+            key = (name, first.width, first.height, first.text_tokens, dtype, str(device), rank, degree)
+            inputs[name] = self.cached(
+                key, lambda name=name, make=make: apply_sp_plan(self.sp_plan, {name: make()}, lengths, rank,
+                                                                degree)[name])
+        return inputs
 
     def velocity(self, transformer: torch.nn.Module, latents: list[torch.Tensor], prepared: list[PreparedRequest],
                  step_indices: list[int], inputs: dict[str, torch.Tensor], cache_step: Any = None) -> list[torch.Tensor]:
@@ -210,6 +279,28 @@ class ModelAdapter:
 
     def decode(self, vae: torch.nn.Module, latent: torch.Tensor, width: int, height: int):
         raise NotImplementedError
+
+    def preview(self, latent: torch.Tensor, width: int, height: int):
+        """Packed latent tokens [1, L, C*4] of a width x height image -> a PIL image of (width/8, height/8).
+
+        No VAE: the latent x_t, unpacked to [C, H/8, W/8], through the fixed linear map `latent_rgb`
+        (one [L, C] x [C, 3] product: well under a millisecond next to a step). Early previews are
+        mostly noise; that is what x_t is."""
+        from PIL import Image
+
+        latents = unpack_latents(latent.detach().float().cpu(), 2 * (height // 16), 2 * (width // 16))[0]
+        channels = latents.shape[0]
+        if self.latent_rgb is not None and len(self.latent_rgb) == channels:
+            factors = torch.tensor(self.latent_rgb)
+            bias = torch.tensor(self.latent_rgb_bias)
+        else:  # no map for this latent space: the mean of three bands of channels, one per colour
+            factors = torch.zeros(channels, 3)
+            for colour, band in enumerate(torch.arange(channels).chunk(3)):
+                factors[band, colour] = 1.0 / max(1, len(band))
+            bias = torch.zeros(3)
+        rgb = torch.einsum("chw,cr->hwr", latents, factors) + bias  # about [-1, 1]
+        pixels = ((rgb.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).numpy()
+        return Image.fromarray(pixels, mode="RGB")
 
     # -- shared helpers
     def cached(self, key: tuple, make) -> torch.Tensor:

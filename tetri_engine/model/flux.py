@@ -1,4 +1,5 @@
-"""FLUX.1 (dev, schnell) on a sequence-parallel group: FluxPipeline's stages, split per `sp_plan`.
+"""FLUX.1 (dev, schnell) on a sequence-parallel group: FluxPipeline's stages, split per `sp_plan`, and
+what tetri-engine knows of the family (defaults, preview colours).
 
 The diffusers `FluxTransformer2DModel.forward` runs unchanged on a rank's shard: its inputs are the
 rank's image tokens with their own position ids and the rank's slice of the text tokens (position ids
@@ -14,20 +15,26 @@ from diffusers.models.embeddings import apply_rotary_emb
 from diffusers.pipelines.flux.pipeline_flux import calculate_shift
 from diffusers.utils.torch_utils import randn_tensor
 
-from tetri_engine.model.adapter import (
-    ModelAdapter,
-    PreparedRequest,
-    Replicate,
-    SeqSplit,
-    apply_sp_plan,
-    pack_latents,
-    unpack_latents,
-)
+from tetri_engine.model.adapter import ModelAdapter, PreparedRequest, Replicate, SeqSplit, pack_latents, unpack_latents
 from tetri_engine.model.ulysses import sp_attention
 
 
+# Preview colours of the FLUX latent space: ComfyUI's latent_formats.Flux factors (what its live previews
+# use); rows are the 16 latent channels, columns R, G, B.
+FLUX_LATENT_RGB = (
+    (-0.0346, 0.0244, 0.0681), (0.0034, 0.0210, 0.0687), (0.0275, -0.0668, -0.0433), (-0.0174, 0.0160, 0.0617),
+    (0.0859, 0.0721, 0.0329), (0.0004, 0.0383, 0.0115), (0.0405, 0.0861, 0.0915), (-0.0236, -0.0185, -0.0259),
+    (-0.0245, 0.0250, 0.1180), (0.1008, 0.0755, -0.0421), (-0.0515, 0.0201, 0.0011), (0.0428, -0.0012, -0.0036),
+    (0.0817, 0.0765, 0.0749), (-0.1264, -0.0522, -0.1103), (-0.0280, -0.0881, -0.0499), (-0.1262, -0.0982, -0.0778),
+)
+FLUX_LATENT_RGB_BIAS = (-0.0329, -0.0718, -0.0851)
+
+
 class UlyssesFluxAttnProcessor:
-    """diffusers' FluxAttnProcessor (0.42.1), attending over the group's whole joint sequence.
+    """diffusers' FluxAttnProcessor, attending over the group's whole joint sequence.
+
+    Copied from diffusers 0.42.1 `diffusers.models.transformers.transformer_flux.FluxAttnProcessor.__call__`
+    (source sha256 7eb778467bc9), the attention call swapped for `sp_attention`.
 
     Both block types see the rank's tokens as [text shard, image shard]: the double-stream blocks
     concatenate them here, the single-stream blocks before calling attention.
@@ -76,8 +83,11 @@ class UlyssesFluxAttnProcessor:
 
 def flux_forward(transformer, hidden_states, timestep, guidance, pooled_projections, encoder_hidden_states,
                  txt_ids, img_ids, cache_step):
-    """FluxTransformer2DModel.forward (diffusers 0.42.1) with its blocks run by the step cache
+    """FluxTransformer2DModel.forward with its blocks run by the step cache
     (`step_cache.CacheStep.run_blocks`), which may replace all blocks but the first by a cached residual.
+
+    Copied from diffusers 0.42.1 `diffusers.models.transformers.transformer_flux.FluxTransformer2DModel.forward`
+    (source sha256 af449652fbc2).
 
     The same operations in the same order as diffusers', so with nothing skipped the output is
     bit-identical to `transformer(...)` (tests/test_cache_runtime.py checks). The runtime passes no
@@ -103,7 +113,10 @@ def flux_forward(transformer, hidden_states, timestep, guidance, pooled_projecti
 
 
 def latent_image_ids(latent_h: int, latent_w: int, device, dtype) -> torch.Tensor:
-    """FluxPipeline._prepare_latent_image_ids for a latent of h x w (packed: h/2 x w/2 tokens)."""
+    """Position ids of the image tokens of a latent of h x w (packed: h/2 x w/2 tokens).
+
+    Copied from diffusers 0.42.1 `diffusers.pipelines.flux.pipeline_flux.FluxPipeline._prepare_latent_image_ids`
+    (source sha256 875a3be9b89e)."""
     ids = torch.zeros(latent_h // 2, latent_w // 2, 3)
     ids[..., 1] = ids[..., 1] + torch.arange(latent_h // 2)[:, None]
     ids[..., 2] = ids[..., 2] + torch.arange(latent_w // 2)[None, :]
@@ -111,8 +124,14 @@ def latent_image_ids(latent_h: int, latent_w: int, device, dtype) -> torch.Tenso
 
 
 class FluxAdapter(ModelAdapter):
+    """`prepare`, `velocity` and `decode` are FluxPipeline.__call__'s stages (numbered as there).
+    Copied from diffusers 0.42.1 `diffusers.pipelines.flux.pipeline_flux.FluxPipeline.__call__`
+    (source sha256 604639f12fe5), for one request, without true CFG."""
+
     family = "flux"
     pipeline_class_name = "FluxPipeline"
+    latent_rgb = FLUX_LATENT_RGB
+    latent_rgb_bias = FLUX_LATENT_RGB_BIAS
     # The transformer's inputs on a group of `degree` ranks. `hidden_states` is the latent itself, which
     # the executor keeps sharded between steps; the output (velocity) stays on the image shard.
     sp_plan = {
@@ -123,6 +142,15 @@ class FluxAdapter(ModelAdapter):
         "pooled_projections": Replicate(),
         "guidance": Replicate(),
     }
+
+    @classmethod
+    def local_text_tokens(cls, pipeline) -> int:
+        limit = 512 if pipeline.transformer.config.guidance_embeds else 256  # schnell was trained with 256
+        return min(limit, int(pipeline.tokenizer_2.model_max_length))
+
+    @classmethod
+    def local_defaults(cls, pipeline) -> tuple[int, float]:
+        return (50, 3.5) if pipeline.transformer.config.guidance_embeds else (4, 0.0)  # dev, schnell
 
     def install_attention(self, transformer) -> None:
         transformer.set_attn_processor(UlyssesFluxAttnProcessor())
@@ -188,31 +216,21 @@ class FluxAdapter(ModelAdapter):
             timesteps=scheduler.timesteps.clone(), sigmas=scheduler.sigmas.clone(), cond=cond,
         )
 
-    def rank_inputs(self, prepared, device, rank, degree):
-        first = prepared[0]
+    def batch_inputs(self, prepared, device):
         on = [p.on(device) for p in prepared]
-        dtype = on[0]["encoder_hidden_states"].dtype
-        text_tokens = first.text_tokens
         inputs = {
             "encoder_hidden_states": torch.cat([o["encoder_hidden_states"] for o in on]),
             "pooled_projections": torch.cat([o["pooled_projections"] for o in on]),
         }
         if self.guidance_embeds:
             inputs["guidance"] = torch.cat([o["guidance"] for o in on])
-        lengths = {"image": first.image_tokens, "text": text_tokens}
-        inputs = apply_sp_plan(self.sp_plan, inputs, lengths, rank, degree)
-        # Position ids depend on the shape only: made once per shape, degree, rank and device.
-        inputs["img_ids"] = self.cached(
-            ("img_ids", first.latent_h, first.latent_w, dtype, str(device), rank, degree),
-            lambda: apply_sp_plan(self.sp_plan, {"img_ids": latent_image_ids(
-                first.latent_h, first.latent_w, device, dtype)}, lengths, rank, degree)["img_ids"],
-        )
-        inputs["txt_ids"] = self.cached(
-            ("txt_ids", text_tokens, dtype, str(device), rank, degree),
-            lambda: apply_sp_plan(self.sp_plan, {"txt_ids": torch.zeros(text_tokens, 3, device=device, dtype=dtype)},
-                                  lengths, rank, degree)["txt_ids"],
-        )
         return inputs
+
+    def shape_inputs(self, first, device, dtype):
+        return {
+            "img_ids": lambda: latent_image_ids(first.latent_h, first.latent_w, device, dtype),
+            "txt_ids": lambda: torch.zeros(first.text_tokens, 3, device=device, dtype=dtype),  # FLUX: all zero
+        }
 
     def velocity(self, transformer, latents, prepared, step_indices, inputs, cache_step=None):
         from tetri_engine import ops

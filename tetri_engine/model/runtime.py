@@ -18,15 +18,10 @@ from tetri_engine.model.adapter import ModelAdapter, PreparedRequest
 from tetri_engine.model.flux import FluxAdapter
 from tetri_engine.model.presets import PRESETS, Preset, build_random_pipeline, build_tiny_pipeline, default_dtype
 from tetri_engine.model.sd3 import SD3Adapter
+from tetri_engine.request import SizeRule
 
-# pipeline class name (model_index.json "_class_name") -> adapter: adding a model family adds a line here
-ADAPTERS: dict[str, type[ModelAdapter]] = {
-    "FluxPipeline": FluxAdapter,
-    "StableDiffusion3Pipeline": SD3Adapter,
-}
-
-PATCH_PX = 16  # image pixels per token side: VAE 8x, then 2x2 latent patches (FLUX and SD3)
-
+# pipeline class name (model_index.json "_class_name") -> adapter: a new model family is one adapter here
+ADAPTERS: dict[str, type[ModelAdapter]] = {a.pipeline_class_name: a for a in (FluxAdapter, SD3Adapter)}
 
 def torch_device(name: str) -> torch.device:
     """"cuda:N" -> cuda device N; "cpu:N" (a virtual device) -> the host CPU."""
@@ -52,10 +47,11 @@ def resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype
 
 @dataclass
 class ModelRuntime:
-    """A model ready to run on `devices`. What the executor and the engine read from it:
+    """A model ready to run on `devices`. What the executor reads from it (and passes on to the engine):
 
-    default_steps, default_guidance, num_heads, patch_px (16: image pixels per token side),
-    name, family ("flux" | "sd3"), dtype, devices.
+    default_steps, default_guidance, num_heads, patch_px (16: image pixels per token side), size_rule
+    (the sizes the model can make), name, family ("flux" | "sd3"), dtype, devices. Everything that
+    depends on the family is the adapter's.
     """
 
     name: str
@@ -68,11 +64,18 @@ class ModelRuntime:
     transformers: dict[str, torch.nn.Module]  # str(torch device) -> replica
     vaes: dict[str, torch.nn.Module]
     encode_device: torch.device
-    patch_px: int = PATCH_PX
 
     @property
     def family(self) -> str:
         return self.adapter.family
+
+    @property
+    def patch_px(self) -> int:
+        return self.adapter.patch_px
+
+    @property
+    def size_rule(self) -> SizeRule:
+        return self.adapter.size_rule
 
     @property
     def num_heads(self) -> int:
@@ -87,21 +90,12 @@ class ModelRuntime:
     def vae_on(self, device: torch.device) -> torch.nn.Module:
         return self.vaes[str(device)]
 
-    def check_size(self, width: int, height: int) -> None:
-        if width < self.patch_px or height < self.patch_px or width % self.patch_px or height % self.patch_px:
-            raise ValueError(f"width and height must be positive multiples of {self.patch_px} pixels, "
-                             f"got {width}x{height}")
-        if self.family == "sd3":
-            max_px = self.pipeline.transformer.config.pos_embed_max_size * self.patch_px
-            if width > max_px or height > max_px:
-                raise ValueError(f"{self.name} takes images of at most {max_px}x{max_px} pixels "
-                                 f"(its position embedding grid), got {width}x{height}")
-
     @torch.no_grad()
     def prepare(self, *, prompt: str, width: int, height: int, seed: int, num_steps: int | None = None,
                 guidance_scale: float | None = None, negative_prompt: str | None = None) -> PreparedRequest:
-        """Prompt embeddings (on the encode device), the seeded noise (CPU) and the request's schedule."""
-        self.check_size(width, height)
+        """Prompt embeddings (on the encode device), the seeded noise (CPU) and the request's schedule.
+        ValueError for a size the model cannot make (`size_rule`) or fewer than one step."""
+        self.size_rule.check(width, height)
         num_steps = self.default_steps if num_steps is None else int(num_steps)
         if num_steps < 1:
             raise ValueError(f"num_inference_steps must be >= 1, got {num_steps}")
@@ -115,6 +109,10 @@ class ModelRuntime:
     def decode(self, latent: torch.Tensor, width: int, height: int):
         """The whole packed latent [1, L, C] -> PIL image, with the VAE of the latent's device."""
         return self.adapter.decode(self.vae_on(latent.device), latent, width, height)
+
+    def preview(self, latent: torch.Tensor, width: int, height: int):
+        """The whole packed latent [1, L, C] -> a low-cost PIL preview of (width/8, height/8), no VAE."""
+        return self.adapter.preview(latent, width, height)
 
 
 # --- building -----------------------------------------------------------------------------------------
@@ -132,19 +130,6 @@ def replicate(module: torch.nn.Module, device: torch.device) -> torch.nn.Module:
             owner, _, attr = name.rpartition(".")
             clone.get_submodule(owner)._buffers[attr] = buf.to(device, copy=True)
     return clone.eval().requires_grad_(False)
-
-
-def _text_tokens_of_local(pipeline, class_name: str) -> int:
-    if class_name == "FluxPipeline":
-        limit = 512 if pipeline.transformer.config.guidance_embeds else 256  # schnell was trained with 256
-        return min(limit, int(pipeline.tokenizer_2.model_max_length))
-    return int(pipeline.tokenizer_max_length) + min(256, int(pipeline.tokenizer_3.model_max_length))
-
-
-def _defaults_of_local(pipeline, class_name: str) -> tuple[int, float]:
-    if class_name == "FluxPipeline":
-        return (50, 3.5) if pipeline.transformer.config.guidance_embeds else (4, 0.0)
-    return 28, 7.0
 
 
 def load_local_pipeline(path: str, dtype: torch.dtype):
@@ -212,8 +197,8 @@ def load_runtime(name_or_path: str = "tiny", devices: list[str] | None = None, d
     elif os.path.isdir(name_or_path):
         pipeline, class_name = load_local_pipeline(name_or_path, dtype)
         pipeline = pipeline.to(first)
-        text_tokens, random_text = _text_tokens_of_local(pipeline, class_name), None
-        default_steps, default_guidance = _defaults_of_local(pipeline, class_name)
+        text_tokens, random_text = ADAPTERS[class_name].local_text_tokens(pipeline), None
+        default_steps, default_guidance = ADAPTERS[class_name].local_defaults(pipeline)
         name = os.path.basename(os.path.normpath(name_or_path))
     else:
         raise ValueError(f"unknown model {name_or_path!r}: expected a preset ({', '.join(PRESETS)}) or a local "

@@ -6,6 +6,7 @@ it cannot run on a token shard. `sd3_token_forward` is the same forward on token
 (a stride-p convolution) as a linear map over packed 2x2 patches, the rank's slice of the cropped
 sin-cos position embedding, then diffusers' own blocks, norm and projection; the output is repacked in
 the latent's token layout instead of being unpatchified. The latent is kept packed like FLUX's.
+The position-embedding grid bounds the image size (`max_side_px`).
 """
 from __future__ import annotations
 
@@ -14,20 +15,16 @@ import torch.nn.functional as F
 from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3 import calculate_shift
 from diffusers.utils.torch_utils import randn_tensor
 
-from tetri_engine.model.adapter import (
-    ModelAdapter,
-    PreparedRequest,
-    Replicate,
-    SeqSplit,
-    apply_sp_plan,
-    pack_latents,
-    unpack_latents,
-)
+from tetri_engine.model.adapter import ModelAdapter, PreparedRequest, Replicate, SeqSplit, pack_latents, unpack_latents
+from tetri_engine.model.flux import FLUX_LATENT_RGB, FLUX_LATENT_RGB_BIAS
 from tetri_engine.model.ulysses import sp_attention
 
 
 class UlyssesJointAttnProcessor:
-    """diffusers' JointAttnProcessor2_0 (0.42.1), attending over the group's whole sequence.
+    """diffusers' JointAttnProcessor2_0, attending over the group's whole sequence.
+
+    Copied from diffusers 0.42.1 `diffusers.models.attention_processor.JointAttnProcessor2_0.__call__`
+    (source sha256 ed23f45c129b), the attention call swapped for `sp_attention`.
 
     With text ([image shard, text shard], the SD3 order) in the joint blocks; image only in the
     SD3.5 second attention (`attn2`).
@@ -80,7 +77,11 @@ class UlyssesJointAttnProcessor:
 def sd3_token_forward(transformer, tokens, pos_embed, encoder_hidden_states, pooled_projections, timestep,
                       cache_step=None):
     """SD3Transformer2DModel.forward on packed latent tokens [B, L, C*p*p] -> velocity tokens, same layout.
-    cache_step: run the blocks through the step cache (`step_cache.CacheStep.run_blocks`)."""
+    cache_step: run the blocks through the step cache (`step_cache.CacheStep.run_blocks`).
+
+    Copied from diffusers 0.42.1 `diffusers.models.transformers.transformer_sd3.SD3Transformer2DModel.forward`
+    (source sha256 deb6b8b6a493); its patch embedding:
+    Copied from diffusers 0.42.1 `diffusers.models.embeddings.PatchEmbed.forward` (source sha256 38204fee40e2)."""
     patch = transformer.config.patch_size
     out_channels = transformer.out_channels
     proj = transformer.pos_embed.proj  # Conv2d(C, D, kernel=p, stride=p): a linear map of each patch
@@ -107,8 +108,16 @@ def sd3_token_forward(transformer, tokens, pos_embed, encoder_hidden_states, poo
 
 
 class SD3Adapter(ModelAdapter):
+    """`prepare`, `velocity` and `decode` are StableDiffusion3Pipeline.__call__'s stages (numbered as there).
+    Copied from diffusers 0.42.1
+    `diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3.StableDiffusion3Pipeline.__call__`
+    (source sha256 76f87c58276e), for one request."""
+
     family = "sd3"
     pipeline_class_name = "StableDiffusion3Pipeline"
+    # No preview map of its own here: FLUX's, also a 16-channel latent, is a fair approximation.
+    latent_rgb = FLUX_LATENT_RGB
+    latent_rgb_bias = FLUX_LATENT_RGB_BIAS
     sp_plan = {
         "hidden_states": SeqSplit(dim=1, stream="image"),
         "pos_embed": SeqSplit(dim=1, stream="image"),
@@ -121,6 +130,18 @@ class SD3Adapter(ModelAdapter):
         if pipeline.transformer.config.patch_size != 2:
             raise ValueError("the runtime packs 2x2 latent patches; this SD3 transformer has patch_size "
                              f"{pipeline.transformer.config.patch_size}")
+
+    @classmethod
+    def local_text_tokens(cls, pipeline) -> int:
+        return int(pipeline.tokenizer_max_length) + min(256, int(pipeline.tokenizer_3.model_max_length))  # CLIP + T5
+
+    @classmethod
+    def local_defaults(cls, pipeline) -> tuple[int, float]:
+        return 28, 7.0
+
+    def max_side_px(self) -> int:
+        """The position-embedding grid: pos_embed_max_size patches a side."""
+        return int(self.pipeline.transformer.config.pos_embed_max_size) * self.patch_px
 
     def install_attention(self, transformer) -> None:
         transformer.set_attn_processor(UlyssesJointAttnProcessor())
@@ -182,27 +203,19 @@ class SD3Adapter(ModelAdapter):
             timesteps=scheduler.timesteps.clone(), sigmas=scheduler.sigmas.clone(), cond=cond,
         )
 
-    def rank_inputs(self, prepared, device, rank, degree):
-        first = prepared[0]
+    def batch_inputs(self, prepared, device):
         on = [p.on(device) for p in prepared]
-        inputs = {
+        return {
             "encoder_hidden_states": torch.cat([o["encoder_hidden_states"] for o in on]),
             "pooled_projections": torch.cat([o["pooled_projections"] for o in on]),
         }
-        lengths = {"image": first.image_tokens, "text": first.text_tokens}
-        inputs = apply_sp_plan(self.sp_plan, inputs, lengths, rank, degree)
+
+    def shape_inputs(self, first, device, dtype):
         transformer = self.pipeline.transformer
-
-        def make_pos_embed():
-            # The cropped sin-cos grid of the whole image (in latent pixels, as PatchEmbed.forward asks),
-            # cast like the model's buffer, then this rank's slice of it.
-            pos_embed = transformer.pos_embed.cropped_pos_embed(first.latent_h, first.latent_w)
-            pos_embed = pos_embed.to(device=device, dtype=inputs["encoder_hidden_states"].dtype)
-            return apply_sp_plan(self.sp_plan, {"pos_embed": pos_embed}, lengths, rank, degree)["pos_embed"]
-
-        inputs["pos_embed"] = self.cached(
-            ("pos_embed", first.latent_h, first.latent_w, str(device), rank, degree), make_pos_embed)
-        return inputs
+        # The cropped sin-cos grid of the whole image (in latent pixels, as PatchEmbed.forward asks), cast
+        # like the model's buffer; `rank_inputs` takes this rank's slice of it.
+        return {"pos_embed": lambda: transformer.pos_embed.cropped_pos_embed(first.latent_h, first.latent_w).to(
+            device=device, dtype=dtype)}
 
     def velocity(self, transformer, latents, prepared, step_indices, inputs, cache_step=None):
         device = latents[0].device

@@ -5,6 +5,7 @@ Routes
   GET  /v1/models, /v1/models/{id}
   GET  /health                  200 when the engine serves, 503 while starting, draining or failed
   GET  /metrics                 Prometheus text exposition
+  GET  /dashboard, /dashboard/*  the live dashboard (dashboard.py; --no-dashboard leaves it out)
 
 The engine is created and started in `app.cleanup_ctx`; the start (model load, profiling) runs as a
 background task so the port answers at once: /health says "starting" and generation answers 503
@@ -31,8 +32,9 @@ from typing import TYPE_CHECKING, AsyncIterator
 
 from aiohttp import web
 
-from tetri_engine.errors import EngineNotRunning, RequestRejected
+from tetri_engine.errors import EngineNotRunning, RejectionReason, RequestRejected
 from tetri_engine.request import GenerationOutput, GenerationRequest, RequestState
+from tetri_engine.server import dashboard
 from tetri_engine.server import metrics as prom
 from tetri_engine.server import protocol
 from tetri_engine.server.config import ServerConfig
@@ -77,13 +79,15 @@ def create_app(config: ServerConfig) -> web.Application:
     app.router.add_get("/v1/models/{model_id:.+}", get_model)
     app.router.add_get("/health", health)
     app.router.add_get("/metrics", metrics)
+    if config.dashboard:
+        dashboard.setup(app, get_engine=lambda: app.get(ENGINE), api_key=config.api_key)
     return app
 
 
 def check_config(config: ServerConfig) -> None:
     try:
         size = config.resolved_default_size
-        protocol.parse_size(size, size, limits(config), param="default_size")
+        protocol.parse_size(size, size, config.engine.size_rule(), param="default_size")
     except APIError as exc:
         raise ValueError(f"--default-size: {exc.message}") from None
     if config.max_n < 1 or config.max_body_bytes < 1:
@@ -106,7 +110,7 @@ async def engine_context(app: web.Application) -> AsyncIterator[None]:
     from tetri_engine.engine.async_engine import AsyncEngine
 
     config, state = app[CONFIG], app[STATE]
-    engine = AsyncEngine(config.to_engine_config())
+    engine = AsyncEngine(config.engine)
     app[ENGINE] = engine
     state.start_task = asyncio.create_task(_start_engine(engine, state), name="engine-start")
     try:
@@ -215,7 +219,7 @@ async def create_images(request: web.Request) -> web.StreamResponse:
     engine = require_serving(app)
     config = app[CONFIG]
     body = protocol.parse_json_body(await request.read())
-    params = protocol.parse_generation_request(body, limits(config))
+    params = protocol.parse_generation_request(body, limits(config, engine))
     # default_steps is the model's; it sizes the preview interval when num_inference_steps is absent.
     request_id = protocol.new_request_id()
     gen_requests = params.to_requests(default_steps=engine.default_steps, request_id=request_id)
@@ -230,10 +234,10 @@ async def create_images(request: web.Request) -> web.StreamResponse:
                              headers={"X-Request-Id": request_id})
 
 
-def limits(config: ServerConfig) -> protocol.Limits:
-    return protocol.Limits(model_name=config.model_name, max_width=config.max_width,
-                           max_height=config.max_height, max_steps=config.max_steps,
-                           max_n=config.max_n, default_size=config.resolved_default_size)
+def limits(config: ServerConfig, engine: "AsyncEngine") -> protocol.Limits:
+    return protocol.Limits(model_name=config.model_name, size_rule=engine.size_rule,
+                           max_steps=config.engine.max_steps, max_n=config.max_n,
+                           default_size=config.resolved_default_size)
 
 
 async def generate_all(engine: "AsyncEngine",
@@ -279,14 +283,12 @@ async def admit(outputs) -> GenerationOutput:
 
 
 def rejection_error(exc: RequestRejected) -> APIError:
-    if exc.reason == "invalid":
-        return protocol.bad_request(str(exc))
-    if exc.reason == "draining":
+    if exc.reason == RejectionReason.DRAINING:
         return APIError(503, str(exc), type="server_error", code="server_draining")
     # queue_full, deadline_impossible: 429. Retry-After is required by clients that back off
     # (the openai client honours it); 1 s when the engine gives no hint.
     retry_after = max(1, math.ceil(exc.retry_after_s or 1))
-    return APIError(429, str(exc), type="rate_limit_error", code=exc.reason,
+    return APIError(429, str(exc), type="rate_limit_error", code=exc.reason.value,
                     headers={"Retry-After": str(retry_after)})
 
 

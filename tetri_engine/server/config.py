@@ -1,7 +1,9 @@
-"""ServerConfig: every `tetri-engine serve` flag, as one dataclass, and its mapping onto EngineConfig.
+"""ServerConfig: every `tetri-engine serve` flag, as one dataclass: the server's own settings and the
+whole EngineConfig it starts its engine with (`engine`).
 
-Each field's `metadata["help"]` is its `--help` text; `add_arguments()` builds the argparse flags from
-the fields (flag name = field name with dashes), so a new setting is one field here and nothing else.
+Each field's `metadata["help"]` is its `--help` text; `add_arguments()` builds one flag per field of
+ServerConfig and of EngineConfig (flag name = field name with dashes), so a new server setting is one
+field here, and a new engine option (config.py) reaches the command line with nothing added here.
 """
 from __future__ import annotations
 
@@ -12,115 +14,101 @@ import types
 import typing
 from dataclasses import dataclass, field
 
-from tetri_engine.config import EngineConfig, default_cache_dir
+from tetri_engine.config import EngineConfig, option
 
 # Read when the server starts (not at import), so a key need not appear in `ps` output.
 API_KEY_ENV = "TETRI_ENGINE_API_KEY"
 
 
-def _opt(default, help_text: str, *, factory=None, **extra):
-    metadata = {"help": help_text, **extra}
-    if factory is not None:
-        return field(default_factory=factory, metadata=metadata)
-    return field(default=default, metadata=metadata)
-
-
 @dataclass
 class ServerConfig:
+    engine: EngineConfig = field(default_factory=EngineConfig)  # every engine option (config.py)
     # Where to listen.
-    host: str = _opt("127.0.0.1", "address to bind; loopback by default, set 0.0.0.0 to expose the "
-                     "server (then also set --api-key)")
-    port: int = _opt(8000, "TCP port to listen on")
-    # The engine (mapped onto EngineConfig by to_engine_config()).
-    model: str = _opt("tiny", "model: tiny (embedded random-weight default), flux-dev, flux-schnell, "
-                      "sd3-medium, or a local diffusers directory")
-    served_model_name: str | None = _opt(None, "model name reported by /v1/models and accepted in the "
-                                         "`model` field of requests (default: --model)")
-    devices: list[str] | None = _opt(None, "devices, comma-separated, e.g. cuda:0,cuda:1 or "
-                                     "cpu:0,cpu:1 (default: every visible GPU, else "
-                                     "--num-cpu-devices virtual CPU devices)", metavar="LIST")
-    num_cpu_devices: int = _opt(4, "number of virtual CPU devices when there is no GPU")
-    dtype: str = _opt("auto", "model dtype: auto (bf16 on GPU, fp32 on CPU), bf16, fp16, fp32",
-                      choices=("auto", "bf16", "fp16", "fp32"))
-    policy: str = _opt("tetri", "scheduling policy: tetri, fixed1, fixed2, fixed4, fixed8, rssp, edf2")
-    profile: str | None = _opt(None, "step-time profile JSON (bench/profiles/*.json); default: "
-                               "measured at start-up and cached under --cache-dir", metavar="PATH")
-    cache_dir: str = _opt(None, "directory for cached profiles and models "
-                          "(default: ~/.cache/tetri-engine)", factory=default_cache_dir,
-                          metavar="DIR")
-    round_steps: int = _opt(5, "round length in steps of a typical request (TetriServe: 5)")
-    round_s: float | None = _opt(None, "fixed round length in seconds (overrides --round-steps)")
-    # Admission and limits.
-    max_queue: int = _opt(64, "at most this many requests waiting or running; more get HTTP 429")
-    admission: str = _opt("reject", "a deadline that cannot be met even at full width: reject "
-                          "(HTTP 429) or best_effort (accept anyway)",
-                          choices=("reject", "best_effort"))
-    slo_scale: float = _opt(1.0, "default deadline = the SLO table's target for the resolution x "
-                            "this scale (requests may send deadline_ms or slo_scale)")
-    max_width: int = _opt(2048, "largest image width accepted, in pixels")
-    max_height: int = _opt(2048, "largest image height accepted, in pixels")
-    max_steps: int = _opt(100, "largest num_inference_steps accepted")
-    max_n: int = _opt(4, "largest `n` (images per HTTP request) accepted")
-    default_size: str | None = _opt(None, "image size used when a request sends no size or "
-                                    "size=auto (default: 512x512, capped at --max-width and "
-                                    "--max-height)", metavar="WxH")
-    comm_cache_size: int = _opt(64, "communicator cache size (device groups kept warm)")
+    host: str = option("127.0.0.1", "address to bind; loopback by default, set 0.0.0.0 to expose the "
+                      "server (then also set --api-key)")
+    port: int = option(8000, "TCP port to listen on")
+    served_model_name: str | None = option(None, "model name reported by /v1/models and accepted in the "
+                                          "`model` field of requests (default: --model)")
+    # Requests.
+    max_n: int = option(4, "largest `n` (images per HTTP request) accepted")
+    default_size: str | None = option(None, "image size used when a request sends no size or "
+                                     "size=auto (default: 512x512, capped at --max-width and "
+                                     "--max-height)", metavar="WxH")
     # HTTP.
-    api_key: str | None = _opt(None, "require `Authorization: Bearer KEY` on /v1/* (default: the "
-                               f"{API_KEY_ENV} environment variable; unset: no key needed)",
-                               metavar="KEY")
-    max_body_bytes: int = _opt(1 << 20, "largest request body accepted, in bytes (larger: HTTP 413)")
-    drain_timeout_s: float = _opt(60.0, "on SIGINT/SIGTERM, wait at most this long for in-flight "
-                                  "requests before cancelling them")
-    log_level: str = _opt("info", "logging level: debug, info, warning, error",
-                          choices=("debug", "info", "warning", "error"))
+    api_key: str | None = option(None, "require `Authorization: Bearer KEY` on /v1/* and /dashboard "
+                                f"(default: the {API_KEY_ENV} environment variable; unset: no key "
+                                "needed)", metavar="KEY")
+    dashboard: bool = option(True, "serve the live dashboard at /dashboard (on by default; it needs "
+                             "the API key too when one is set); --no-dashboard leaves it out")
+    max_body_bytes: int = option(1 << 20, "largest request body accepted, in bytes (larger: HTTP 413)")
+    drain_timeout_s: float = option(60.0, "on SIGINT/SIGTERM, wait at most this long for in-flight "
+                                   "requests before cancelling them")
+    log_level: str = option("info", "logging level: debug, info, warning, error",
+                           choices=("debug", "info", "warning", "error"))
 
     @property
     def model_name(self) -> str:
         """The name clients use for this server's model."""
-        return self.served_model_name or self.model
+        return self.served_model_name or self.engine.model
 
     @property
     def resolved_default_size(self) -> str:
         if self.default_size:
             return self.default_size
-        return f"{min(512, self.max_width)}x{min(512, self.max_height)}"
+        return f"{min(512, self.engine.max_width)}x{min(512, self.engine.max_height)}"
 
     def to_engine_config(self) -> EngineConfig:
-        """The EngineConfig this server starts its engine with (fields of the same name)."""
-        names = {f.name for f in dataclasses.fields(EngineConfig)}
-        return EngineConfig(**{n: getattr(self, n) for n in names if hasattr(self, n)})
+        """The EngineConfig this server starts its engine with."""
+        return self.engine
 
     # --- command line ---------------------------------------------------------------------------
 
     @classmethod
     def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
-        """One `--flag` per field, with the field's help text and default."""
-        hints = typing.get_type_hints(cls)
-        defaults = cls()
-        for f in dataclasses.fields(cls):
-            flag = "--" + f.name.replace("_", "-")
-            default = getattr(defaults, f.name)
-            kind = _base_type(hints[f.name])
-            help_text = f.metadata["help"]
-            if default is not None and "(default" not in help_text:
-                help_text += f" (default: {default})"
-            kwargs = {"dest": f.name, "default": default, "help": help_text}
-            for key in ("metavar", "choices"):
-                if key in f.metadata:
-                    kwargs[key] = f.metadata[key]
-            if kind is list:
-                kwargs["type"] = _comma_list
-            else:
-                kwargs["type"] = kind
-            parser.add_argument(flag, **kwargs)
+        """One `--flag` per field of EngineConfig (the "engine" group) and of ServerConfig ("server")."""
+        for owner, title in ((EngineConfig, "engine"), (cls, "server")):
+            group = parser.add_argument_group(title)
+            hints = typing.get_type_hints(owner)
+            for f in _flag_fields(owner):
+                _add_flag(group, f, hints[f.name], _default_of(f))
 
     @classmethod
-    def from_args(cls, args: argparse.Namespace) -> "ServerConfig":
-        values = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls)}
+    def from_args(cls, args: argparse.Namespace) -> ServerConfig:
+        engine = EngineConfig(**{f.name: getattr(args, f.name) for f in _flag_fields(EngineConfig)})
+        values = {f.name: getattr(args, f.name) for f in _flag_fields(cls)}
         if values["api_key"] is None:
             values["api_key"] = os.environ.get(API_KEY_ENV) or None
-        return cls(**values)
+        return cls(engine=engine, **values)
+
+
+def _flag_fields(owner) -> list[dataclasses.Field]:
+    return [f for f in dataclasses.fields(owner) if "help" in f.metadata]
+
+
+def _default_of(f: dataclasses.Field):
+    return f.default_factory() if f.default is dataclasses.MISSING else f.default
+
+
+def _add_flag(group, f: dataclasses.Field, hint, default) -> None:
+    flag = "--" + f.name.replace("_", "-")
+    kind = _base_type(hint)
+    help_text = f.metadata["help"]
+    if default is not None and "(default" not in help_text:
+        help_text += f" (default: {default})"
+    kwargs = {"dest": f.name, "default": default, "help": help_text}
+    for key in ("metavar", "choices"):
+        if key in f.metadata:
+            kwargs[key] = f.metadata[key]
+    if kind is bool:
+        kwargs["action"] = argparse.BooleanOptionalAction  # --cuda-graphs / --no-cuda-graphs
+    elif kind is list:
+        kwargs["type"] = _comma_list
+    elif isinstance(kind, type) and issubclass(kind, str):  # str and str enums (AdmissionMode)
+        kwargs["type"] = str
+        kwargs["default"] = str(default) if default is not None else None
+    else:
+        kwargs["type"] = kind
+    group.add_argument(flag, **kwargs)
 
 
 def _base_type(hint) -> type:

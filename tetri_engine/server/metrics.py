@@ -128,6 +128,12 @@ def render(stats: dict[str, Any] | None, responses: Counter, latency: LatencyHis
     family("tetri_comm_cache_creation_seconds_total", "counter",
            "Time spent creating communicators.", [({}, cache.get("creation_s", 0.0))])
 
+    lines += _histogram_lines(latency)
+    return "\n".join(lines) + "\n"
+
+
+def _histogram_lines(latency: LatencyHistograms) -> list[str]:
+    lines = []
     for name, hist, help_text in (
             ("tetri_step_latency_seconds", latency.step, "Time of one denoising step."),
             ("tetri_round_latency_seconds", latency.round, "Wall time of one round.")):
@@ -137,7 +143,7 @@ def render(stats: dict[str, Any] | None, responses: Counter, latency: LatencyHis
             lines.append(f'{name}_bucket{{le="{bound}"}} {n}')
         lines.append(f"{name}_sum {_number(hist.sum_s)}")
         lines.append(f"{name}_count {hist.count}")
-    return "\n".join(lines) + "\n"
+    return lines
 
 
 def _labels(labels: dict[str, str]) -> str:

@@ -16,10 +16,8 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
-from tetri_engine.request import GenerationOutput, GenerationRequest
+from tetri_engine.request import PATCH_PX, CacheMode, GenerationOutput, GenerationRequest, SizeRule
 
-# The latent of FLUX / SD3 is the image / 8, patchified 2x2: a side must be a multiple of 16 pixels.
-SIZE_MULTIPLE = 16
 MAX_PROMPT_CHARS = 32000  # OpenAI's limit for image prompts
 MAX_SEED = 2**63 - 1
 MAX_PARTIAL_IMAGES = 3  # OpenAI's limit
@@ -31,9 +29,7 @@ OPENAI_PARAMS = {"prompt", "n", "size", "response_format", "model", "user", "out
                  "safety_identifier", "output_compression"}
 IGNORED_OPENAI = {"quality", "moderation", "style", "safety_identifier", "output_compression"}
 GENERATION_EXTENSIONS = {"num_inference_steps", "guidance_scale", "negative_prompt", "seed",
-                         "deadline_ms", "slo_scale", "priority", "preview_every", "progress_events",
-                         "cache"}
-CACHE_MODES = ("off", "auto")  # the `cache` extension: step caching off, or the model's cache plan
+                         "deadline_ms", "slo_scale", "preview_every", "progress_events", "cache"}
 
 
 class APIError(Exception):
@@ -68,11 +64,11 @@ def bad_request(message: str, param: str | None = None, code: str = "invalid_val
 
 @dataclass(frozen=True)
 class Limits:
-    """What the server accepts; from ServerConfig."""
+    """What the server accepts: from ServerConfig, and the engine's size rule (`AsyncEngine.size_rule`:
+    the configured sizes narrowed by the model's)."""
 
     model_name: str
-    max_width: int = 2048
-    max_height: int = 2048
+    size_rule: SizeRule = SizeRule()
     max_steps: int = 100
     max_n: int = 4
     default_size: str = "512x512"
@@ -93,11 +89,10 @@ class ImageGenerationParams:
     seed: int | None = None
     deadline_ms: float | None = None
     slo_scale: float | None = None
-    priority: int = 0
     partial_images: int | None = None  # OpenAI: previews wanted over the whole generation
     preview_every: int | None = None  # ours: a preview every K steps
     progress_events: bool = True  # stream tetri.queued / tetri.round / tetri.step events too
-    cache: str = "off"  # step caching: "off" | "auto" (GenerationRequest.cache)
+    cache: CacheMode = CacheMode.OFF  # step caching (GenerationRequest.cache)
     user: str | None = None
 
     @property
@@ -121,7 +116,6 @@ class ImageGenerationParams:
                 seed=None if self.seed is None else self.seed + i,
                 deadline_s=None if self.deadline_ms is None else self.deadline_ms / 1000.0,
                 slo_scale=self.slo_scale,
-                priority=self.priority,
                 request_id=base_id if self.n == 1 else f"{base_id}-{i}",
                 preview_every=previews,
                 cache=self.cache,
@@ -157,9 +151,8 @@ def parse_json_body(raw: bytes) -> Any:
         raise bad_request("The request body is nested too deeply.", code="invalid_json") from None
 
 
-def parse_size(text: Any, default_size: str, limits: Limits | None = None,
-               param: str = "size") -> tuple[int, int]:
-    """'WxH' (or 'auto' / None: the default size) -> (width, height), checked against the limits."""
+def parse_size(text: Any, default_size: str, size_rule: SizeRule, param: str = "size") -> tuple[int, int]:
+    """'WxH' (or 'auto' / None: the default size) -> (width, height), checked against `size_rule`."""
     if text is None or text == "auto":
         text = default_size
     if not isinstance(text, str):
@@ -169,12 +162,10 @@ def parse_size(text: Any, default_size: str, limits: Limits | None = None,
         raise bad_request(f"'{param}' must look like '512x512' (WIDTHxHEIGHT) or 'auto', "
                           f"got {text!r}.", param)
     width, height = int(parts[0]), int(parts[1])
-    if width <= 0 or height <= 0 or width % SIZE_MULTIPLE or height % SIZE_MULTIPLE:
-        raise bad_request(f"'{param}' {width}x{height}: width and height must be positive multiples "
-                          f"of {SIZE_MULTIPLE} pixels.", param)
-    if limits is not None and (width > limits.max_width or height > limits.max_height):
-        raise bad_request(f"'{param}' {width}x{height} is larger than this server accepts "
-                          f"({limits.max_width}x{limits.max_height} at most).", param)
+    try:
+        size_rule.check(width, height)
+    except ValueError as exc:
+        raise bad_request(f"'{param}' {width}x{height}: {exc}.", param) from None
     return width, height
 
 
@@ -198,6 +189,44 @@ def parse_generation_request(body: Any, limits: Limits) -> ImageGenerationParams
         raise bad_request(f"'prompt' is {len(prompt)} characters; at most {MAX_PROMPT_CHARS}.",
                           "prompt")
 
+    _check_model_and_format(body, limits)
+    n = _int(body, "n", 1, 1, limits.max_n)
+    width, height = parse_size(body.get("size"), limits.default_size, limits.size_rule)
+    stream = _bool(body, "stream")
+    progress_events = _bool(body, "progress_events", default=True)
+    if stream and n != 1:
+        raise bad_request("Streaming returns one image: send n=1 with stream=true (or several "
+                          "requests).", "n")
+    steps = _int(body, "num_inference_steps", None, 1, limits.max_steps)
+    guidance = _float(body, "guidance_scale", 0.0, 100.0)
+    negative = body.get("negative_prompt")
+    if negative is not None and not isinstance(negative, str):
+        raise bad_request("'negative_prompt' must be a string.", "negative_prompt")
+    n_seed_max = MAX_SEED - (n - 1)  # image i gets seed + i
+    seed = _int(body, "seed", None, 0, n_seed_max)
+    deadline_ms = _float(body, "deadline_ms", 0.0, None, positive=True)
+    slo_scale = _float(body, "slo_scale", 0.0, None, positive=True)
+    if deadline_ms is not None and slo_scale is not None:
+        raise bad_request("Send either 'deadline_ms' or 'slo_scale', not both.", "slo_scale")
+    partial_images = _int(body, "partial_images", None, 0, MAX_PARTIAL_IMAGES)
+    preview_every = _int(body, "preview_every", None, 0, limits.max_steps)
+    cache = CacheMode.OFF if body.get("cache") is None else body["cache"]
+    if not isinstance(cache, str) or cache not in set(CacheMode):
+        raise bad_request(f"'cache' must be 'off' (every step computed) or 'auto' (step caching with "
+                          f"the model's cache plan), got {cache!r}.", "cache")
+    user = body.get("user")
+    if user is not None and not isinstance(user, str):
+        raise bad_request("'user' must be a string.", "user")
+
+    return ImageGenerationParams(
+        prompt=prompt, n=n, width=width, height=height, stream=stream,
+        num_inference_steps=steps, guidance_scale=guidance, negative_prompt=negative, seed=seed,
+        deadline_ms=deadline_ms, slo_scale=slo_scale, partial_images=partial_images, preview_every=preview_every,
+        progress_events=progress_events, cache=CacheMode(cache), user=user)
+
+
+def _check_model_and_format(body: dict, limits: Limits) -> None:
+    """The model asked for must be the one served, and the answer a PNG in base64 JSON."""
     model = body.get("model")
     if model is not None and model != limits.model_name:
         raise bad_request(f"The model '{model}' is not served here; this server serves "
@@ -220,44 +249,6 @@ def parse_generation_request(body: Any, limits: Limits) -> ImageGenerationParams
     if background not in (None, "auto", "opaque"):
         raise bad_request(f"'background' {background!r} is not supported; images are opaque.",
                           "background", code="unsupported_value")
-
-    n = _int(body, "n", 1, 1, limits.max_n)
-    width, height = parse_size(body.get("size"), limits.default_size, limits)
-    stream = _bool(body, "stream")
-    progress_events = _bool(body, "progress_events", default=True)
-    if stream and n != 1:
-        raise bad_request("Streaming returns one image: send n=1 with stream=true (or several "
-                          "requests).", "n")
-    steps = _int(body, "num_inference_steps", None, 1, limits.max_steps)
-    guidance = _float(body, "guidance_scale", 0.0, 100.0)
-    negative = body.get("negative_prompt")
-    if negative is not None and not isinstance(negative, str):
-        raise bad_request("'negative_prompt' must be a string.", "negative_prompt")
-    n_seed_max = MAX_SEED - (n - 1)  # image i gets seed + i
-    seed = _int(body, "seed", None, 0, n_seed_max)
-    deadline_ms = _float(body, "deadline_ms", 0.0, None, positive=True)
-    slo_scale = _float(body, "slo_scale", 0.0, None, positive=True)
-    if deadline_ms is not None and slo_scale is not None:
-        raise bad_request("Send either 'deadline_ms' or 'slo_scale', not both.", "slo_scale")
-    priority = _int(body, "priority", 0, -1000, 1000)
-    partial_images = _int(body, "partial_images", None, 0, MAX_PARTIAL_IMAGES)
-    preview_every = _int(body, "preview_every", None, 0, limits.max_steps)
-    cache = body.get("cache")
-    if cache is None:
-        cache = "off"
-    elif cache not in CACHE_MODES:
-        raise bad_request(f"'cache' must be 'off' (every step computed) or 'auto' (step caching with "
-                          f"the model's cache plan), got {cache!r}.", "cache")
-    user = body.get("user")
-    if user is not None and not isinstance(user, str):
-        raise bad_request("'user' must be a string.", "user")
-
-    return ImageGenerationParams(
-        prompt=prompt, n=n, width=width, height=height, stream=stream,
-        num_inference_steps=steps, guidance_scale=guidance, negative_prompt=negative, seed=seed,
-        deadline_ms=deadline_ms, slo_scale=slo_scale, priority=priority,
-        partial_images=partial_images, preview_every=preview_every,
-        progress_events=progress_events, cache=cache, user=user)
 
 
 def _int(body: dict, name: str, default, low: int, high: int):
@@ -308,7 +299,7 @@ def usage(params: ImageGenerationParams, num_images: int) -> dict[str, Any]:
     """OpenAI's `usage` block. There is no tokenizer in the server: text tokens are the prompt's
     whitespace-separated words; an image's tokens are its DiT sequence length, (W/16)*(H/16)."""
     text_tokens = len(params.prompt.split()) + len((params.negative_prompt or "").split())
-    image_tokens = num_images * (params.width // SIZE_MULTIPLE) * (params.height // SIZE_MULTIPLE)
+    image_tokens = num_images * (params.width // PATCH_PX) * (params.height // PATCH_PX)
     return {
         "input_tokens": text_tokens,
         "input_tokens_details": {"text_tokens": text_tokens, "image_tokens": 0},
