@@ -92,9 +92,8 @@ def _progress(total: int, quiet: bool):
 
 
 def run(args: argparse.Namespace) -> int:
-    from tetri_engine.sched import CostModel, POLICY_NAMES, make_policy
-    from tetri_engine.sched.report import plot_gantt, plot_sar, run_sweep
-    from tetri_engine.sched.trace import generate_trace, read_trace, write_trace
+    from tetri_engine.sched import CostModel
+    from tetri_engine.sched.report import run_sweep
 
     if args.gpus < 1:
         print("error: --gpus must be >= 1", file=sys.stderr)
@@ -104,34 +103,12 @@ def run(args: argparse.Namespace) -> int:
     except (OSError, ValueError) as exc:
         print(f"error: cannot load profile {args.profile}: {exc}", file=sys.stderr)
         return 2
-    policies = []
-    for name in args.policies:
-        try:
-            make_policy(name, args.gpus, cost)
-        except ValueError as exc:
-            print(f"note: skipping policy {name}: {exc}", file=sys.stderr)
-            continue
-        policies.append(name)
+    policies = _usable_policies(args, cost)
     if not policies:
-        print(f"error: no usable policy (known: {', '.join(POLICY_NAMES)})", file=sys.stderr)
         return 2
-
     os.makedirs(args.output, exist_ok=True)
-    traces = []
     try:
-        if args.trace:
-            traces.append((os.path.splitext(os.path.basename(args.trace))[0], read_trace(args.trace)))
-        else:
-            for mix in args.mix:
-                trace = generate_trace(args.num_requests, args.rate, mix, args.seed, steps=args.steps,
-                                       arrival=args.arrival, burstiness_cv=args.burstiness_cv, cost=cost,
-                                       max_degree=args.gpus)
-                label = f"{mix}-{args.rate:g}rpm"
-                write_trace(os.path.join(args.output, f"trace-{label}.jsonl"), trace)
-                traces.append((label, trace))
-        for _, trace in traces:
-            for r in trace:
-                cost.check(r.width, r.height)
+        traces = _traces(args, cost)
     except (OSError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -148,10 +125,57 @@ def run(args: argparse.Namespace) -> int:
     finally:
         close()
     elapsed = time.perf_counter() - t0
-
     for sweep in sweeps:
         print(sweep.table())
         print()
+    written = _write(args, cost, policies, sweeps, elapsed)
+    print(f"wrote {', '.join(written)} to {args.output} ({elapsed:.1f} s of simulation)")
+    return 0
+
+
+def _usable_policies(args: argparse.Namespace, cost) -> list[str]:
+    """The requested policies that exist for this many devices (others skipped with a note)."""
+    from tetri_engine.sched import POLICY_NAMES, make_policy
+
+    policies = []
+    for name in args.policies:
+        try:
+            make_policy(name, args.gpus, cost)
+        except ValueError as exc:
+            print(f"note: skipping policy {name}: {exc}", file=sys.stderr)
+            continue
+        policies.append(name)
+    if not policies:
+        print(f"error: no usable policy (known: {', '.join(POLICY_NAMES)})", file=sys.stderr)
+    return policies
+
+
+def _traces(args: argparse.Namespace, cost) -> list[tuple[str, list]]:
+    """(label, trace) per trace file or generated mix; generated ones are written under --output.
+    ValueError when a request's size is outside the profile."""
+    from tetri_engine.sched.trace import generate_trace, read_trace, write_trace
+
+    traces = []
+    if args.trace:
+        traces.append((os.path.splitext(os.path.basename(args.trace))[0], read_trace(args.trace)))
+    else:
+        for mix in args.mix:
+            trace = generate_trace(args.num_requests, args.rate, mix, args.seed, steps=args.steps,
+                                   arrival=args.arrival, burstiness_cv=args.burstiness_cv, cost=cost,
+                                   max_degree=args.gpus)
+            label = f"{mix}-{args.rate:g}rpm"
+            write_trace(os.path.join(args.output, f"trace-{label}.jsonl"), trace)
+            traces.append((label, trace))
+    for _, trace in traces:
+        for r in trace:
+            cost.check(r.width, r.height)
+    return traces
+
+
+def _write(args: argparse.Namespace, cost, policies: list[str], sweeps: list, elapsed: float) -> list[str]:
+    """results.json and (unless --no-plots) sar.png and the Gantt charts; returns the names written."""
+    from tetri_engine.sched.report import plot_gantt, plot_sar
+
     results = {
         "profile": args.profile,
         "profile_source": cost.meta.get("source"),
@@ -181,5 +205,4 @@ def run(args: argparse.Namespace) -> int:
                 start = min((b.start_s for b in sweep.gantt.busy), default=0.0)
                 plot_gantt(os.path.join(args.output, name), sweep.gantt, (start, start + args.gantt_window_s))
                 written.append(name)
-    print(f"wrote {', '.join(written)} to {args.output} ({elapsed:.1f} s of simulation)")
-    return 0
+    return written

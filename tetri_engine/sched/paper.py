@@ -1,6 +1,5 @@
-"""TetriServe: round-based, deadline-aware packing with step-level sequence parallelism.
-
-Each round (length tau, about `round_steps` steps of a typical request) starting at `now`, over
+"""tetri-paper: the paper-faithful TetriServe policy (round-based, deadline-aware packing with
+step-level sequence parallelism), kept unchanged as the reference for `tetri` (tetri.py). Each round (length tau, about `round_steps` steps of a typical request) starting at `now`, over
 the devices and requests that are free:
 
 1. Allocation. For each request, the cheapest plan in GPU-seconds (sum of degree x step time) that
@@ -27,17 +26,12 @@ the devices and requests that are free:
    resolutions whose plan starts at degree 1 and whose profile has batch sizes > 1 are merged into
    one batched forward, only if every member can still meet its deadline at the batched step time.
 
-Step caching: a request with `SchedRequest.cached` is costed at the cached step time
-(`cost.step_s(..., cached=True)`) everywhere above; the per-resolution tables are keyed on it, and
-only requests with the same `cached` are batched together. Without a measured cache_step_factor
-(1.0) the flag is ignored: the plans are exactly those of the same requests uncached.
-
-Rounds are synchronous: the next round is planned when every group of this one has finished.
-Groups have different step times, so the round's length is then chosen within [0.8, 1.25] x tau
-to leave the fewest device-seconds idle, and every group runs as many steps as fit (`_fill`).
-Devices that still fall idle mid-round (a request finished, or nothing was waiting) are
-backfilled with work that ends by the round's expected end (`_backfill`), e.g. a request that just
-arrived.
+Step caching: a request with `SchedRequest.cached` is costed at the cached step time everywhere
+above, and only batched with requests of the same `cached`; without a measured cache_step_factor
+(1.0) the flag is ignored. Rounds are synchronous: the next round is planned when every group of
+this one has finished; its length is chosen within [0.8, 1.25] x tau to leave the fewest
+device-seconds idle (`_fill`, round_fill.py). Devices that fall idle mid-round are backfilled with
+work that ends by the round's expected end (`_backfill`), e.g. a request that just arrived.
 """
 from __future__ import annotations
 

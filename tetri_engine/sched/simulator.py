@@ -140,13 +140,6 @@ def simulate(
     rounds = 0
     i = 0
     now = 0.0
-
-    def finish(reqs: list[SchedRequest]) -> None:
-        for r in reqs:
-            rec = records[r.request_id]
-            rec.finish_s, rec.state = r.finish_s, r.state.value
-            rec.steps_at_degree, rec.regroups, rec.rounds = dict(r.steps_at_degree), r.regroups, r.rounds
-
     while True:
         next_arrival = arrivals[i].arrival_s + encode_s if i < len(arrivals) else math.inf
         next_done = events[0][0] if events else math.inf
@@ -157,16 +150,10 @@ def simulate(
             end_s, _, plan, gi = heapq.heappop(events)
             group = plan.groups[gi]
             result = RoundResult(end_s, steps_done={rid: group.num_steps for rid in group.request_ids})
-            finish(policy.update_from_output(plan, result))
+            _record_finished(records, policy.update_from_output(plan, result))
         while i < len(arrivals) and arrivals[i].arrival_s + encode_s <= now:
-            tr = arrivals[i]
-            rid = tr.request_id or f"req-{i:05d}"
-            deadline = tr.arrival_s + slo_scale * tr.slo_ms / 1000.0
-            policy.add_request(SchedRequest(rid, tr.width, tr.height, tr.steps, tr.arrival_s, deadline,
-                                            cached=tr.cache == "auto"))
-            isolated = encode_s + cost.isolated_s(tr.width, tr.height, tr.steps, policy.max_degree, tr.cache == "auto")
-            records[rid] = RequestRecord(rid, tr.width, tr.height, tr.steps, tr.arrival_s, deadline, None,
-                                         SchedState.WAITING.value, {}, 0, 0, isolated)
+            record = _arrive(policy, arrivals[i], i, slo_scale, encode_s)
+            records[record.request_id] = record
             i += 1
         t0 = time.perf_counter()
         plan = policy.schedule(now)
@@ -185,7 +172,24 @@ def simulate(
                 duration *= max(0.5, 1.0 + rng.gauss(0.0, jitter_cv))
             seq += 1
             heapq.heappush(events, (now + duration, seq, plan, gi))
-            for d in group.device_ids:
-                busy.append(BusyInterval(d, now, now + duration, group.request_ids, group.degree, group.num_steps,
-                                         group.decode_after))
+            busy.extend(BusyInterval(d, now, now + duration, group.request_ids, group.degree, group.num_steps,
+                                     group.decode_after) for d in group.device_ids)
     return SimResult(policy.name, policy.num_devices, slo_scale, list(records.values()), busy, rounds, decision_s)
+
+
+def _arrive(policy: Policy, tr: TraceRequest, index: int, slo_scale: float, encode_s: float) -> RequestRecord:
+    """Add a trace request to the policy (its deadline at this SLO scale) and start its record."""
+    rid = tr.request_id or f"req-{index:05d}"
+    deadline = tr.arrival_s + slo_scale * tr.slo_ms / 1000.0
+    cached = tr.cache == "auto"
+    policy.add_request(SchedRequest(rid, tr.width, tr.height, tr.steps, tr.arrival_s, deadline, cached=cached))
+    isolated = encode_s + policy.cost.isolated_s(tr.width, tr.height, tr.steps, policy.max_degree, cached)
+    return RequestRecord(rid, tr.width, tr.height, tr.steps, tr.arrival_s, deadline, None,
+                         SchedState.WAITING.value, {}, 0, 0, isolated)
+
+
+def _record_finished(records: dict[str, RequestRecord], finished: list[SchedRequest]) -> None:
+    for r in finished:
+        rec = records[r.request_id]
+        rec.finish_s, rec.state = r.finish_s, r.state.value
+        rec.steps_at_degree, rec.regroups, rec.rounds = dict(r.steps_at_degree), r.regroups, r.rounds
