@@ -17,10 +17,11 @@ def default_cache_dir() -> str:
 
 
 class AdmissionMode(StrEnum):
-    """What admission does with a deadline that cannot be met even at full width."""
+    """What admission does with a deadline the policy says cannot be met: not even alone at full width,
+    or not alongside the requests already accepted (policy.admission_check)."""
 
-    REJECT = "reject"  # RequestRejected("deadline_impossible"), HTTP 429
-    BEST_EFFORT = "best_effort"  # accept it anyway; it counts as a missed deadline
+    REJECT = "reject"  # RequestRejected("deadline_impossible" / "busy" with the policy's retry estimate)
+    BEST_EFFORT = "best_effort"  # accept it; the policy gives up whom it must (a "late" output says so)
 
 
 def option(default, help_text: str, *, factory=None, **extra):
@@ -51,8 +52,9 @@ class EngineConfig:
     round_s: float | None = option(None, "fixed round length in seconds (overrides --round-steps)")
     max_queue: int = option(64, "at most this many requests waiting or running; more are refused "
                            "(queue_full, HTTP 429)")
-    admission: AdmissionMode = option(AdmissionMode.REJECT, "a deadline that cannot be met even at full "
-                                     "width: reject (HTTP 429) or best_effort (accept anyway)",
+    admission: AdmissionMode = option(AdmissionMode.REJECT, "a deadline that cannot be met (even alone, "
+                                     "or alongside the accepted requests): reject (refused at once) or "
+                                     "best_effort (accepted; the scheduler gives up whom it must)",
                                      choices=tuple(m.value for m in AdmissionMode))
     slo_scale: float = option(1.0, "default deadline = the SLO table's target for the resolution x this "
                              "scale (requests may send their own deadline or scale)")
