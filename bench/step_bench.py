@@ -129,6 +129,7 @@ def run_variant(name: str, args, devices, degrees, flops, peak, emit) -> dict | 
         emit({"kind": "warmup", "variant": name, "seconds": report.seconds, "compiled_graphs": report.compiled_graphs,
               "compile_backend_s": report.compile_backend_s, "cache_dir": report.cache_dir,
               "graphs_captured": report.graphs_captured, "failures": report.failures})
+        compiled_before = ex.runtime.compiled.stats()["graphs"] if ex.runtime.compiled else 0
         for size in args.sizes:
             for degree in degrees:
                 samples = step_ms(ex, size, degree, args.steps, args.repeats if size < 2048 else max(2, args.repeats - 1))
@@ -137,6 +138,9 @@ def run_variant(name: str, args, devices, degrees, flops, peak, emit) -> dict | 
                 emit({"kind": "step", "variant": name, "width": size, "height": size, "degree": degree, "ms": ms,
                       "samples_ms": samples, "tflops_per_gpu": tflops,
                       "of_bf16_peak": tflops / peak if tflops and peak else None, "flops_per_forward": flops[size]})
+        if ex.runtime.compiled:  # the timed steps are requests: they must not have compiled anything
+            emit({"kind": "compiles_after_warmup", "variant": name,
+                  "graphs": ex.runtime.compiled.stats()["graphs"] - compiled_before})
         quality = None
         if args.quality:
             quality = quality_run(ex, args.quality_size, args.quality_steps)
@@ -276,6 +280,8 @@ def print_summary(rows: list[dict], peak: float) -> None:
         elif r["kind"] == "quality":
             print(f"quality {r['variant']} vs {r['reference']}: latent {r['latent_psnr_db']:.1f} dB, displacement "
                   f"{r['displacement_psnr_db']:.1f} dB, image {r['image_psnr_db']:.1f} dB")
+        elif r["kind"] == "compiles_after_warmup":
+            print(f"compilations during the timed steps ({r['variant']}): {r['graphs']} (expected 0)")
         elif r["kind"] in ("error", "skipped"):
             print(f"{r['kind']} {r['variant']}: {r.get('error') or r.get('reason')}")
     for (variant, size, degree), limit in TARGETS_MS.items():
