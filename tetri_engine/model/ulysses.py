@@ -241,7 +241,7 @@ def _exchanged_attention(ctx: SPContext, query: torch.Tensor, key: torch.Tensor,
         received = [ctx.exchange(send(c)) for c in range(n)]
         backs = [ctx.exchange(attend_chunk(r)) for r in received]
     # backs[c]: [degree, B, L, h, D], chunk j = my tokens for head group j, sub-chunk c
-    out = torch.stack(backs, dim=1)  # [degree, n, B, L, h, D]
+    out = backs[0].unsqueeze(1) if n == 1 else torch.stack(backs, dim=1)  # [degree, n, B, L, h, D]
     return out.permute(2, 3, 0, 1, 4, 5).reshape(batch, length, heads, head_dim)
 
 
