@@ -117,3 +117,15 @@ def test_inductor_on_cpu_devices_is_skipped_saying_so(caplog):
         assert not ex.model.compiled
         report = ex.warm_up_shapes([WarmupShape(64, 64, (0,))])  # still runs: an eager warm-up step
     assert not report.compiled and report.compiled_graphs == 0 and "torch.compile" not in report.describe()
+
+
+def test_inductor_caches_under_the_engines_cache_dir_unless_the_user_chose(monkeypatch, tmp_path):
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+    from tetri_engine.model.compile import use_cache_dir
+
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", default_cache_dir())  # what torch writes there on first use
+    assert use_cache_dir(str(tmp_path)) == str(tmp_path / "inductor")
+    chosen = tmp_path / "mine"
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(chosen))
+    assert use_cache_dir(str(tmp_path)) == str(chosen)

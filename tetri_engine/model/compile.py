@@ -41,13 +41,16 @@ RECOMPILE_LIMIT = 1024
 
 
 def use_cache_dir(cache_dir: str | None) -> str:
-    """Point inductor's caches at `cache_dir`/inductor unless TORCHINDUCTOR_CACHE_DIR is set already;
-    returns the directory in use."""
-    if cache_dir and not os.environ.get("TORCHINDUCTOR_CACHE_DIR"):
+    """Point inductor's caches at `cache_dir`/inductor unless the user chose a directory with
+    TORCHINDUCTOR_CACHE_DIR; returns the directory in use. (torch writes its default, a per-user
+    directory under /tmp, into that variable on first use, e.g. when a custom op is registered: that
+    value is not a choice.)"""
+    from torch._inductor.runtime.cache_dir_utils import cache_dir as inductor_cache_dir, default_cache_dir
+
+    current = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+    if cache_dir and (not current or os.path.abspath(current) == os.path.abspath(default_cache_dir())):
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = os.path.join(os.path.abspath(os.path.expanduser(cache_dir)),
                                                              "inductor")
-    from torch._inductor.runtime.cache_dir_utils import cache_dir as inductor_cache_dir
-
     return inductor_cache_dir()
 
 
