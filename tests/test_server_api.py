@@ -305,3 +305,20 @@ async def test_logs_say_why_a_request_ended_badly_and_never_carry_the_prompt(cli
         logging.getLogger(name).removeHandler(libraries)
     assert "SECRET" not in caplog.text
     assert not [message for message in libraries.messages if "SECRET" in message]
+
+
+async def test_a_request_given_up_streams_tetri_late_and_reports_it():
+    """admission=best_effort takes a deadline no schedule can meet; the scheduler gives it up at once
+    and the stream says so before its steps, with `late` in its metrics."""
+    app = create_app(small_config(admission="best_effort"))
+    async with TestClient(ServingTestServer(app, host="127.0.0.1")) as late_client:
+        await wait_until_ready(app)
+        resp = await late_client.post(GEN, json={"prompt": "hurry", "size": "64x64", "stream": True,
+                                                 "num_inference_steps": 4, "deadline_ms": 1})
+        assert resp.status == 200, await resp.text()
+        frames = parse_sse(await resp.text())
+        kinds = [event for event, _ in frames]
+        assert kinds.count("tetri.late") == 1 and kinds.index("tetri.late") < kinds.index("tetri.step")
+        assert kinds[-1] == "image_generation.completed"
+        metrics = frames[-1][1]["metrics"]
+        assert metrics["late"] is True and metrics["deadline_met"] is False

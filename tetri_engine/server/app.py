@@ -161,7 +161,7 @@ async def admit(outputs, deadline_param: str | None = None) -> GenerationOutput:
 async def stream_image(request: web.Request, engine: "AsyncEngine", params: protocol.ImageGenerationParams,
                        gen_request: GenerationRequest, deadline_param: str | None,
                        flight: lifecycle.Flight) -> web.StreamResponse:
-    """SSE: tetri.queued, tetri.round, tetri.step (unless progress_events=false: a client that
+    """SSE: tetri.queued, tetri.round, tetri.step, tetri.late (unless progress_events=false: a client that
     expects only OpenAI's event types), image_generation.partial_image, then
     image_generation.completed, or an `error` event (the request failed, or the drain cut it)."""
     outputs = engine.generate(gen_request)
@@ -207,6 +207,8 @@ async def _stream_events(request: web.Request, response: web.StreamResponse,
             await response.write(protocol.round_event(out))
         elif out.kind == "step" and progress:
             await response.write(protocol.step_event(out))
+        elif out.kind == "late" and progress:
+            await response.write(protocol.late_event(out))
         elif out.kind == "preview" and _preview_wanted(params, previews_sent):
             png = out.png or await asyncio.to_thread(encode_png, out.image)
             await response.write(protocol.partial_image_event(params, png, previews_sent, out))

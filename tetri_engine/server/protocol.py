@@ -89,6 +89,7 @@ REJECTIONS: dict[RejectionReason, tuple[int, str]] = {
     RejectionReason.QUEUE_FULL: (429, "rate_limit_error"),  # Retry-After: the engine's estimate
     RejectionReason.DEADLINE_IMPOSSIBLE: (400, "invalid_request_error"),  # never retried: it cannot succeed
     RejectionReason.DRAINING: (503, "server_error"),  # another replica may take it
+    RejectionReason.BUSY: (429, "rate_limit_error"),  # not alongside the accepted requests; Retry-After: the policy's estimate
 }
 
 
@@ -443,6 +444,11 @@ def round_event(out: GenerationOutput) -> bytes:
 def step_event(out: GenerationOutput) -> bytes:
     return sse("tetri.step", {"request_id": out.request_id, "step": out.step,
                               "total_steps": out.total_steps})
+
+
+def late_event(out: GenerationOutput) -> bytes:
+    """The scheduler gave the request up: it will miss its deadline and still runs, best effort."""
+    return sse("tetri.late", {"request_id": out.request_id, "step": out.step, "total_steps": out.total_steps})
 
 
 def partial_image_event(params: ImageGenerationParams, png: bytes, index: int,
