@@ -33,8 +33,11 @@ async def test_burst_of_200_gets_one_answer_each(aiohttp_client):
     for body in images:
         assert png_size(base64.b64decode(body["data"][0]["b64_json"])) == (64, 64)
     for body, retry_after in refusals:
-        assert body["error"]["code"] in ("queue_full", "deadline_impossible")
-        assert int(retry_after) >= 1
+        # Retry-After: the engine's estimate (queue_full), or the scheduler's when it has one (busy).
+        code = body["error"]["code"]
+        assert code in ("queue_full", "busy")
+        if code == "queue_full" or retry_after is not None:
+            assert int(retry_after) >= 1
     # Seeds were distinct per request: the answers are each request's own.
     assert len({body["metrics"][0]["seed"] for body in images}) == len(images)
 
