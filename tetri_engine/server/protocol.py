@@ -89,7 +89,7 @@ REJECTIONS: dict[RejectionReason, tuple[int, str]] = {
     RejectionReason.QUEUE_FULL: (429, "rate_limit_error"),  # Retry-After: the engine's estimate
     RejectionReason.DEADLINE_IMPOSSIBLE: (400, "invalid_request_error"),  # never retried: it cannot succeed
     RejectionReason.DRAINING: (503, "server_error"),  # another replica may take it
-    RejectionReason.BUSY: (429, "rate_limit_error"),  # not alongside the accepted requests; Retry-After: the policy's estimate
+    RejectionReason.BUSY: (429, "rate_limit_error"),  # not alongside the accepted: Retry-After, the policy's estimate
 }
 
 
