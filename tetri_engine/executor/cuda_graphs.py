@@ -140,7 +140,8 @@ class Graph:
         self.exchanges: list = []  # the exchange log of one step (what a launch does)
         self.keepalive: list = []  # tensors and objects the graph's kernels point into
         self.exec_handle = 0  # the cudaGraphExec_t the native loop launches (0: replay from Python)
-        self.replays = 0
+        self.replays = 0  # launches, from Python or from the native loop
+        self.native_launches = 0
 
     def step(self, adapter: Any, transformer: torch.nn.Module, context: Any) -> None:
         """One whole step on the static buffers (warm-up and capture run exactly this)."""
@@ -204,7 +205,7 @@ class CudaGraphs:
         self._log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
         self._devices: dict[str, _DeviceGraphs] = {}
         self._lock = threading.Lock()
-        self._stats = {"captures": 0, "replays": 0, "evictions": 0, "warmup_failures": 0,
+        self._stats = {"captures": 0, "replays": 0, "native_launches": 0, "evictions": 0, "warmup_failures": 0,
                        "capture_failures": 0, "capture_s": 0.0}
         self._failures: list[dict] = []  # {"key", "device", "error"}: capture failures, once per key
 
@@ -220,11 +221,13 @@ class CudaGraphs:
             self._stats[name] += n
 
     def stats(self) -> dict:
-        """captures, replays, evictions, warmup_failures, capture_failures, capture_s, graphs (held now),
-        failures: [{"key", "device", "error"}] of the captures that failed (those keys run eagerly)."""
+        """captures, replays (native_launches of them launched by the native loop), evictions,
+        warmup_failures, capture_failures, capture_s, graphs (held now), failures: [{"key", "device",
+        "error"}] of the captures that failed (those keys run eagerly)."""
         with self._lock:
-            replays = sum(g.replays for d in self._devices.values() for g in list(d.graphs.values()))
-            return {**self._stats, "replays": self._stats["replays"] + replays,
+            held = [g for d in self._devices.values() for g in list(d.graphs.values())]
+            return {**self._stats, "replays": self._stats["replays"] + sum(g.replays for g in held),
+                    "native_launches": self._stats["native_launches"] + sum(g.native_launches for g in held),
                     "graphs": sum(len(d.graphs) for d in self._devices.values()),
                     "failures": [dict(f) for f in self._failures]}
 
@@ -354,6 +357,7 @@ class CudaGraphs:
             while len(dev.graphs) > self.max_graphs:
                 _, old = dev.graphs.popitem(last=False)
                 self._stats["replays"] += old.replays
+                self._stats["native_launches"] += old.native_launches
                 self._stats["evictions"] += 1
 
     def mark_failed(self, device: torch.device, key: tuple, error: str) -> None:

@@ -149,8 +149,9 @@ class RankRunner:
     def _record(self, active: list[DenoiseState], graph: Any, spec: SegmentSpec, result: SegmentResult) -> None:
         failed = result.end in (FAILED, OUT_OF_STEP)
         if graph is not None:
-            if spec.graph_exec:
-                graph.replays += result.steps + int(failed)  # (the Python launches count themselves)
+            if spec.graph_exec:  # (launches from Python count themselves)
+                graph.replays += result.steps + int(failed)
+                graph.native_launches += result.steps + int(failed)
             if result.steps and not failed:
                 for s, latent in zip(active, graph.end()):
                     s.shards[self.rank] = latent
