@@ -29,6 +29,10 @@ from collections.abc import Sequence
 
 from tetri_engine import _C
 
+if not hasattr(_C, "run_segment"):  # pragma: no cover - a stale build
+    raise ImportError("tetri_engine._C predates the native step loop (csrc/step_loop.cpp): rebuild it "
+                      "(`python setup.py build_ext --inplace`, or `pip install --no-build-isolation -e .`)")
+
 StopFlag = _C.StopFlag
 StepGroup = _C.StepGroup
 GroupAbortedError = _C.GroupAbortedError
