@@ -84,6 +84,8 @@ def encode(executor: Executor, side: int, steps: int) -> str:
 
 def summarize(result, rid: str) -> dict:
     """The small group's rank-0 trace -> per-phase figures (ms; host per step in microseconds)."""
+    if result.trace is None or result.trace["ranks"][0] is None:  # the call failed before its steps
+        raise RuntimeError(f"the small request's call failed: {result.requests[rid].error}")
     rank = result.trace["ranks"][0]
     marks, inputs_ms, step_ms = rank["gpu_ms"], 0.0, []
     for i, (label, ms) in enumerate(marks):

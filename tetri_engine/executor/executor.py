@@ -13,7 +13,8 @@ always run to the end.
 
 Worked example with devices ["cuda:0", "cuda:1", "cuda:2", "cuda:3"] (indices 0..3):
 
-    submit_encode("a", ...)                      encode thread: prompt embeddings on cuda:0, noise on CPU
+    submit_encode("a", ...)                      encode thread: prompt embeddings made on cuda:0, kept in
+                                                 host memory (latents.py says why), noise on CPU
     submit_steps(["a"], (2, 3), 5)               threads 2 and 3: shard the noise onto cuda:2/cuda:3, 5 steps
     submit_steps(["a"], (0, 1, 2, 3), 5)         threads 0..3: regroup 2 -> 4 shards once the first job is
                                                  done (rank 0 = cuda:0 does it), 5 steps at degree 4

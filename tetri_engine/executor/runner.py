@@ -20,6 +20,7 @@ from typing import Any, Callable
 
 from tetri_engine import ops
 from tetri_engine.executor.agreement import RankAgreement, describe_failure
+from tetri_engine.executor.latents import reading_from
 from tetri_engine.executor.options import StepEnv
 from tetri_engine.executor.segments import EagerStep, GraphStep, SegmentResult, SegmentSpec, graph_for_batch, run_segment
 from tetri_engine.executor.state import DenoiseState, describe_error
@@ -115,10 +116,14 @@ class RankRunner:
         return inputs, graph
 
     def _inputs(self, active: list[DenoiseState]) -> Any:
-        """A rank's static inputs for a batch; a failure is reported by the step that uses them."""
+        """A rank's static inputs for a batch; a failure is reported by the step that uses them. Whatever
+        they read from another device (an adapter may make a shape's inputs with the first device's
+        model, SD3's position embedding) is read on this thread's own streams (latents.py)."""
+        others = [d for d in self.env.torch_devices if d != self.device]
         try:
-            return self.env.runtime.adapter.rank_inputs([s.prepared for s in active], self.device, self.rank,
-                                                        self.job.degree)
+            with reading_from(others, [self.device], self.env.options.private_reads):
+                return self.env.runtime.adapter.rank_inputs([s.prepared for s in active], self.device, self.rank,
+                                                            self.job.degree)
         except Exception as exc:
             return exc
 
