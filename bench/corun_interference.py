@@ -13,6 +13,8 @@ step, meeting the group, commit + progress, preparing the batch). Variants:
   coupled      prompt embeddings kept on the encode device and cross-device reads on the shared
                stream: the behaviour before the fix (a 512^2 group on GPU 1 waited ~1.2 s for a 2048^2
                group's queued steps on GPU 0: the 2.12x)
+  cond-on-encoder / shared-reads   one of the two halves of "coupled" each (the prompt embeddings on
+               the encode device / cross-device reads on the shared stream)
   python-loop  the step loop in Python (one GIL round per step) instead of the native loop
   unbounded    no bound on the steps a rank queues on its GPU
   no-graphs    every step eager (no CUDA graphs)
@@ -68,6 +70,8 @@ from tetri_engine.model import load_runtime  # noqa: E402
 VARIANTS = {
     "fixed": ({}, None),
     "coupled": ({"host_conditioning": False, "private_reads": False}, None),
+    "cond-on-encoder": ({"host_conditioning": False}, None),
+    "shared-reads": ({"private_reads": False}, None),
     "python-loop": ({"loop": "python"}, None),
     "unbounded": ({"max_steps_queued": 0}, None),
     "no-graphs": ({}, False),
