@@ -256,7 +256,7 @@ class CudaGraphs:
             dev.graphs.move_to_end(key)
             return dev.graphs[key]
 
-    # -- capture, in two halves with a group vote between them (StepsJob._graph)
+    # -- capture, in two halves with a group vote between them (segments.graph_for_batch)
     def prepare(self, device: torch.device, key: tuple, shards: list[torch.Tensor], prepared: list[Any],
                 inputs: dict[str, torch.Tensor], valid: int) -> Graph:
         """Static buffers for a new graph of `key` (any old one is dropped first, freeing its memory).
