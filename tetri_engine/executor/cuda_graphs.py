@@ -31,8 +31,8 @@ sigma pair at `position`: the same arithmetic as the eager step.
 
 Collectives: NCCL requires that a captured exchange is captured on both sides, and a launched graph
 containing one is launched on both sides. So every decision here is taken by the whole group at once
-(`segments.graph_for_batch` votes through the job's `RankAgreement`): all ranks replay, or all capture, or all run eager. Capture,
-on each rank's device at the same time (thread-local capture mode, so the other threads' CUDA calls
+(`segments.graph_for_batch` votes through the job's `RankAgreement`): all ranks replay, or all
+capture, or all run eager. Capture, on each rank's device at the same time (thread-local capture mode, so the other threads' CUDA calls
 are allowed): 1 eager warm-up step on a side stream (real exchanges: it connects NCCL peers,
 allocates cuBLAS workspaces of that stream, builds attention plans and the key index of padded
 shards), then the capture on that stream into the device's pool. A rank whose warm-up fails catches
