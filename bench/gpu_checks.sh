@@ -23,7 +23,12 @@ for s in $stages; do case $s in
            # iostreams crash on first use: build with the system compiler.
            else CXX=$(command -v g++) CC=$(command -v gcc) TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS=16 run build 600 $PY setup.py build_ext --inplace; fi
            $PY -c "import tetri_engine.ops as o; print(o.backend_info())" ;;
-  tests)   run gpu-tests 200 $PY -m pytest -q -p no:cacheprovider -rs tests/test_ops_gpu.py tests/test_cuda_graphs.py tests/test_model_gpu.py ;;
+  tests)   run gpu-tests 300 $PY -m pytest -q -p no:cacheprovider -rs tests/test_ops_gpu.py tests/test_cuda_graphs.py tests/test_model_gpu.py tests/test_speed_gpu.py ;;
+  # Issue 17: the step per speed option (compiled, fp8, eager; degree 2 with chunked exchanges on 2+ GPUs),
+  # FP8 quality, and a fresh profile of the compiled model (all degrees of this machine).
+  speed)   run speed 900 $PY bench/step_bench.py --devices "$devs" --degrees $([ "$ngpu" -ge 2 ] && echo 1,2 || echo 1) \
+           --variants ${SPEED_VARIANTS:-compiled,fp8,eager$([ "$ngpu" -ge 2 ] && echo ,compiled+c2,compiled+c4)} \
+           --sizes 1024,2048 --quality --profile-out "$OUT/flux-dev-${ngpu}xH200.json" --output "$OUT/step-bench.jsonl" ;;
   regroup) run regroup 120 $PY bench/regroup.py --device cuda --output "$OUT/regroup.jsonl" ;;
   runtime) run runtime 200 $PY bench/runtime_check.py --models flux-dev --devices "$devs" --sizes 256,512,1024,2048 --graphs ${GRAPHS:-on} --output "$OUT/runtime.jsonl" ;;
   profile) run profile 200 $PY bench/profile_steps.py --model flux-dev --devices "$devs" --degrees 1,2 --steps 20 --output "$OUT/flux-dev-${ngpu}xH200.json" --table "$OUT/profile.md" ;;

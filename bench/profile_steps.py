@@ -12,6 +12,11 @@ engine's rounds run them; VAE decode (+PNG) and prompt-encode times. Same implem
     python bench/profile_steps.py --model tiny --devices cpu:0,cpu:1,cpu:2,cpu:3 --resolutions 256,512 --steps 20
     NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 \
         python bench/profile_steps.py --model flux-dev --devices cuda:0,cuda:1
+    # one GPU: refresh the degree-1 rows of the 2-GPU profile (degree 2 kept, each entry dated)
+    python bench/profile_steps.py --model flux-dev --devices cuda:0 --degrees 1 \
+        --merge-into bench/profiles/flux-dev-2xH200.json --output bench/profiles/flux-dev-2xH200.json
+
+The model runs with the engine's options and defaults (--compile, --attention, --dtype, --ulysses-chunks).
 """
 from __future__ import annotations
 
@@ -40,7 +45,10 @@ def main(argv=None) -> int:
     table_path = args.table or os.path.splitext(output)[0] + ".md"
     print(f"# profiling {args.model} on {','.join(devices)} -> {output}", file=sys.stderr, flush=True)
     profile = profile_model(args.model, devices, settings, dtype=args.dtype,
-                            progress=lambda message: print("# " + message, file=sys.stderr, flush=True))
+                            progress=lambda message: print("# " + message, file=sys.stderr, flush=True),
+                            **profile_command.model_options(args))
+    if args.merge_into:
+        profile = profile_command.merge_into(args.merge_into, profile)
     for entry in profile["step_ms"]:
         print(json.dumps({"kind": "step", "model": profile["model"], "machine": profile["machine"], **entry}))
     for entry in profile["decode_ms"]:

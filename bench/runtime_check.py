@@ -23,6 +23,9 @@ our degree-1 step within 3% of the bare forward; degree 2 at least 1.85x faster 
     python bench/runtime_check.py --models flux-dev,sd3-medium --devices cuda:0,cuda:1 \\
       --sizes 256,512,1024,2048 --output bench/results/runtime-check-2xH200.jsonl
 
+The model runs with the engine's options and defaults (--compile, --attention, --dtype, --ulysses-chunks);
+with --compile the bare diffusers forward stays eager (its processors are not the compiled ones).
+
   # on a CPU (virtual devices, the tiny model): the same code paths, small sizes
   python bench/runtime_check.py --models tiny --devices cpu:0,cpu:1 --sizes 256,512 --steps 2 --repeats 2 --graphs off
 """
@@ -148,6 +151,12 @@ def main() -> int:
     parser.add_argument("--graphs", choices=["on", "off", "both"], default="both",
                         help="time the steps with CUDA graphs (on), without (off), or both (default)")
     parser.add_argument("--output", default=None, help="JSON lines file (appended)")
+    # the engine's model options (EngineConfig / `serve` flags), default as there
+    parser.add_argument("--dtype", default="auto", choices=("auto", "bf16", "fp16", "fp32", "fp8"))
+    parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
+                        help="torch.compile the blocks (GPU only); the shapes compile in the untimed warm-up steps")
+    parser.add_argument("--attention", default="auto", choices=("auto", "sdpa", "cudnn", "flash", "efficient", "math"))
+    parser.add_argument("--ulysses-chunks", type=int, default=1)
     args = parser.parse_args()
 
     devices = args.devices.split(",")
@@ -168,9 +177,11 @@ def main() -> int:
 
     for model in args.models.split(","):
         start = time.perf_counter()
-        runtime = load_runtime(model, devices)
+        runtime = load_runtime(model, devices, dtype=args.dtype, compile=args.compile, attention=args.attention,
+                               ulysses_chunks=args.ulysses_chunks)
         print(f"\n{model}: loaded on {devices} in {time.perf_counter() - start:.1f} s "
-              f"({runtime.dtype}, {runtime.num_heads} heads)")
+              f"({runtime.precision}, {runtime.num_heads} heads, compiled: {runtime.compiled is not None}, "
+              f"{runtime.attention.describe()})")
         comm_cache = ops.CommCache()
         modes = {"off": ["eager"], "on": ["graph"], "both": ["eager", "graph"]}[args.graphs]
         if not devices[0].startswith("cuda") and "graph" in modes:
@@ -196,8 +207,9 @@ def main() -> int:
             times, ratios, speedups = {}, {}, {}
             for mode, ex in executors.items():
                 for degree in degrees:
-                    times[mode, degree] = step_s(ex, rid, tuple(range(degree)), args.steps, args.warmup,
-                                                 args.repeats)
+                    with runtime.compiling():  # (a compiled model compiles the shape in the warm-up steps)
+                        times[mode, degree] = step_s(ex, rid, tuple(range(degree)), args.steps, args.warmup,
+                                                     args.repeats)
                     emit({"kind": "step", "model": model, "width": size, "height": size, "degree": degree,
                           "graphs": mode == "graph", "ms": times[mode, degree] * 1e3})
                 ratios[mode] = times[mode, 1] / base_s

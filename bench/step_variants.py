@@ -8,7 +8,8 @@ degree 1, on one GPU, replayed from a CUDA graph as the engine's executor does, 
   compiled  regional torch.compile: each transformer block compiled (one graph per block class and
             shape, reused by every block of that class), then captured in the CUDA graph
   fp8       every nn.Linear of the blocks as a dynamic float8 (e4m3) GEMM with row-wise scales
-            (torch._scaled_mm: per-token activation scales, per-output-channel weight scales), bf16 out
+            (torch._scaled_mm: per-token activation scales, per-output-channel weight scales), bf16 out:
+            the engine's own `tetri_engine.model.fp8.Float8Linear` (dtype="fp8")
   fp8+compiled
 
 each with the SDPA backends the machine offers (flash, cudnn, efficient). For every variant: the
@@ -35,6 +36,8 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
+from tetri_engine.model.compile import transformer_blocks  # noqa: E402
+from tetri_engine.model.fp8 import convert_linears  # noqa: E402
 from tetri_engine.model.presets import PRESETS, build_random_pipeline  # noqa: E402
 
 BACKENDS = {"flash": "FLASH_ATTENTION", "cudnn": "CUDNN_ATTENTION", "efficient": "EFFICIENT_ATTENTION"}
@@ -70,41 +73,13 @@ def time_ms(fn, warmup: int, repeats: int) -> float:
     return statistics.median(times)
 
 
-class Float8Linear(torch.nn.Module):
-    """y = x W^T + b with x and W in float8 e4m3: x scaled per token, W per output channel (dynamic)."""
-
-    def __init__(self, linear: torch.nn.Linear):
-        super().__init__()
-        weight = linear.weight.detach()
-        scale = weight.abs().amax(dim=1, keepdim=True).float().clamp(min=1e-12) / 448.0  # [N, 1]
-        self.weight_fp8 = (weight.float() / scale).to(torch.float8_e4m3fn)  # [N, K] row-major
-        self.weight_scale = scale.t().contiguous()  # [1, N]
-        self.bias = linear.bias
-        self.out_features = linear.out_features
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x2 = x.reshape(-1, x.shape[-1])
-        scale = x2.abs().amax(dim=1, keepdim=True).float().clamp(min=1e-12) / 448.0  # [M, 1]
-        xq = (x2.float() / scale).to(torch.float8_e4m3fn)
-        out = torch._scaled_mm(xq, self.weight_fp8.t(), scale_a=scale, scale_b=self.weight_scale,
-                               bias=self.bias, out_dtype=x.dtype)
-        return out.reshape(*x.shape[:-1], self.out_features)
-
-
 def blocks_of(transformer) -> list[torch.nn.Module]:
-    return [*getattr(transformer, "transformer_blocks", []), *getattr(transformer, "single_transformer_blocks", [])]
+    return transformer_blocks(transformer)
 
 
 def to_fp8(transformer) -> int:
-    """Swap every nn.Linear inside the blocks for a Float8Linear; returns how many."""
-    count = 0
-    for block in blocks_of(transformer):
-        for name, module in list(block.named_modules()):
-            for child_name, child in list(module.named_children()):
-                if isinstance(child, torch.nn.Linear) and child.in_features % 16 == 0 and child.out_features % 16 == 0:
-                    setattr(module, child_name, Float8Linear(child))
-                    count += 1
-    return count
+    """Swap every nn.Linear inside the blocks for the engine's Float8Linear; returns how many."""
+    return convert_linears(transformer_blocks(transformer))
 
 
 def flux_inputs(preset, size: int, device, dtype):

@@ -170,12 +170,12 @@ def test_a_rank_failing_in_a_cached_forward_catches_up(runtime, monkeypatch, fai
         real = ulysses.sp_attention
         calls = []
 
-        def fails(query, key, value, streams):
+        def fails(query, key, value, streams, *options):
             if ulysses.current_context().rank == 3 and query.shape[0] == 2:
                 calls.append(streams)
                 if len(calls) == failing_call:
                     raise RuntimeError("injected")
-            return real(query, key, value, streams)
+            return real(query, key, value, streams, *options)
 
         monkeypatch.setattr("tetri_engine.model.flux.sp_attention", fails)
         start = time.perf_counter()

@@ -17,7 +17,10 @@ async def test_requests_and_previews_on_gpus(tmp_path):
 
     devices = [f"cuda:{i}" for i in range(torch.cuda.device_count())]
     # Rounds of about one step: many group boundaries, so many previews.
-    config = EngineConfig(model="tiny", devices=devices, round_steps=1, cache_dir=str(tmp_path), cuda_graphs=True)
+    # (compile off: compiling every profiled shape at start-up would take minutes; tests/test_speed_gpu.py
+    # covers compiled blocks)
+    config = EngineConfig(model="tiny", devices=devices, round_steps=1, cache_dir=str(tmp_path), cuda_graphs=True,
+                          compile=False)
     async with AsyncEngine(config) as engine:
         async def run(i: int, side: int):
             request = GenerationRequest(prompt=f"gpu {i}", width=side, height=side, num_inference_steps=12, seed=i,

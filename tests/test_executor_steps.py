@@ -239,12 +239,12 @@ def test_catch_up_matches_every_exchange_of_the_forward(model, devices, monkeypa
         batch_rows = 2 * (1 if model == "tiny" else 2)
         calls = []
 
-        def fails_midway(query, key, value, streams):
+        def fails_midway(query, key, value, streams, *options):
             if ulysses.current_context().rank == len(devices) - 1 and query.shape[0] == batch_rows:
                 calls.append(streams)
                 if len(calls) == 2:
                     raise RuntimeError("injected midway")
-            return real(query, key, value, streams)
+            return real(query, key, value, streams, *options)
 
         monkeypatch.setattr(f"tetri_engine.model.{'flux' if model == 'tiny' else 'sd3'}.sp_attention", fails_midway)
         start = time.perf_counter()

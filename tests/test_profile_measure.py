@@ -79,7 +79,8 @@ def test_startup_profile_is_cached_on_disk(runtime_and_executor, tmp_path):
                                                settings=settings)
     assert second == first
     # A corrupt cache file is measured over.
-    path = profiling.cache_path(str(tmp_path), "tiny", DEVICES, "float32", settings)
+    path = profiling.cache_path(str(tmp_path), "tiny", DEVICES, "float32", settings,
+                                {"compiled": False, "attention": "sdpa"})
     with open(path, "w") as f:
         f.write("{not json")
     third = profiling.load_or_measure_profile(executor, "tiny", cache_dir=str(tmp_path), size_rule=size_rule,

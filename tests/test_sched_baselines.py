@@ -97,7 +97,7 @@ def _finish_times(policy_name: str, scale: float) -> dict[str, float]:
     return {r.request_id: r.finish_s for r in result.requests}
 
 
-@pytest.mark.parametrize("name", ["fixed1", "fixed2", "rssp", "edf1", "tetri"])
+@pytest.mark.parametrize("name", ["fixed1", "fixed2", "rssp", "edf1", "srpt", "tetri", "tetri-paper"])
 def test_uses_deadlines_says_whether_the_slo_scale_changes_the_schedule(name):
     """bench/e2e_slo.py runs a policy with uses_deadlines False once and scores it at every SLO
     scale: that is only right if its schedule really does not depend on the deadlines."""

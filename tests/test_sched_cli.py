@@ -19,6 +19,7 @@ def test_simulate_sweep_writes_table_json_and_plots(tmp_path, capsys):
     assert rc == 0
     text = capsys.readouterr()
     assert "SAR, uniform-8rpm, 4 devices" in text.out and "tetri" in text.out
+    assert "bound" in text.out and "LP relaxation" in text.out and "slowdown" in text.out
     assert "skipping policy fixed8" in text.err  # needs 8 devices
     for name in ("results.json", "sar.png", "gantt-uniform-8rpm.png", "gantt-skewed-8rpm.png",
                  "trace-uniform-8rpm.jsonl", "trace-skewed-8rpm.jsonl"):
@@ -28,6 +29,9 @@ def test_simulate_sweep_writes_table_json_and_plots(tmp_path, capsys):
     sweep = results["sweeps"][0]
     assert set(sweep["sar"]) == {"tetri", "fixed1", "rssp"} and len(sweep["sar"]["tetri"]) == 2
     assert "best_fixed" in sweep["gains"]
+    assert len(sweep["bound"]) == 2 and all(b >= max(sweep["sar"][p][i] for p in sweep["sar"]) - 1e-9
+                                            for i, b in enumerate(sweep["bound"]))
+    assert set(sweep["runs"]["tetri"][0]["slowdown"]) >= {"p50", "p90", "p99"}
 
 
 def test_simulate_replays_a_trace_file(tmp_path, capsys):

@@ -12,7 +12,7 @@ from tetri_engine.sched.trace import TraceRequest, generate_trace, mix_probabili
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 H200 = os.path.join(REPO, "bench", "profiles", "flux-dev-h200-modelled.json")
-POLICIES = ["tetri", "fixed1", "fixed2", "fixed4", "fixed8", "rssp", "edf1", "edf2"]
+POLICIES = ["tetri", "tetri-paper", "fixed1", "fixed2", "fixed4", "fixed8", "rssp", "edf1", "edf2", "srpt"]
 
 
 @pytest.fixture(scope="module")
@@ -121,3 +121,16 @@ def test_trace_file_round_trip(tmp_path):
     (tmp_path / "bad.jsonl").write_text('{"arrival_s": 1}\n')
     with pytest.raises(ValueError, match="bad.jsonl:1"):
         read_trace(str(tmp_path / "bad.jsonl"))
+
+
+def test_mixed_workload_has_non_square_sizes_and_steps_per_request(cost):
+    trace = generate_trace(200, 12, "mixed", seed=1, cost=cost, max_degree=8)
+    assert any(r.width != r.height for r in trace) and len({r.steps for r in trace}) == 3
+    # SLOs follow the request's own size and steps: more steps, a later deadline.
+    by = {(r.width, r.height, r.steps): r.slo_ms for r in trace}
+    pairs = [(k, v) for k, v in by.items() if (k[0], k[1], 50) in by and k[2] < 50]
+    assert pairs and all(v < by[(k[0], k[1], 50)] for k, v in pairs)
+    for name in ("tetri", "tetri-paper", "srpt"):
+        result = simulate(trace, make_policy(name, 8, cost), slo_scale=1.2)
+        check_invariants(result, trace, cost, 8)
+        assert all(r.slowdown >= 1.0 - 1e-9 for r in result.requests)  # nobody beats running alone

@@ -254,3 +254,20 @@ async def test_the_openai_client_works_unchanged(client):
     assert png_size(base64.b64decode(events[-1].b64_json)) == (64, 64)
     assert bad.status_code == 400 and "multiples of 16" in bad.message
     json.dumps(bad.body)  # the error envelope came through as JSON
+
+
+async def test_a_request_given_up_streams_tetri_late_and_reports_it():
+    """admission=best_effort takes a deadline no schedule can meet; the scheduler gives it up at once
+    and the stream says so before its steps, with `late` in its metrics."""
+    app = create_app(small_config(admission="best_effort"))
+    async with TestClient(TestServer(app, host="127.0.0.1")) as late_client:
+        await wait_until_ready(app)
+        resp = await late_client.post(GEN, json={"prompt": "hurry", "size": "64x64", "stream": True,
+                                                 "num_inference_steps": 4, "deadline_ms": 1})
+        assert resp.status == 200, await resp.text()
+        frames = parse_sse(await resp.text())
+        kinds = [event for event, _ in frames]
+        assert kinds.count("tetri.late") == 1 and kinds.index("tetri.late") < kinds.index("tetri.step")
+        assert kinds[-1] == "image_generation.completed"
+        metrics = frames[-1][1]["metrics"]
+        assert metrics["late"] is True and metrics["deadline_met"] is False

@@ -17,10 +17,11 @@ def default_cache_dir() -> str:
 
 
 class AdmissionMode(StrEnum):
-    """What admission does with a deadline that cannot be met even at full width."""
+    """What admission does with a deadline the policy says cannot be met: not even alone at full width,
+    or not alongside the requests already accepted (policy.admission_check)."""
 
-    REJECT = "reject"  # RequestRejected("deadline_impossible"), HTTP 429
-    BEST_EFFORT = "best_effort"  # accept it anyway; it counts as a missed deadline
+    REJECT = "reject"  # RequestRejected("deadline_impossible" / "busy" with the policy's retry estimate)
+    BEST_EFFORT = "best_effort"  # accept it; the policy gives up whom it must (a "late" output says so)
 
 
 def option(default, help_text: str, *, factory=None, **extra):
@@ -38,8 +39,9 @@ class EngineConfig:
                                       "(default: every visible GPU, else --num-cpu-devices virtual CPU "
                                       "devices)", metavar="LIST")
     num_cpu_devices: int = option(4, "number of virtual CPU devices when there is no GPU")
-    dtype: str = option("auto", "model dtype: auto (bf16 on GPU, fp32 on CPU), bf16, fp16, fp32",
-                       choices=("auto", "bf16", "fp16", "fp32"))
+    dtype: str = option("auto", "model dtype: auto (bf16 on GPU, fp32 on CPU), bf16, fp16, fp32, or fp8: float8 "
+                       "(e4m3, row-wise scaled) GEMMs in the transformer blocks, activations as auto "
+                       "(quality cost: bench/RESULTS.md)", choices=("auto", "bf16", "fp16", "fp32", "fp8"))
     policy: str = option("tetri", "scheduling policy: a name tetri_engine.sched.make_policy knows, e.g. "
                         "tetri, fixedK (xDiT-style fixed degree K), rssp, edfK")
     profile: str | None = option(None, "step-time profile JSON (bench/profiles/*.json); default: measured "
@@ -50,8 +52,9 @@ class EngineConfig:
     round_s: float | None = option(None, "fixed round length in seconds (overrides --round-steps)")
     max_queue: int = option(64, "at most this many requests waiting or running; more are refused "
                            "(queue_full, HTTP 429)")
-    admission: AdmissionMode = option(AdmissionMode.REJECT, "a deadline that cannot be met even at full "
-                                     "width: reject (HTTP 429) or best_effort (accept anyway)",
+    admission: AdmissionMode = option(AdmissionMode.REJECT, "a deadline that cannot be met (even alone, "
+                                     "or alongside the accepted requests): reject (refused at once) or "
+                                     "best_effort (accepted; the scheduler gives up whom it must)",
                                      choices=tuple(m.value for m in AdmissionMode))
     slo_scale: float = option(1.0, "default deadline = the SLO table's target for the resolution x this "
                              "scale (requests may send their own deadline or scale)")
@@ -62,10 +65,22 @@ class EngineConfig:
                                  "used beyond it are destroyed)")
     cuda_graphs: bool = option(True, "replay each batch's denoising forward as a CUDA graph, captured once "
                               "per shape, group and rank (GPU only; off: every step launches eagerly)")
+    compile: bool = option(True, "torch.compile the transformer blocks (GPU only; ignored on CPU devices): every "
+                          "shape the engine plans compiles at start-up (inductor cache under --cache-dir), a "
+                          "shape outside that set runs eagerly, never compiling in a request")
+    warmup_sizes: list[str] | None = option(None, "image sizes WxH compiled at start-up besides the profile's, "
+                                           "e.g. 1024x768,768x1024 (with --compile on GPUs)", metavar="LIST")
+    attention: str = option("auto", "attention kernel: auto (GPU: the fastest of cudnn, flash, efficient that "
+                           "agrees with the reference on a probe; CPU: sdpa), sdpa (PyTorch picks per call), "
+                           "cudnn, flash, efficient, math", choices=("auto", "sdpa", "cudnn", "flash",
+                                                                     "efficient", "math"))
+    ulysses_chunks: int = option(1, "sequence-parallel attention: split each exchange into this many head chunks "
+                                "so that one chunk's exchange overlaps another's attention (GPU; 1: one "
+                                "exchange of q, k and v, one of the output)")
 
     def __post_init__(self) -> None:
         self.admission = AdmissionMode.parse(self.admission, "admission")
-        for name in ("num_cpu_devices", "round_steps", "max_queue", "max_steps", "comm_cache_size"):
+        for name in ("num_cpu_devices", "round_steps", "max_queue", "max_steps", "comm_cache_size", "ulysses_chunks"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name}={value!r} must be an integer >= 1")
@@ -76,6 +91,18 @@ class EngineConfig:
         for name in ("max_width", "max_height"):
             if getattr(self, name) < MIN_SIZE_PX:
                 raise ValueError(f"{name}={getattr(self, name)!r} is below the minimum image side of {MIN_SIZE_PX} px")
+        for width, height in self.warmup_size_list():
+            self.size_rule().check(width, height)
+
+    def warmup_size_list(self) -> list[tuple[int, int]]:
+        """`warmup_sizes` as (width, height) pairs; ValueError for an item that is not WxH."""
+        sizes = []
+        for item in self.warmup_sizes or []:
+            width, sep, height = str(item).strip().lower().partition("x")
+            if not (sep and width.isdigit() and height.isdigit()):
+                raise ValueError(f"warmup_sizes: {item!r} is not a size WxH, e.g. 1024x768")
+            sizes.append((int(width), int(height)))
+        return sizes
 
     def size_rule(self) -> SizeRule:
         """The sizes this configuration serves (the loaded model may narrow it: AsyncEngine.size_rule)."""

@@ -10,6 +10,7 @@ class RejectionReason(StrEnum):
     QUEUE_FULL = "queue_full"  # max_queue requests are waiting or running; retry_after_s says when to retry
     DEADLINE_IMPOSSIBLE = "deadline_impossible"  # even alone on every device it would finish too late
     DRAINING = "draining"  # the engine is shutting down
+    BUSY = "busy"  # would miss its deadline alongside the accepted requests; retry_after_s: when it would fit
 
 
 class RequestRejected(Exception):

@@ -58,6 +58,7 @@ class OutputKind(StrEnum):
     ROUND = "round"  # degree and devices of a group the request joins
     STEP = "step"  # step k of total_steps done
     PREVIEW = "preview"  # image is a low-cost preview (no VAE)
+    LATE = "late"  # the scheduler gave it up: it will miss its deadline and still runs, best effort
     FINAL = "final"  # the last one: terminal state, image/png or error
 
 
@@ -137,6 +138,7 @@ class RequestMetrics:
     regroups: int = 0
     deadline_s: float | None = None  # relative to arrival
     deadline_met: bool | None = None
+    late: bool = False  # the scheduler gave it up before it ended (a "late" output said so)
     peak_memory_bytes: int = 0
 
     def to_dict(self) -> dict[str, Any]:
@@ -150,6 +152,7 @@ class RequestMetrics:
             "regroups": self.regroups,
             "deadline_s": self.deadline_s,
             "deadline_met": self.deadline_met,
+            "late": self.late,
             "peak_memory_bytes": self.peak_memory_bytes,
         }
 
@@ -159,8 +162,10 @@ class GenerationOutput:
     """One item of `AsyncEngine.generate()` (kinds: `OutputKind`).
 
     "queued" (always first; queue_position), "round" (degree, devices assigned for a round), "step"
-    (step k of total done), "preview" (image is a low-cost preview), "final" (last item: state is
-    terminal; image/png set when completed, error set otherwise).
+    (step k of total done), "preview" (image is a low-cost preview), "late" (at most once: the
+    scheduler gave it up, it will miss its deadline and still runs best effort), "final" (last item:
+    state is terminal; image/png set when completed, error set otherwise). `late` is True on every
+    output after the "late" one.
     """
 
     request_id: str
@@ -171,6 +176,7 @@ class GenerationOutput:
     degree: int = 0
     devices: tuple[str, ...] = ()
     queue_position: int | None = None
+    late: bool = False
     image: Any = None  # PIL.Image.Image
     png: bytes | None = None
     seed: int | None = None

@@ -4,6 +4,10 @@ devices and write the profile JSON the scheduler plans with (docs/ARCHITECTURE.m
     tetri-engine profile --model flux-dev --devices cuda:0,cuda:1 --resolutions 256,512,1024,2048 \
         --degrees 1,2 --batches 1,2,4 --steps 20 --output bench/profiles/flux-dev-2xH200.json
 
+The model runs as the engine runs it (compiled, the chosen attention kernel, CUDA graphs: the same
+flags and defaults as `serve`). On one GPU, refresh the degree-1 rows of a 2-GPU profile with
+`--devices cuda:0 --degrees 1 --merge-into bench/profiles/flux-dev-2xH200.json --output <same file>`.
+
 The measurement itself is tetri_engine/engine/profiling.py (shared with the engine's start-up
 measurement and bench/profile_steps.py).
 """
@@ -19,7 +23,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default="tiny", help="preset or local diffusers directory (default: tiny)")
     parser.add_argument("--devices", default=None,
                         help="comma-separated, e.g. cuda:0,cuda:1 (default: every GPU, else cpu:0..cpu:3)")
-    parser.add_argument("--dtype", default="auto", help="auto (bf16 on GPU, fp32 on CPU), bf16, fp16, fp32")
+    parser.add_argument("--dtype", default="auto", choices=("auto", "bf16", "fp16", "fp32", "fp8"),
+                        help="auto (bf16 on GPU, fp32 on CPU), bf16, fp16, fp32, fp8 (float8 GEMMs in the blocks)")
+    parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
+                        help="torch.compile the transformer blocks, as the engine does (GPU only; default: on)")
+    parser.add_argument("--attention", default="auto", choices=("auto", "sdpa", "cudnn", "flash", "efficient", "math"),
+                        help="attention kernel, as the engine's --attention (default: auto)")
+    parser.add_argument("--ulysses-chunks", type=int, default=1,
+                        help="head chunks per sequence-parallel exchange, as the engine's --ulysses-chunks")
+    parser.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=True,
+                        help="replay steps as CUDA graphs, as the engine does (default: on)")
+    parser.add_argument("--cache-dir", default=None, help="inductor cache under DIR/inductor (default: the "
+                        "engine's, ~/.cache/tetri-engine)")
+    parser.add_argument("--merge-into", default=None, metavar="PROFILE",
+                        help="refresh the entries this run measures in an existing profile JSON (e.g. the "
+                             "degree-1 rows of a 2-GPU profile, from one GPU) and write the result to --output")
     parser.add_argument("--resolutions", default="256,512,1024,2048",
                         help="square sides or WxH, comma-separated (default: 256,512,1024,2048)")
     parser.add_argument("--degrees", default="1,2", help="sequence-parallel degrees (default: 1,2)")
@@ -51,6 +69,26 @@ def settings_from_args(args, num_devices: int):
                            batch_max_px=args.batch_max_px, anchors=anchors)
 
 
+def model_options(args) -> dict:
+    """The engine's model options from the command line (profile_model's keyword arguments)."""
+    from tetri_engine.config import default_cache_dir
+
+    return {"compile": args.compile, "attention": args.attention, "ulysses_chunks": args.ulysses_chunks,
+            "cuda_graphs": args.cuda_graphs, "cache_dir": args.cache_dir or default_cache_dir()}
+
+
+def merge_into(path: str, profile: dict) -> dict:
+    """The profile at `path` with this run's entries in place of its own (engine/profiling.py)."""
+    from tetri_engine.engine.profiling import merge_profiles
+
+    with open(path, encoding="utf-8") as f:
+        base = json.load(f)
+    if base.get("model") != profile.get("model"):
+        raise SystemExit(f"--merge-into {path}: it profiles {base.get('model')!r}, this run {profile.get('model')!r}")
+    print(f"merged into {path}: {len(profile['step_ms'])} step entries refreshed", flush=True)
+    return merge_profiles(base, profile)
+
+
 def resolve_devices(devices: str | None) -> list[str]:
     from tetri_engine.config import EngineConfig
     from tetri_engine.engine.async_engine import resolve_devices as engine_devices
@@ -66,7 +104,9 @@ def run(args) -> int:
     print(f"profiling {args.model} on {','.join(devices)}: {len(settings.resolutions)} sizes, degrees "
           f"{list(settings.degrees)}, batches {list(settings.batches)}, {settings.steps} steps each", flush=True)
     profile = profile_model(args.model, devices, settings, dtype=args.dtype,
-                            progress=lambda message: print("  " + message, flush=True))
+                            progress=lambda message: print("  " + message, flush=True), **model_options(args))
+    if args.merge_into:
+        profile = merge_into(args.merge_into, profile)
     table = format_table(profile)
     print()
     print(table)

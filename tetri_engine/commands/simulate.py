@@ -1,12 +1,14 @@
 """`tetri-engine simulate`: replay traces through scheduling policies on simulated devices.
 
     tetri-engine simulate --profile bench/profiles/flux-dev-h200-modelled.json --gpus 8 \\
-        --mix uniform,skewed --rate 12 --num-requests 300 --slo-scale 1.0,1.1,1.2,1.5 \\
-        --policies tetri,fixed1,fixed2,fixed4,fixed8,rssp,edf2 --output sim-out
+        --mix uniform,skewed,mixed --rate 12 --num-requests 300 --slo-scale 1.0,1.1,1.2,1.5 \\
+        --policies tetri,tetri-paper,fixed1,fixed2,fixed4,fixed8,rssp,edf2,srpt --output sim-out
 
-Prints a SAR table (policy x SLO scale) per trace and writes, under --output: results.json, the
-traces replayed (trace-<label>.jsonl), sar.png (SAR vs scale) and gantt-<label>.png (per-device
-timeline of one run). Never imports torch.
+Prints per trace a SAR table (policy x SLO scale) with a `bound` row (an LP relaxation no schedule
+can beat, sched/bound.py; `--bound mip` for the tighter 0/1 bound, `--bound none` to skip) and the
+slowdown percentiles (latency / fastest time alone) of every policy, and writes, under --output:
+results.json, the traces replayed (trace-<label>.jsonl), sar.png (SAR vs scale) and
+gantt-<label>.png (per-device timeline of one run). Never imports torch.
 """
 from __future__ import annotations
 
@@ -36,18 +38,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     src = parser.add_mutually_exclusive_group()
     src.add_argument("--trace", help="JSON-lines trace file (arrival_s, width, height, steps, slo_ms)")
     src.add_argument("--mix", type=_names, default=["uniform"],
-                     help="generated workload mix(es): uniform, skewed, or both comma-separated (default: uniform)")
+                     help="generated workload mix(es), comma-separated: uniform, skewed (the paper's), mixed "
+                          "(non-square sizes, 20/28/50 steps) (default: uniform)")
     parser.add_argument("--rate", type=float, default=12.0, help="arrivals per minute (default: %(default)s)")
     parser.add_argument("--num-requests", type=int, default=300)
-    parser.add_argument("--steps", type=int, default=50, help="denoising steps per request (default: %(default)s)")
+    parser.add_argument("--steps", type=int, default=50,
+                        help="denoising steps per request, uniform/skewed mixes (default: %(default)s)")
     parser.add_argument("--arrival", choices=("poisson", "gamma"), default="poisson",
                         help="arrival process; gamma is bursty (default: %(default)s)")
     parser.add_argument("--burstiness-cv", type=float, default=2.0, help="gamma inter-arrival CV (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--slo-scale", type=_floats, default=[1.0, 1.1, 1.2, 1.5],
                         help="comma-separated SLO scales (default: 1.0,1.1,1.2,1.5)")
-    parser.add_argument("--policies", type=_names, default=["tetri", "fixed1", "fixed2", "fixed4", "fixed8", "rssp", "edf2"],
-                        help="comma-separated policies (default: tetri,fixed1,fixed2,fixed4,fixed8,rssp,edf2)")
+    default_policies = ["tetri", "tetri-paper", "fixed1", "fixed2", "fixed4", "fixed8", "rssp", "edf2", "srpt"]
+    parser.add_argument("--policies", type=_names, default=default_policies,
+                        help=f"comma-separated policies (default: {','.join(default_policies)})")
+    parser.add_argument("--bound", choices=("lp", "mip", "none"), default="lp",
+                        help="upper bound on SAR per scale: LP relaxation (fast), MIP dual bound (tighter, "
+                             "slower), none (default: %(default)s)")
     parser.add_argument("--round-steps", type=int, default=5, help="TetriServe round: steps of a typical request")
     parser.add_argument("--round-s", type=float, default=None, help="TetriServe round length in seconds (overrides)")
     parser.add_argument("--jitter-cv", type=float, default=0.0, help="Gaussian jitter of simulated group times")
@@ -84,9 +92,8 @@ def _progress(total: int, quiet: bool):
 
 
 def run(args: argparse.Namespace) -> int:
-    from tetri_engine.sched import CostModel, POLICY_NAMES, make_policy
-    from tetri_engine.sched.report import plot_gantt, plot_sar, run_sweep
-    from tetri_engine.sched.trace import generate_trace, read_trace, write_trace
+    from tetri_engine.sched import CostModel
+    from tetri_engine.sched.report import run_sweep
 
     if args.gpus < 1:
         print("error: --gpus must be >= 1", file=sys.stderr)
@@ -96,34 +103,12 @@ def run(args: argparse.Namespace) -> int:
     except (OSError, ValueError) as exc:
         print(f"error: cannot load profile {args.profile}: {exc}", file=sys.stderr)
         return 2
-    policies = []
-    for name in args.policies:
-        try:
-            make_policy(name, args.gpus, cost)
-        except ValueError as exc:
-            print(f"note: skipping policy {name}: {exc}", file=sys.stderr)
-            continue
-        policies.append(name)
+    policies = _usable_policies(args, cost)
     if not policies:
-        print(f"error: no usable policy (known: {', '.join(POLICY_NAMES)})", file=sys.stderr)
         return 2
-
     os.makedirs(args.output, exist_ok=True)
-    traces = []
     try:
-        if args.trace:
-            traces.append((os.path.splitext(os.path.basename(args.trace))[0], read_trace(args.trace)))
-        else:
-            for mix in args.mix:
-                trace = generate_trace(args.num_requests, args.rate, mix, args.seed, steps=args.steps,
-                                       arrival=args.arrival, burstiness_cv=args.burstiness_cv, cost=cost,
-                                       max_degree=args.gpus)
-                label = f"{mix}-{args.rate:g}rpm"
-                write_trace(os.path.join(args.output, f"trace-{label}.jsonl"), trace)
-                traces.append((label, trace))
-        for _, trace in traces:
-            for r in trace:
-                cost.check(r.width, r.height)
+        traces = _traces(args, cost)
     except (OSError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -135,20 +120,69 @@ def run(args: argparse.Namespace) -> int:
         for label, trace in traces:
             sweeps.append(run_sweep(trace, cost, args.gpus, policies, args.slo_scale, label=label,
                                     round_steps=args.round_steps, round_s=args.round_s, jitter_cv=args.jitter_cv,
-                                    seed=args.seed, gantt_policy=args.gantt_policy, progress=step))
+                                    seed=args.seed, gantt_policy=args.gantt_policy, progress=step,
+                                    bound=None if args.bound == "none" else args.bound))
     finally:
         close()
     elapsed = time.perf_counter() - t0
-
     for sweep in sweeps:
         print(sweep.table())
         print()
+    written = _write(args, cost, policies, sweeps, elapsed)
+    print(f"wrote {', '.join(written)} to {args.output} ({elapsed:.1f} s of simulation)")
+    return 0
+
+
+def _usable_policies(args: argparse.Namespace, cost) -> list[str]:
+    """The requested policies that exist for this many devices (others skipped with a note)."""
+    from tetri_engine.sched import POLICY_NAMES, make_policy
+
+    policies = []
+    for name in args.policies:
+        try:
+            make_policy(name, args.gpus, cost)
+        except ValueError as exc:
+            print(f"note: skipping policy {name}: {exc}", file=sys.stderr)
+            continue
+        policies.append(name)
+    if not policies:
+        print(f"error: no usable policy (known: {', '.join(POLICY_NAMES)})", file=sys.stderr)
+    return policies
+
+
+def _traces(args: argparse.Namespace, cost) -> list[tuple[str, list]]:
+    """(label, trace) per trace file or generated mix; generated ones are written under --output.
+    ValueError when a request's size is outside the profile."""
+    from tetri_engine.sched.trace import generate_trace, read_trace, write_trace
+
+    traces = []
+    if args.trace:
+        traces.append((os.path.splitext(os.path.basename(args.trace))[0], read_trace(args.trace)))
+    else:
+        for mix in args.mix:
+            trace = generate_trace(args.num_requests, args.rate, mix, args.seed, steps=args.steps,
+                                   arrival=args.arrival, burstiness_cv=args.burstiness_cv, cost=cost,
+                                   max_degree=args.gpus)
+            label = f"{mix}-{args.rate:g}rpm"
+            write_trace(os.path.join(args.output, f"trace-{label}.jsonl"), trace)
+            traces.append((label, trace))
+    for _, trace in traces:
+        for r in trace:
+            cost.check(r.width, r.height)
+    return traces
+
+
+def _write(args: argparse.Namespace, cost, policies: list[str], sweeps: list, elapsed: float) -> list[str]:
+    """results.json and (unless --no-plots) sar.png and the Gantt charts; returns the names written."""
+    from tetri_engine.sched.report import plot_gantt, plot_sar
+
     results = {
         "profile": args.profile,
         "profile_source": cost.meta.get("source"),
         "gpus": args.gpus,
         "policies": policies,
         "slo_scales": args.slo_scale,
+        "bound": args.bound,
         "round_steps": args.round_steps,
         "round_s": args.round_s,
         "jitter_cv": args.jitter_cv,
@@ -171,5 +205,4 @@ def run(args: argparse.Namespace) -> int:
                 start = min((b.start_s for b in sweep.gantt.busy), default=0.0)
                 plot_gantt(os.path.join(args.output, name), sweep.gantt, (start, start + args.gantt_window_s))
                 written.append(name)
-    print(f"wrote {', '.join(written)} to {args.output} ({elapsed:.1f} s of simulation)")
-    return 0
+    return written

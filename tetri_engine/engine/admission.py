@@ -9,8 +9,8 @@ Two kinds of refusal, kept apart on purpose:
   is a hint for clients.
 
 Nothing here touches the event loop or the executor, so it is cheap to call before anything is queued.
-The deadline test asks the policy (`min_finish_s`): the one place a policy's own admission estimate
-plugs in.
+The deadline test asks the policy (`admission_check`): whether the request fits alone and alongside
+the requests the policy protects, and if not when it would.
 """
 from __future__ import annotations
 
@@ -125,14 +125,26 @@ class Admission:
                      max_degree=policy.max_degree)
 
     def _check_deadline(self, req: GenerationRequest, deadline_s: float, policy: Any, now_s: float) -> None:
-        """Refuse (admission "reject") a deadline that cannot be met even alone on the widest group."""
-        fastest_s = policy.min_finish_s(req.width, req.height, req.num_inference_steps, now_s,
-                                        cached=req.cache == CacheMode.AUTO) - now_s
-        if fastest_s > deadline_s and self.config.admission == AdmissionMode.REJECT:
+        """Ask the policy whether the deadline can be met (`policy.admission_check`): not even alone on
+        the widest group ("deadline_impossible"), or not alongside the requests it protects now ("busy",
+        with its estimate of when it would fit). Admission "reject" refuses both; "best_effort" takes
+        them, and the policy gives up whom it must (the request's "late" output says so)."""
+        cached = req.cache == CacheMode.AUTO
+        answer = policy.admission_check(req.width, req.height, req.num_inference_steps, now_s + deadline_s,
+                                        now_s, cached=cached)
+        if answer.fits or self.config.admission != AdmissionMode.REJECT:
+            return
+        size = f"{req.width}x{req.height} in {req.num_inference_steps} steps"
+        if answer.reason == "busy":
             raise RequestRejected(
-                f"deadline {deadline_s:.3g} s cannot be met: {req.width}x{req.height} in {req.num_inference_steps} "
-                f"steps takes at least {fastest_s:.3g} s here, even alone on {policy.max_degree} device(s)",
-                reason=RejectionReason.DEADLINE_IMPOSSIBLE)
+                f"deadline {deadline_s:.3g} s cannot be met alongside the requests already accepted: {size}"
+                + (f" would fit in about {answer.retry_after_s:.3g} s" if answer.retry_after_s is not None else ""),
+                reason=RejectionReason.BUSY,
+                retry_after_s=answer.retry_after_s)
+        fastest_s = policy.min_finish_s(req.width, req.height, req.num_inference_steps, now_s, cached=cached) - now_s
+        raise RequestRejected(
+            f"deadline {deadline_s:.3g} s cannot be met: {size} takes at least {fastest_s:.3g} s here, "
+            f"even alone on {policy.max_degree} device(s)", reason=RejectionReason.DEADLINE_IMPOSSIBLE)
 
     def _retry_after_s(self, live: dict[str, Any], policy: Any) -> float:
         """Hint for a client refused with queue_full: when the soonest live request should end."""

@@ -95,6 +95,7 @@ class AsyncEngine:
         self._core: EngineCore | None = None  # from start()
         self._clock_task: asyncio.Task | None = None
         self._shutdown_task: asyncio.Task | None = None
+        self.warmup_report = None  # executor.warmup.WarmupReport of the last shape warm-up (compiled models)
 
     # ---- what the server and bench scripts read ------------------------------------------------
 
@@ -224,6 +225,7 @@ class AsyncEngine:
             await asyncio.to_thread(self._load)
             policy = self._make_policy(self.config.policy, self._policy_factory)
             await asyncio.to_thread(self._executor.warm_up, policy.candidate_groups())
+            await asyncio.to_thread(self._warm_up_shapes, policy)
         except BaseException:
             self._phase = EnginePhase.STOPPED
             if self._executor is not None:
@@ -246,12 +248,27 @@ class AsyncEngine:
         config = self.config
         self._executor = Executor.load(config.model, self._devices, dtype=config.dtype,
                                        comm_cache_size=config.comm_cache_size,
-                                       cuda_graphs=config.cuda_graphs)  # graphs: GPU only
+                                       cuda_graphs=config.cuda_graphs,  # graphs and compile: GPU only
+                                       compile=config.compile, attention=config.attention,
+                                       ulysses_chunks=config.ulysses_chunks, cache_dir=config.cache_dir)
         if config.profile:
             self._cost = CostModel.from_json(config.profile)
         else:
-            self._cost = CostModel.from_dict(load_or_measure_profile(
-                self._executor, config.model, cache_dir=config.cache_dir, size_rule=self.size_rule))
+            with self._executor.compiling():  # measured as requests will run: compiled
+                self._cost = CostModel.from_dict(load_or_measure_profile(
+                    self._executor, config.model, cache_dir=config.cache_dir, size_rule=self.size_rule,
+                    variant={"ulysses_chunks": config.ulysses_chunks}))
+
+    def _warm_up_shapes(self, policy) -> None:
+        """Compile every shape the policy can plan now (engine/warmup.py), when the model is compiled."""
+        from tetri_engine.engine.warmup import plan_warmup
+
+        if not self._executor.model.compiled:
+            return
+        shapes = plan_warmup(self._cost.step_ms, policy.candidate_groups(), len(self._devices), self.size_rule,
+                             self.config.warmup_size_list())
+        self.warmup_report = self._executor.warm_up_shapes(shapes, log=lambda message: log.debug("%s", message))
+        log.info("warm-up: %s", self.warmup_report.describe())
 
     def _make_policy(self, name: str | None, factory: Callable[..., Any] | None):
         from tetri_engine.sched import make_policy
@@ -275,6 +292,7 @@ class AsyncEngine:
             raise ValueError("give exactly one of policy (a name) or policy_factory")
         new = self._make_policy(policy, policy_factory)
         await asyncio.to_thread(self._executor.warm_up, new.candidate_groups())
+        await asyncio.to_thread(self._warm_up_shapes, new)  # (shapes warmed before cost one step each)
         self._core.reset(new)
         log.info("engine policy switched to %s, round %.3f s", new.name, new.round_s)
 

@@ -111,7 +111,7 @@ class EngineCore:
                 "state": "waiting" if t.first_round_s is None else "running",
                 "arrival_s": t.arrival_s - t0_s, "deadline_s": t.deadline_at_s - t0_s,
                 # late: the policies' own test (slack < 0, true once the deadline has passed) or a plan says so
-                "slack_s": slack_s, "late": slack_s < 0 or t.request_id in marked_late,
+                "slack_s": slack_s, "late": t.late or slack_s < 0 or t.request_id in marked_late,
                 "devices": list(info.devices) if info else [],
                 "group_start_s": info.dispatch_s - t0_s if info else None,
             })
@@ -161,6 +161,8 @@ class EngineCore:
             log.exception("planning a round failed")
             self.tracker.fail_idle(f"internal error while planning a round: {type(exc).__name__}: {exc}")
             return None
+        for rid in plan.given_up:  # announced at the decision that gives it up, empty plan or not
+            self.tracker.given_up(rid)
         if plan.is_empty:
             return None
         self.rounds.open(plan.round_index, len(plan.groups), now_s, time.monotonic() - now_s)

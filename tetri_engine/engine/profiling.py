@@ -146,6 +146,8 @@ def measure_profile(executor: Any, settings: ProfileSettings, *, model_name: str
         "model": model_name,
         "machine": machine_name(devices),
         "dtype": executor.model.dtype,
+        "compiled": executor.model.compiled,
+        "attention": executor.model.attention,
         "created": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "num_devices": len(devices),
         "devices": list(devices),
@@ -292,23 +294,28 @@ def _torch_version() -> str:
     return torch.__version__
 
 
-def cache_path(cache_dir: str, model_name: str, devices: Sequence[str], dtype: str, settings: ProfileSettings) -> str:
+def cache_path(cache_dir: str, model_name: str, devices: Sequence[str], dtype: str, settings: ProfileSettings,
+               variant: dict | None = None) -> str:
+    """variant: what else changes step times (compiled, attention kernel, Ulysses chunks, ...)."""
     key = json.dumps({"model": model_name, "devices": list(devices), "dtype": dtype, "torch": _torch_version(),
                       "python": platform.python_version(), "code": PROFILE_CODE_VERSION,
-                      "machine": machine_name(devices), "settings": settings.key_dict()}, sort_keys=True)
+                      "machine": machine_name(devices), "settings": settings.key_dict(), **(variant or {})},
+                     sort_keys=True)
     digest = hashlib.sha1(key.encode()).hexdigest()[:16]
     safe_model = "".join(c if c.isalnum() or c in "-_." else "_" for c in os.path.basename(model_name.rstrip("/")))
     return os.path.join(cache_dir, "profiles", f"{safe_model}-{digest}.json")
 
 
 def load_or_measure_profile(executor: Any, model_name: str, *, cache_dir: str, size_rule: SizeRule,
-                            settings: ProfileSettings | None = None) -> dict:
+                            settings: ProfileSettings | None = None, variant: dict | None = None) -> dict:
     """The start-up profile of `executor`'s model on its devices: from the disk cache when this
-    model/devices/dtype/torch was measured before, else measured now (short) and cached. A corrupt
-    cache file is measured over. size_rule: the sizes the engine admits (the profile covers them)."""
+    model/devices/dtype/torch/compile/attention (+ `variant`) was measured before, else measured now
+    (short) and cached. A corrupt cache file is measured over. size_rule: the sizes the engine admits
+    (the profile covers them)."""
     settings = settings or default_startup_settings(executor, size_rule)
     devices = executor.devices
-    path = cache_path(cache_dir, model_name, devices, executor.model.dtype, settings)
+    variant = {"compiled": executor.model.compiled, "attention": executor.model.attention, **(variant or {})}
+    path = cache_path(cache_dir, model_name, devices, executor.model.dtype, settings, variant)
     try:
         with open(path, encoding="utf-8") as f:
             profile = json.load(f)
@@ -334,16 +341,47 @@ def load_or_measure_profile(executor: Any, model_name: str, *, cache_dir: str, s
 
 
 def profile_model(model_name: str, devices: Sequence[str], settings: ProfileSettings, *, dtype: str = "auto",
-                  progress: Callable[[str], None] | None = None) -> dict:
-    """Load `model_name` on `devices`, start an executor, measure, shut down: the whole profile run
-    of `tetri-engine profile` and bench/profile_steps.py."""
+                  progress: Callable[[str], None] | None = None, **model_options: Any) -> dict:
+    """Load `model_name` on `devices` (`model_options`: compile, attention, ulysses_chunks, cache_dir,
+    cuda_graphs, as the engine takes them), start an executor, measure, shut down: the whole profile
+    run of `tetri-engine profile` and bench/profile_steps.py. A compiled model compiles each shape in
+    its warm-up steps, so the timed steps run as the engine's requests will."""
     from tetri_engine.executor import Executor
 
-    executor = Executor.load(model_name, list(devices), dtype=dtype)
+    executor = Executor.load(model_name, list(devices), dtype=dtype, **model_options)
     try:
-        return measure_profile(executor, settings, model_name=model_name, progress=progress)
+        with executor.compiling():
+            profile = measure_profile(executor, settings, model_name=model_name, progress=progress)
+        profile["ulysses_chunks"] = model_options.get("ulysses_chunks", 1)
+        return profile
     finally:
         executor.shutdown()
+
+
+def merge_profiles(base: dict, new: dict) -> dict:
+    """`base` with every entry that `new` measured replaced by new's (step entries by (size, degree,
+    batch), decode by size, encode): how a one-GPU run refreshes the degree-1 rows of a 2-GPU profile.
+    Every step entry says when it was measured ("measured": the created time of its run); "merged"
+    lists the runs in it. The machine-wide fields (dtype, compiled, attention, ...) become new's."""
+    def stamped(entries: list[dict], created: str) -> list[dict]:
+        return [{**e, "measured": e.get("measured", created)} for e in entries]
+
+    key = lambda e: (e["width"], e["height"], e["degree"], e.get("batch", 1))  # noqa: E731
+    fresh = {key(e): e for e in stamped(new["step_ms"], new.get("created", "?"))}
+    steps = [e for e in stamped(base["step_ms"], base.get("created", "?")) if key(e) not in fresh]
+    decode_new = {(e["width"], e["height"]): e for e in new.get("decode_ms", [])}
+    decode = [e for e in base.get("decode_ms", []) if (e["width"], e["height"]) not in decode_new]
+    merged = {**base, **{k: v for k, v in new.items() if k not in ("step_ms", "decode_ms", "extrapolated",
+                                                                     "num_devices", "devices", "machine", "settings")}}
+    merged["step_ms"] = sorted(steps + list(fresh.values()), key=key)
+    merged["decode_ms"] = sorted(decode + list(decode_new.values()), key=lambda e: (e["width"], e["height"]))
+    merged["extrapolated"] = [{k: e[k] for k in ("width", "height", "degree", "ms")}
+                              for e in merged["step_ms"] if e.get("extrapolated")]
+    runs = base.get("merged") or [{k: base.get(k) for k in ("created", "source", "dtype", "devices")}]
+    degrees = sorted({e["degree"] for e in new["step_ms"]})
+    merged["merged"] = runs + [{**{k: new.get(k) for k in ("created", "source", "dtype", "compiled", "attention",
+                                                           "devices")}, "degrees": degrees}]
+    return merged
 
 
 def format_table(profile: dict) -> str:

@@ -41,6 +41,7 @@ class TrackedRequest:
     finished_s: float | None = None
     last_step_reported: int = 0  # the last "step" output sent
     last_preview_step: int = 0
+    late: bool = False  # the policy gave it up (announced once, in a "late" output)
 
     @property
     def request_id(self) -> str:
@@ -59,6 +60,7 @@ class TrackedRequest:
         fields.setdefault("step", self.last_step_reported)
         fields.setdefault("total_steps", self.total_steps)
         fields.setdefault("seed", self.request.seed)
+        fields.setdefault("late", self.late)
         return GenerationOutput(request_id=self.request_id, kind=kind, **fields)
 
 
@@ -120,6 +122,15 @@ class RequestTracker:
         if tracked is not None and not tracked.state.is_terminal:
             tracked.outputs.put_nowait(tracked.output(OutputKind.PREVIEW, image=image, degree=len(devices),
                                                       devices=devices))
+
+    def given_up(self, request_id: str) -> None:
+        """The policy gave it up (RoundPlan.given_up): say so at once; it still runs, best effort."""
+        tracked = self.live.get(request_id)
+        if tracked is None or tracked.late or tracked.state.is_terminal:
+            return
+        tracked.late = True
+        log.info("request %s is late: the scheduler gave it up (it runs on, best effort)", request_id)
+        tracked.outputs.put_nowait(tracked.output(OutputKind.LATE))
 
     # ---- ending ---------------------------------------------------------------------------------
 
@@ -189,7 +200,7 @@ class RequestTracker:
         queue_end_s = tracked.first_round_s if tracked.first_round_s is not None else end_s
         met = {RequestState.COMPLETED: end_s <= tracked.deadline_at_s, RequestState.FAILED: False}.get(tracked.state)
         metrics = RequestMetrics(total_s=max(0.0, end_s - tracked.arrival_s), deadline_s=tracked.deadline_s,
-                                 deadline_met=met)
+                                 deadline_met=met, late=tracked.late)
         if progress is not None:
             metrics.encode_s, metrics.denoise_s, metrics.decode_s = progress.encode_s, progress.steps_s, progress.decode_s
             metrics.steps_at_degree, metrics.regroups = dict(progress.steps_at_degree), progress.regroups

@@ -101,9 +101,10 @@ class Executor:
         from tetri_engine import ops
 
         self.runtime = runtime
-        self.model = ModelInfo(dtype=str(runtime.dtype).replace("torch.", ""), num_heads=runtime.num_heads,
+        self.model = ModelInfo(dtype=runtime.precision, num_heads=runtime.num_heads,
                                default_steps=runtime.default_steps, default_guidance=runtime.default_guidance,
-                               size_rule=runtime.size_rule)
+                               size_rule=runtime.size_rule, compiled=runtime.compiled is not None,
+                               attention=runtime.attention.backend if runtime.attention else "sdpa")
         self.devices = list(devices or runtime.devices)
         unknown = [d for d in self.devices if d not in runtime.devices]
         if unknown:
@@ -136,13 +137,15 @@ class Executor:
 
     @classmethod
     def load(cls, model: str, devices: Sequence[str], *, dtype: str = "auto", comm_cache_size: int = 64,
-             cuda_graphs: bool | None = None, step_options: StepOptions | None = None) -> Executor:
-        """Load `model` (a preset or a local diffusers directory: `model.load_runtime`) on `devices` and
-        start an executor there, with a communicator cache of `comm_cache_size` groups."""
+             cuda_graphs: bool | None = None, step_options: StepOptions | None = None,
+             **model_options: Any) -> Executor:
+        """Load `model` (a preset or a local diffusers directory: `model.load_runtime`, which takes
+        `model_options`: attention, ulysses_chunks, compile, cache_dir) on `devices` and start an
+        executor there, with a communicator cache of `comm_cache_size` groups and `step_options`."""
         from tetri_engine import ops
         from tetri_engine.model import load_runtime
 
-        runtime = load_runtime(model, devices=list(devices), dtype=dtype)
+        runtime = load_runtime(model, devices=list(devices), dtype=dtype, **model_options)
         return cls(runtime, devices, ops.CommCache(capacity=comm_cache_size), cuda_graphs=cuda_graphs,
                    step_options=step_options)
 
@@ -345,6 +348,18 @@ class Executor:
         names = [tuple(self.devices[i] for i in group) for group in groups]
         if names:
             self.comm_cache.warmup(names)
+
+    def compiling(self):
+        """Context in which a compiled model may compile shapes it has not compiled yet (start-up
+        warm-up, profile measurement); outside it such shapes run eagerly (model/compile.py)."""
+        return self.runtime.compiling()
+
+    def warm_up_shapes(self, shapes: Sequence[Any], log: Callable[[str], None] | None = None) -> Any:
+        """Compile (and capture the CUDA graphs of) these `warmup.WarmupShape`s now, one step each,
+        rather than in a request -> `warmup.WarmupReport` (executor/warmup.py)."""
+        from tetri_engine.executor.warmup import warm_up_shapes
+
+        return warm_up_shapes(self, shapes, log)
 
     def comm_stats(self) -> dict[str, Any]:
         """The communicator cache's counters (`ops.CommCache.stats()`)."""

@@ -28,11 +28,13 @@ def describe_error(exc: BaseException) -> str:
 class ModelInfo:
     """What the layers above the executor need to know of the loaded model."""
 
-    dtype: str  # "float32", "bfloat16", ...
+    dtype: str  # "float32", "bfloat16", ..., "fp8" (float8 GEMMs in the transformer blocks)
     num_heads: int  # a group's degree must divide it (Ulysses)
     default_steps: int
     default_guidance: float
     size_rule: SizeRule  # the sizes the model can make
+    compiled: bool = False  # transformer blocks compiled (shapes compile at warm-up only)
+    attention: str = "sdpa"  # the attention kernel (model/attention.py)
 
 
 @dataclass(frozen=True)

@@ -31,7 +31,7 @@ from typing import Any, Callable, ClassVar
 
 import torch
 
-from tetri_engine.model.ulysses import shard_length
+from tetri_engine.model.ulysses import AttentionCall, AttentionOptions, shard_length
 from tetri_engine.request import PATCH_PX, SizeRule
 
 
@@ -188,8 +188,10 @@ class ModelAdapter:
     latent_rgb: ClassVar[tuple[tuple[float, float, float], ...] | None] = None
     latent_rgb_bias: ClassVar[tuple[float, float, float]] = (0.0, 0.0, 0.0)
 
-    def __init__(self, pipeline: Any, *, text_tokens: int, random_text: dict[str, tuple[int, ...]] | None):
+    def __init__(self, pipeline: Any, *, text_tokens: int, random_text: dict[str, tuple[int, ...]] | None,
+                 attention: AttentionOptions = AttentionOptions()):
         self.pipeline = pipeline
+        self.attention = attention  # how `install_attention`'s processors attend (kernel, head chunks)
         self.text_tokens = text_tokens
         # Presets without text-encoder weights give shapes of random prompt embeddings instead.
         self.random_text = random_text
@@ -226,13 +228,14 @@ class ModelAdapter:
         return SizeRule(multiple_px=self.patch_px, min_px=self.patch_px, max_width=side, max_height=side)
 
     def install_attention(self, transformer: torch.nn.Module) -> None:
+        """Give `transformer` the sequence-parallel attention processors (running with `self.attention`)."""
         raise NotImplementedError
 
-    def exchange_plan(self) -> list[tuple[str, ...]]:
-        """The token streams of each attention call of one forward, in call order (for `catch_up`)."""
-        return [streams for block in self.exchange_plan_per_block() for streams in block]
+    def exchange_plan(self) -> list[AttentionCall]:
+        """Each attention call of one forward, in call order (for `catch_up`)."""
+        return [call for block in self.exchange_plan_per_block() for call in block]
 
-    def exchange_plan_per_block(self) -> list[list[tuple[str, ...]]]:
+    def exchange_plan_per_block(self) -> list[list[AttentionCall]]:
         """`exchange_plan` grouped by transformer block, in block order (the step cache runs the first
         block apart from the others)."""
         raise NotImplementedError

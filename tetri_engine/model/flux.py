@@ -16,7 +16,7 @@ from diffusers.pipelines.flux.pipeline_flux import calculate_shift
 from diffusers.utils.torch_utils import randn_tensor
 
 from tetri_engine.model.adapter import ModelAdapter, PreparedRequest, Replicate, SeqSplit, pack_latents, unpack_latents
-from tetri_engine.model.ulysses import sp_attention
+from tetri_engine.model.ulysses import AttentionCall, AttentionOptions, sp_attention
 
 
 # Preview colours of the FLUX latent space: ComfyUI's latent_formats.Flux factors (what its live previews
@@ -41,6 +41,9 @@ class UlyssesFluxAttnProcessor:
     """
 
     STREAMS = ("text", "image")
+
+    def __init__(self, options: AttentionOptions = AttentionOptions()):
+        self.options = options  # the kernel and head chunks of `sp_attention`
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None,
                  image_rotary_emb=None):
@@ -67,7 +70,7 @@ class UlyssesFluxAttnProcessor:
             query = apply_rotary_emb(query, image_rotary_emb, sequence_dim=1)
             key = apply_rotary_emb(key, image_rotary_emb, sequence_dim=1)
 
-        hidden_states = sp_attention(query, key, value, self.STREAMS)
+        hidden_states = sp_attention(query, key, value, self.STREAMS, self.options)
         hidden_states = hidden_states.flatten(2, 3).to(query.dtype)
 
         if encoder_hidden_states is not None:
@@ -153,11 +156,12 @@ class FluxAdapter(ModelAdapter):
         return (50, 3.5) if pipeline.transformer.config.guidance_embeds else (4, 0.0)  # dev, schnell
 
     def install_attention(self, transformer) -> None:
-        transformer.set_attn_processor(UlyssesFluxAttnProcessor())
+        transformer.set_attn_processor(UlyssesFluxAttnProcessor(self.attention))
 
     def exchange_plan_per_block(self):
         config = self.pipeline.transformer.config
-        return [[UlyssesFluxAttnProcessor.STREAMS]] * (config.num_layers + config.num_single_layers)
+        call = AttentionCall(UlyssesFluxAttnProcessor.STREAMS, self.attention.chunks)
+        return [[call]] * (config.num_layers + config.num_single_layers)
 
     def latent_channels(self) -> int:
         return int(self.pipeline.transformer.config.in_channels)

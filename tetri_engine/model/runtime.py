@@ -7,18 +7,26 @@ share the one CPU model. The text encoders live on the first device only.
 """
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import os
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable, NamedTuple
 
 import torch
 
+from tetri_engine.model import fp8 as fp8_module
 from tetri_engine.model.adapter import ModelAdapter, PreparedRequest
+from tetri_engine.model.attention import AttentionChoice, choose_backend
+from tetri_engine.model.compile import CompiledBlocks, transformer_blocks
 from tetri_engine.model.flux import FluxAdapter
 from tetri_engine.model.presets import PRESETS, Preset, build_random_pipeline, build_tiny_pipeline, default_dtype
 from tetri_engine.model.sd3 import SD3Adapter
+from tetri_engine.model.ulysses import AttentionOptions
 from tetri_engine.request import SizeRule
+
+log = logging.getLogger("tetri_engine.model")
 
 # pipeline class name (model_index.json "_class_name") -> adapter: a new model family is one adapter here
 ADAPTERS: dict[str, type[ModelAdapter]] = {a.pipeline_class_name: a for a in (FluxAdapter, SD3Adapter)}
@@ -34,15 +42,21 @@ def torch_device(name: str) -> torch.device:
 
 
 def resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype:
+    """The activation dtype of `dtype` on `device` ("fp8": that of "auto", its GEMMs aside)."""
+    return resolve_precision(dtype, device)[0]
+
+
+def resolve_precision(dtype: str | torch.dtype, device: torch.device) -> tuple[torch.dtype, bool]:
+    """(activation dtype, float8 GEMMs in the blocks) of a dtype option."""
     if isinstance(dtype, torch.dtype):
-        return dtype
+        return dtype, False
     names = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
              "fp32": torch.float32, "float32": torch.float32}
-    if dtype == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if dtype in ("auto", "fp8"):
+        return (torch.bfloat16 if device.type == "cuda" else torch.float32), dtype == "fp8"
     if dtype not in names:
-        raise ValueError(f"unknown dtype {dtype!r}: expected 'auto', 'bf16', 'fp16' or 'fp32'")
-    return names[dtype]
+        raise ValueError(f"unknown dtype {dtype!r}: expected 'auto', 'bf16', 'fp16', 'fp32' or 'fp8'")
+    return names[dtype], False
 
 
 @dataclass
@@ -64,6 +78,18 @@ class ModelRuntime:
     transformers: dict[str, torch.nn.Module]  # str(torch device) -> replica
     vaes: dict[str, torch.nn.Module]
     encode_device: torch.device
+    precision: str = ""  # "bfloat16", "float32", ... or "fp8" (float8 GEMMs in the blocks, `dtype` elsewhere)
+    attention: AttentionChoice | None = None  # the attention kernel and why (model/attention.py)
+    compiled: CompiledBlocks | None = None  # the compiled blocks (model/compile.py), None: eager
+    fp8_linears: int = 0  # linears running as float8 GEMMs, over all replicas
+
+    def __post_init__(self) -> None:
+        self.precision = self.precision or str(self.dtype).replace("torch.", "")
+
+    def compiling(self):
+        """Context in which compiled blocks may compile new shapes (start-up warm-up, profiling); a
+        no-op for an eager model. Outside it, a shape not compiled yet runs eagerly."""
+        return self.compiled.compiling() if self.compiled is not None else contextlib.nullcontext()
 
     @property
     def family(self) -> str:
@@ -163,24 +189,18 @@ def _check_scheduler(pipeline) -> None:
                          f"is {type(sched).__name__} {dict(sched.config)}")
 
 
-def load_runtime(name_or_path: str = "tiny", devices: list[str] | None = None, dtype: str | torch.dtype = "auto",
-                 seed: int = 0) -> ModelRuntime:
-    """Load a model for `devices`.
+class _Source(NamedTuple):
+    pipeline: Any
+    class_name: str
+    name: str
+    text_tokens: int
+    random_text: dict[str, tuple[int, ...]] | None
+    default_steps: int
+    default_guidance: float
 
-    name_or_path: a preset ("tiny", "tiny-sd3", "flux-dev", "flux-schnell", "sd3-medium") or a local
-    diffusers directory of a FluxPipeline or StableDiffusion3Pipeline (local files only).
-    devices: ["cuda:0", ...] or virtual CPU devices ["cpu:0", ...] (default ["cpu:0"]); one kind only.
-    dtype: "auto" (bf16 on GPU, fp32 on CPU), "bf16", "fp16", "fp32". seed: random weights of presets.
-    """
-    devices = list(devices or ["cpu:0"])
-    if len(set(devices)) != len(devices):
-        raise ValueError(f"devices must be distinct, got {devices}")
-    torch_devices = [torch_device(d) for d in devices]
-    if len({d.type for d in torch_devices}) != 1:
-        raise ValueError(f"devices must be all GPUs or all virtual CPU devices, got {devices}")
-    first = torch_devices[0]
-    dtype = resolve_dtype(dtype, first)
 
+def _load_pipeline(name_or_path: str, first: torch.device, dtype: torch.dtype, seed: int) -> _Source:
+    """A preset built here, or a local diffusers directory, on the first device in `dtype`."""
     preset: Preset | None = PRESETS.get(name_or_path)
     if preset is not None:
         if preset.tiny:
@@ -191,21 +211,55 @@ def load_runtime(name_or_path: str = "tiny", devices: list[str] | None = None, d
                 raise ValueError(f"the {preset.name} preset is a full-size model with random weights, meant for "
                                  f"GPUs; on CPU use the 'tiny' or 'tiny-sd3' preset")
             pipeline = build_random_pipeline(preset, first, dtype, seed=seed)
-        class_name = preset.pipeline_class
-        text_tokens, random_text = preset.text_tokens, preset.random_text
-        default_steps, default_guidance, name = preset.default_steps, preset.default_guidance, preset.name
-    elif os.path.isdir(name_or_path):
+        return _Source(pipeline, preset.pipeline_class, preset.name, preset.text_tokens, preset.random_text,
+                       preset.default_steps, preset.default_guidance)
+    if os.path.isdir(name_or_path):
         pipeline, class_name = load_local_pipeline(name_or_path, dtype)
         pipeline = pipeline.to(first)
-        text_tokens, random_text = ADAPTERS[class_name].local_text_tokens(pipeline), None
-        default_steps, default_guidance = ADAPTERS[class_name].local_defaults(pipeline)
-        name = os.path.basename(os.path.normpath(name_or_path))
-    else:
-        raise ValueError(f"unknown model {name_or_path!r}: expected a preset ({', '.join(PRESETS)}) or a local "
-                         f"diffusers directory")
+        steps, guidance = ADAPTERS[class_name].local_defaults(pipeline)
+        return _Source(pipeline, class_name, os.path.basename(os.path.normpath(name_or_path)),
+                       ADAPTERS[class_name].local_text_tokens(pipeline), None, steps, guidance)
+    raise ValueError(f"unknown model {name_or_path!r}: expected a preset ({', '.join(PRESETS)}) or a local "
+                     f"diffusers directory")
 
-    _check_scheduler(pipeline)
-    adapter = ADAPTERS[class_name](pipeline, text_tokens=text_tokens, random_text=random_text)
+
+def load_runtime(name_or_path: str = "tiny", devices: list[str] | None = None, dtype: str | torch.dtype = "auto",
+                 seed: int = 0, *, attention: str = "auto", ulysses_chunks: int = 1, compile: bool = False,
+                 compile_backend: str | Callable = "inductor", cache_dir: str | None = None) -> ModelRuntime:
+    """Load a model for `devices`.
+
+    name_or_path: a preset ("tiny", "tiny-sd3", "flux-dev", "flux-schnell", "sd3-medium") or a local
+    diffusers directory of a FluxPipeline or StableDiffusion3Pipeline (local files only).
+    devices: ["cuda:0", ...] or virtual CPU devices ["cpu:0", ...] (default ["cpu:0"]); one kind only.
+    dtype: "auto" (bf16 on GPU, fp32 on CPU), "bf16", "fp16", "fp32", or "fp8": float8 GEMMs in the
+    transformer blocks (model/fp8.py), activations bf16 on GPU, fp32 on CPU. seed: random weights of presets.
+    attention: the attention kernel (model/attention.py: "auto" probes the GPU's and keeps the fastest
+    that agrees with the reference). ulysses_chunks: head chunks per exchange at degree > 1
+    (model/ulysses.py). compile: torch.compile the transformer blocks (model/compile.py) with
+    `compile_backend`; with inductor only on GPUs (on CPU it is skipped, saying so in the log);
+    cache_dir: where inductor caches (`cache_dir`/inductor).
+    """
+    devices = list(devices or ["cpu:0"])
+    if len(set(devices)) != len(devices):
+        raise ValueError(f"devices must be distinct, got {devices}")
+    torch_devices = [torch_device(d) for d in devices]
+    if len({d.type for d in torch_devices}) != 1:
+        raise ValueError(f"devices must be all GPUs or all virtual CPU devices, got {devices}")
+    if not isinstance(ulysses_chunks, int) or ulysses_chunks < 1:
+        raise ValueError(f"ulysses_chunks={ulysses_chunks!r} must be an integer >= 1")
+    first = torch_devices[0]
+    dtype, fp8 = resolve_precision(dtype, first)
+    if fp8:
+        fp8_module.check_support(first, dtype)
+
+    source = _load_pipeline(name_or_path, first, dtype, seed)
+    _check_scheduler(source.pipeline)
+    config = source.pipeline.transformer.config
+    choice = choose_backend(attention, first, dtype, int(config.num_attention_heads), int(config.attention_head_dim))
+    log.info("%s: %s", source.name, choice.describe())
+    adapter = ADAPTERS[source.class_name](source.pipeline, text_tokens=source.text_tokens,
+                                          random_text=source.random_text,
+                                          attention=AttentionOptions(choice.backend, ulysses_chunks))
     transformers: dict[str, torch.nn.Module] = {}
     vaes: dict[str, torch.nn.Module] = {}
     for device in torch_devices:
@@ -213,12 +267,32 @@ def load_runtime(name_or_path: str = "tiny", devices: list[str] | None = None, d
         if key in transformers:
             continue  # CPU virtual devices share the one CPU model
         if device == first:
-            transformers[key], vaes[key] = pipeline.transformer, pipeline.vae
+            transformers[key], vaes[key] = source.pipeline.transformer, source.pipeline.vae
         else:
-            transformers[key], vaes[key] = replicate(pipeline.transformer, device), replicate(pipeline.vae, device)
+            transformers[key] = replicate(source.pipeline.transformer, device)
+            vaes[key] = replicate(source.pipeline.vae, device)
         adapter.install_attention(transformers[key])
+    # After the replicas are made (they copy the bf16 weights), each replica's own linears go float8.
+    fp8_linears = sum(fp8_module.convert_linears(transformer_blocks(t)) for t in transformers.values()) if fp8 else 0
+    compiled = _compile(list(transformers.values()), compile, compile_backend, first, cache_dir, source.name)
     return ModelRuntime(
-        name=name, pipeline=pipeline, adapter=adapter, devices=devices, dtype=dtype,
-        default_steps=default_steps, default_guidance=default_guidance, transformers=transformers, vaes=vaes,
-        encode_device=first,
+        name=source.name, pipeline=source.pipeline, adapter=adapter, devices=devices, dtype=dtype,
+        default_steps=source.default_steps, default_guidance=source.default_guidance, transformers=transformers,
+        vaes=vaes, encode_device=first, precision="fp8" if fp8 else str(dtype).replace("torch.", ""),
+        attention=choice, compiled=compiled, fp8_linears=fp8_linears,
     )
+
+
+def _compile(transformers: list[torch.nn.Module], compile: bool, backend: str | Callable, first: torch.device,
+             cache_dir: str | None, name: str) -> CompiledBlocks | None:
+    """The runtime's CompiledBlocks, or None: not asked, or inductor on CPU devices (GPU only here)."""
+    if not compile:
+        return None
+    if backend == "inductor" and first.type != "cuda":
+        log.info("%s: torch.compile is for GPU runs; CPU devices run the blocks eagerly", name)
+        return None
+    compiled = CompiledBlocks(transformers, backend=backend, cache_dir=cache_dir)
+    log.info("%s: %d transformer blocks compiled regionally (torch.compile, backend %s, inductor cache %s); "
+             "shapes compile at warm-up only", name, len(compiled.blocks), getattr(backend, "__name__", backend),
+             compiled.cache_dir or "-")
+    return compiled

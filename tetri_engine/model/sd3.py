@@ -17,7 +17,7 @@ from diffusers.utils.torch_utils import randn_tensor
 
 from tetri_engine.model.adapter import ModelAdapter, PreparedRequest, Replicate, SeqSplit, pack_latents, unpack_latents
 from tetri_engine.model.flux import FLUX_LATENT_RGB, FLUX_LATENT_RGB_BIAS
-from tetri_engine.model.ulysses import sp_attention
+from tetri_engine.model.ulysses import AttentionCall, AttentionOptions, sp_attention
 
 
 class UlyssesJointAttnProcessor:
@@ -29,6 +29,9 @@ class UlyssesJointAttnProcessor:
     With text ([image shard, text shard], the SD3 order) in the joint blocks; image only in the
     SD3.5 second attention (`attn2`).
     """
+
+    def __init__(self, options: AttentionOptions = AttentionOptions()):
+        self.options = options  # the kernel and head chunks of `sp_attention`
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, *args, **kwargs):
         if attention_mask is not None:
@@ -61,7 +64,7 @@ class UlyssesJointAttnProcessor:
             key = torch.cat([key, enc_key], dim=1)
             value = torch.cat([value, enc_value], dim=1)
 
-        hidden_states = sp_attention(query, key, value, streams)
+        hidden_states = sp_attention(query, key, value, streams, self.options)
         hidden_states = hidden_states.reshape(batch_size, -1, attn.heads * head_dim).to(query.dtype)
 
         if encoder_hidden_states is not None:
@@ -144,11 +147,13 @@ class SD3Adapter(ModelAdapter):
         return int(self.pipeline.transformer.config.pos_embed_max_size) * self.patch_px
 
     def install_attention(self, transformer) -> None:
-        transformer.set_attn_processor(UlyssesJointAttnProcessor())
+        transformer.set_attn_processor(UlyssesJointAttnProcessor(self.attention))
 
     def exchange_plan_per_block(self):
         # joint attention, then SD3.5's attn2
-        return [[("image", "text"), ("image",)] if block.use_dual_attention else [("image", "text")]
+        joint, image = (AttentionCall(("image", "text"), self.attention.chunks),
+                        AttentionCall(("image",), self.attention.chunks))
+        return [[joint, image] if block.use_dual_attention else [joint]
                 for block in self.pipeline.transformer.transformer_blocks]
 
     def latent_channels(self) -> int:

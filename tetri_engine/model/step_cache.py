@@ -48,7 +48,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from tetri_engine.model.ulysses import SPContext, exchange_shapes, valid_tokens
+from tetri_engine.model.ulysses import AttentionCall, SPContext, exchange_shapes, valid_tokens
 
 # Used when no analysis has been saved for a model: a conservative threshold (skip only when the first
 # block's residual moved less than 5% since the last computed step) and the first two steps always
@@ -303,7 +303,7 @@ class CacheStep:
                 else:
                     cache.computed_steps += 1
 
-    def catch_up(self, plan_per_block: list[list[tuple[str, ...]]], heads: int, head_dim: int,
+    def catch_up(self, plan_per_block: list[list[AttentionCall]], heads: int, head_dim: int,
                  dtype: torch.dtype, device: torch.device) -> None:
         """After this rank failed mid-forward: issue, with zero buffers, the collectives of the cached
         forward that it did not reach: the first block's exchanges, the decision's all_gather, then
@@ -316,7 +316,7 @@ class CacheStep:
         if not self.gathered:
             self.decide(None, device)
         computing_rows = sum(r for r, skip in zip(self.rows, self.skip) if not skip)
-        rest_plan = [streams for block in plan_per_block[1:] for streams in block]
+        rest_plan = [call for block in plan_per_block[1:] for call in block]
         rest = exchange_shapes(ctx, rest_plan, computing_rows, heads, head_dim) if computing_rows else []
         for shape in rest[len(ctx.exchange_log) - len(first) - 1:]:
             ctx.exchange(torch.zeros(shape, dtype=dtype, device=device))

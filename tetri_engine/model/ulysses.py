@@ -14,6 +14,11 @@ The exchange is the communicator's `all_to_all(rank, x)` from `tetri_engine.ops`
 CPU, NCCL on GPU). Rotary embeddings are applied before the exchange, by the unchanged diffusers code,
 from the position ids of the rank's own tokens, so every token carries its true position.
 
+With `AttentionOptions.chunks` = n > 1 the rank's head slice is split into n chunks, each with its own
+two exchanges; on GPUs the exchanges run on a side stream, so that one chunk's exchange overlaps
+another chunk's attention (`_overlapped`). The attention kernel is `AttentionOptions.backend`
+(model/attention.py).
+
 Worked example, degree 2, FLUX at 48x80 px (15 image tokens) with 4 text tokens and 4 heads:
 
     rank 0 holds text[0:2] + image[0:8]       rank 1 holds text[2:4] + image[8:15] + 1 pad token
@@ -34,7 +39,8 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
 
 import torch
-import torch.nn.functional as F
+
+from tetri_engine.model.attention import attend
 
 _local = threading.local()
 
@@ -137,34 +143,65 @@ def sequence_parallel(context: SPContext | None) -> Iterator[SPContext | None]:
         _local.context = previous
 
 
-def local_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
-    """[B, L, H, D] in and out; the same SDPA call as diffusers' native attention backend."""
-    out = F.scaled_dot_product_attention(
-        query.permute(0, 2, 1, 3), key.permute(0, 2, 1, 3), value.permute(0, 2, 1, 3)
-    )
-    return out.permute(0, 2, 1, 3)
+def effective_chunks(chunks: int, heads_local: int) -> int:
+    """Head chunks an exchange is split into: the largest divisor of `heads_local` not above `chunks`."""
+    return max(c for c in range(1, max(1, min(chunks, heads_local)) + 1) if heads_local % c == 0)
 
 
-def sp_attention(
-    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, streams: tuple[str, ...]
-) -> torch.Tensor:
+@dataclass(frozen=True)
+class AttentionOptions:
+    """How `sp_attention` runs: the attention kernel (model/attention.py) and, at degree > 1, how many
+    head chunks each exchange is split into so that the exchanges of one chunk overlap the attention
+    of another (1: one exchange of q, k and v together and one of the output)."""
+
+    backend: str = "sdpa"
+    chunks: int = 1
+
+
+@dataclass(frozen=True)
+class AttentionCall:
+    """One `sp_attention` call of a forward, as exchange plans list it: the token streams of its
+    sequence and the `AttentionOptions.chunks` it runs with (`exchange_shapes`)."""
+
+    streams: tuple[str, ...]
+    chunks: int = 1
+
+
+def sp_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, streams: tuple[str, ...],
+                 options: AttentionOptions = AttentionOptions()) -> torch.Tensor:
     """Attention of this rank's tokens over the group's whole sequence.
 
     query/key/value: [B, L_local, H, D], the rank's tokens laid out as the concatenation of its shard of
-    each stream in `streams` (e.g. ("text", "image") for FLUX). Returns [B, L_local, H, D].
+    each stream in `streams` (e.g. ("text", "image") for FLUX). Returns [B, L_local, H, D] (contiguous).
+    One custom op (`tetri::sp_attention`): torch.compile sees it as a single opaque node, so the
+    exchanges and the thread-local group context never reach dynamo.
     """
-    out = _sp_attention(query, key, value, streams)
-    observer = getattr(_local, "observer", None)
-    if observer is not None:
-        observer(query, key, value, out, streams)
+    out = torch.ops.tetri.sp_attention(query, key, value, ",".join(streams), options.backend, options.chunks)
+    if not torch.compiler.is_compiling():  # (observers are for eager analysis runs: model/redundancy.py)
+        observer = getattr(_local, "observer", None)
+        if observer is not None:
+            observer(query, key, value, out, streams)
     return out
 
 
-def _sp_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, streams: tuple[str, ...]) -> torch.Tensor:
+@torch.library.custom_op("tetri::sp_attention", mutates_args=(), schema=(
+    "(Tensor query, Tensor key, Tensor value, str streams, str backend, int chunks) -> Tensor"))
+def _sp_attention_op(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, streams: str, backend: str,
+                     chunks: int) -> torch.Tensor:
     ctx = current_context()
     if ctx is None or ctx.degree == 1:
-        return local_attention(query, key, value)
+        out = attend(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), backend)
+        return out.transpose(1, 2).contiguous()  # (a no-op for the fused kernels: their output is [B, S, H, D])
+    return _exchanged_attention(ctx, query, key, value, tuple(streams.split(",")), backend, chunks)
 
+
+@_sp_attention_op.register_fake
+def _(query, key, value, streams, backend, chunks):
+    return torch.empty_like(query, memory_format=torch.contiguous_format)
+
+
+def _exchanged_attention(ctx: SPContext, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                         streams: tuple[str, ...], backend: str, chunks: int) -> torch.Tensor:
     degree, rank = ctx.degree, ctx.rank
     batch, length, heads, head_dim = query.shape
     check_heads(heads, degree)
@@ -174,49 +211,106 @@ def _sp_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, s
             f"rank {rank} holds {length} tokens but the {streams} shards of this group add up to {expected}"
         )
     heads_local = heads // degree
+    n = effective_chunks(chunks, heads_local)
+    size = heads_local // n
 
-    # 1. One exchange for q, k and v. Chunk j (head group j of every token here) goes to rank j; the
-    #    per-token layout [3, h, D] makes the received buffer SDPA's input as it is (batch 1: no copy).
-    send = torch.stack([t.view(batch, length, degree, heads_local, head_dim).permute(2, 0, 1, 3, 4)
-                        for t in (query, key, value)], dim=3)  # [degree, B, L, 3, h, D]
-    received = ctx.exchange(send)  # chunk j: rank j's tokens, my head group
-    received = received.transpose(0, 1).reshape(batch, degree * length, 3, heads_local, head_dim)
-    q_all, k_all, v_all = received.unbind(2)  # [B, S, h, D]: the whole sequence, my heads
+    # 1. Per head chunk c, one exchange of q, k and v. Chunk j of it (head group j, sub-chunk c, of
+    #    every token here) goes to rank j; the per-token layout [3, h, D] makes the received buffer
+    #    SDPA's input as it is (batch 1: no copy).
+    def send(c: int) -> torch.Tensor:
+        return torch.stack([t.view(batch, length, degree, heads_local, head_dim)[:, :, :, c * size:(c + 1) * size]
+                            .permute(2, 0, 1, 3, 4) for t in (query, key, value)], dim=3)  # [degree, B, L, 3, h, D]
 
-    # 2. Attend over the whole sequence; padded tokens are dropped from the keys and values.
-    index = ctx.key_index(streams, k_all.device)
-    if index is not None:
-        k_all = k_all.index_select(1, index)
-        v_all = v_all.index_select(1, index)
-    out = F.scaled_dot_product_attention(q_all.transpose(1, 2), k_all.transpose(1, 2), v_all.transpose(1, 2))
-    out = out.transpose(1, 2)  # [B, S, h, D] (the memory layout of the flash kernels' output)
+    index = None
 
-    # 3. Send every rank the rows of its own tokens back: chunk j = rank j's tokens, my head group.
-    send = out.reshape(batch, degree, length, heads_local, head_dim).transpose(0, 1).contiguous()
-    received = ctx.exchange(send)  # chunk j: my tokens, head group j: [degree, B, L, h, D]
-    return received.permute(1, 2, 0, 3, 4).reshape(batch, length, heads, head_dim)
+    def attend_chunk(received: torch.Tensor) -> torch.Tensor:
+        nonlocal index
+        received = received.transpose(0, 1).reshape(batch, degree * length, 3, size, head_dim)
+        q_all, k_all, v_all = received.unbind(2)  # [B, S, h, D]: the whole sequence, my heads
+        # 2. Attend over the whole sequence; padded tokens are dropped from the keys and values.
+        index = ctx.key_index(streams, k_all.device) if index is None else index
+        if index is not None:
+            k_all, v_all = k_all.index_select(1, index), v_all.index_select(1, index)
+        out = attend(q_all.transpose(1, 2), k_all.transpose(1, 2), v_all.transpose(1, 2), backend).transpose(1, 2)
+        # 3. Every rank gets the rows of its own tokens back: chunk j = rank j's tokens.
+        return out.reshape(batch, degree, length, size, head_dim).transpose(0, 1).contiguous()
+
+    if n > 1 and query.device.type == "cuda":
+        backs = _overlapped(ctx, n, send, attend_chunk, query.device)
+    else:
+        received = [ctx.exchange(send(c)) for c in range(n)]
+        backs = [ctx.exchange(attend_chunk(r)) for r in received]
+    # backs[c]: [degree, B, L, h, D], chunk j = my tokens for head group j, sub-chunk c
+    out = backs[0].unsqueeze(1) if n == 1 else torch.stack(backs, dim=1)  # [degree, n, B, L, h, D]
+    return out.permute(2, 3, 0, 1, 4, 5).reshape(batch, length, heads, head_dim)
 
 
-def catch_up(context: SPContext, plan: list[tuple[str, ...]], rows: int, heads: int, head_dim: int,
+def _overlapped(ctx: SPContext, n: int, send: Callable[[int], torch.Tensor],
+                attend_chunk: Callable[[torch.Tensor], torch.Tensor], device: torch.device) -> list[torch.Tensor]:
+    """The exchanges of `_exchanged_attention` on a side stream, in the same order as without it (all q/k/v
+    chunks, then the outputs chunk by chunk), so that chunk c+1's q/k/v exchange runs while chunk c
+    attends and chunk c's output exchange while chunk c+1 attends. The extension issues each NCCL call
+    on the current stream. Every tensor a stream reads stays referenced until the compute stream has
+    waited for the side stream at the end, so the allocator never hands its memory to the other stream
+    early (no record_stream). Works under CUDA graph capture (fork and join by stream waits)."""
+    compute = torch.cuda.current_stream(device)
+    side = _side_stream(device)
+    keep: list[torch.Tensor] = []
+    sends = [send(c) for c in range(n)]
+    side.wait_stream(compute)
+    received, ready = [], []
+    with torch.cuda.stream(side):
+        for x in sends:
+            received.append(ctx.exchange(x))
+            ready.append(side.record_event())
+    backs = []
+    for c in range(n):
+        compute.wait_event(ready[c])
+        out = attend_chunk(received[c])
+        side.wait_stream(compute)
+        with torch.cuda.stream(side):
+            backs.append(ctx.exchange(out))
+        keep.append(out)
+    compute.wait_stream(side)
+    keep.extend(sends + received)
+    return backs
+
+
+_side_streams: dict[str, torch.cuda.Stream] = {}
+
+
+def _side_stream(device: torch.device) -> torch.cuda.Stream:
+    """The exchange stream of a device (one executor thread per device uses it). High priority, so
+    that the GPU schedules the exchange's few blocks ahead of queued attention blocks."""
+    key = str(device)
+    if key not in _side_streams:
+        _side_streams[key] = torch.cuda.Stream(device, priority=-1)
+    return _side_streams[key]
+
+
+def catch_up(context: SPContext, plan: list[AttentionCall], rows: int, heads: int, head_dim: int,
              dtype: torch.dtype, device: torch.device) -> None:
     """After this rank failed mid-forward: issue, with zero buffers, the exchanges of the forward it did
     not reach, so that the other ranks' exchanges complete (NCCL: they are queued on their GPUs and
     would wait for ever; thread backend: they would wait until the timeout).
 
-    plan: the token streams of every attention call of one forward, in order (`ModelAdapter.exchange_plan`);
-    each call makes two exchanges, [degree, rows, L, 3, h, D] then [degree, rows, L, h, D].
+    plan: every attention call of one forward, in order (`ModelAdapter.exchange_plan`); see
+    `exchange_shapes` for the exchanges each makes.
     """
     for shape in exchange_shapes(context, plan, rows, heads, head_dim)[len(context.exchange_log):]:
         context.exchange(torch.zeros(shape, dtype=dtype, device=device))
 
 
-def exchange_shapes(context: SPContext, plan: list[tuple[str, ...]], rows: int, heads: int,
+def exchange_shapes(context: SPContext, plan: list[AttentionCall], rows: int, heads: int,
                     head_dim: int) -> list[tuple[int, ...]]:
-    """The shapes of the exchanges that the attention calls `plan` make on a batch of `rows` rows."""
+    """The shapes of the exchanges that the attention calls `plan` make on a batch of `rows` rows: per
+    call with n head chunks of h heads, n exchanges [degree, rows, L, 3, h, D] (q, k, v), then n
+    exchanges [degree, rows, L, h, D] (the outputs)."""
     local_heads = heads // context.degree
     shapes = []
-    for streams in plan:
-        length = sum(context.local_length(s) for s in streams)
-        shapes.append((context.degree, rows, length, 3, local_heads, head_dim))
-        shapes.append((context.degree, rows, length, local_heads, head_dim))
+    for call in plan:
+        length = sum(context.local_length(s) for s in call.streams)
+        n = effective_chunks(call.chunks, local_heads)
+        shapes += [(context.degree, rows, length, 3, local_heads // n, head_dim)] * n
+        shapes += [(context.degree, rows, length, local_heads // n, head_dim)] * n
     return shapes

@@ -1,4 +1,5 @@
-"""Scheduling: the TetriServe policy, baselines, cost model, SLOs, traces, simulator and report.
+"""Scheduling: the policies (tetri, the paper-faithful tetri-paper, baselines, the srpt tail
+reference), cost model, SLOs, traces, simulator, the SAR upper bound and the report.
 
 Pure Python: imports neither torch nor asyncio (tests/test_sched_import.py checks), and time is
 always an argument, so the very same policy objects drive the live engine and the simulator.
@@ -11,27 +12,41 @@ always an argument, so the very same policy objects drive the live engine and th
 """
 from __future__ import annotations
 
-from tetri_engine.sched.baselines import EDFPolicy, FixedSPPolicy, RSSPPolicy
+from tetri_engine.sched.baselines import EDFPolicy, FixedSPPolicy, RSSPPolicy, SRPTPolicy
 from tetri_engine.sched.cost import CostModel, num_tokens
 from tetri_engine.sched.plan import GroupAssignment, LatentMove, RoundPlan, RoundResult, SchedRequest, SchedState
-from tetri_engine.sched.policy import GroupSpec, Policy
+from tetri_engine.sched.policy import Admission, GroupSpec, Policy
+from tetri_engine.sched.paper import PaperTetriPolicy
 from tetri_engine.sched.slo import slo_s, table_slo_s
 from tetri_engine.sched.tetri import TetriPolicy
 
-POLICY_NAMES = ("tetri", "fixed1", "fixed2", "fixed4", "fixed8", "rssp", "edf1", "edf2", "edf4", "edf8")
+# The one list of policy names (the engine validates its config against it).
+POLICY_NAMES = ("tetri", "tetri-paper", "fixed1", "fixed2", "fixed4", "fixed8", "rssp", "edf1", "edf2", "edf4",
+                "edf8", "srpt")
+
+
+def available_policies() -> tuple[str, ...]:
+    """Every name make_policy accepts (fixedK / edfK also for other profiled K)."""
+    return POLICY_NAMES
 
 
 def make_policy(name: str, num_devices: int, cost: CostModel, *, round_steps: int = 5,
                 round_s: float | None = None, **options) -> Policy:
-    """A policy by name: "tetri", "fixedK" (xDiT-style fixed SP=K, FCFS), "rssp", "edfK".
+    """A policy by name: "tetri" (default everywhere), "tetri-paper" (the paper-faithful reference),
+    "fixedK" (xDiT-style fixed SP=K, FCFS), "rssp", "edfK", "srpt" (deadline-blind tail reference).
 
-    round_steps / round_s size TetriServe's rounds (ignored by the event-driven baselines except
-    as bookkeeping). Extra keyword options go to the policy (e.g. tetri: batching=False).
+    round_steps / round_s size a group's steps for tetri, tetri-paper and srpt (ignored by the
+    run-to-completion baselines). Extra keyword options go to the policy (e.g. tetri: scale_up=False,
+    rescue_slowdown=3.0; tetri-paper: batching=False).
     """
     key = name.strip().lower()
     common = dict(round_steps=round_steps, round_s=round_s)
     if key == "tetri":
         return TetriPolicy(num_devices, cost, **common, **options)
+    if key == "tetri-paper":
+        return PaperTetriPolicy(num_devices, cost, **common, **options)
+    if key == "srpt":
+        return SRPTPolicy(num_devices, cost, **common, **options)
     if key == "rssp":
         return RSSPPolicy(num_devices, cost, **common, **options)
     for prefix, cls in (("fixed", FixedSPPolicy), ("edf", EDFPolicy)):
@@ -41,6 +56,7 @@ def make_policy(name: str, num_devices: int, cost: CostModel, *, round_steps: in
 
 
 __all__ = [
+    "Admission",
     "CostModel",
     "EDFPolicy",
     "FixedSPPolicy",
@@ -54,7 +70,10 @@ __all__ = [
     "RoundResult",
     "SchedRequest",
     "SchedState",
+    "SRPTPolicy",
+    "PaperTetriPolicy",
     "TetriPolicy",
+    "available_policies",
     "make_policy",
     "num_tokens",
     "slo_s",

@@ -13,6 +13,11 @@
   FCFS, non-preemptive, on aligned groups;
   the head of the queue waits for its group (no overtaking, so wide requests are not starved).
 
+- `SRPTPolicy` ("srpt"): a reference for how low tail latency can go, not a contender for SAR:
+  deadline-blind, preemptive at group boundaries, shortest remaining work first (remaining steps x
+  the degree-1 step time). Each request in that order gets one device; devices left over double the
+  degree of the shortest requests whose step gets faster. Groups run ~round_s of steps.
+
 All are event driven (not round synchronous): whenever a group of devices frees up, the next
 request starts on it at once.
 """
@@ -21,7 +26,8 @@ from __future__ import annotations
 from tetri_engine.sched.cost import CostModel
 from tetri_engine.sched.placement import aligned_blocks
 from tetri_engine.sched.plan import SchedRequest
-from tetri_engine.sched.policy import GroupSpec, Policy
+from tetri_engine.sched.placement import place
+from tetri_engine.sched.policy import GroupSpec, Policy, steps_in
 from tetri_engine.sched.slo import slo_s
 
 
@@ -112,4 +118,34 @@ class RSSPPolicy(Policy):
                 break
             free.difference_update(block)
             specs.append(GroupSpec(block, (req.request_id,), req.remaining_steps))
+        return specs
+
+
+class SRPTPolicy(Policy):
+    """Shortest remaining work first, deadline-blind, preemptive between groups (tail reference)."""
+
+    name = "srpt"
+    uses_deadlines = False
+
+    def _plan(self, now_s: float, idle: list[int], ready: list[SchedRequest]) -> list[GroupSpec]:
+        step = {}
+        for r in ready:
+            step[r.request_id] = {d: self.cost.step_s(r.width, r.height, d, cached=r.cached) for d in self.degrees}
+        order = sorted(ready, key=lambda r: (r.remaining_steps * step[r.request_id][1], r.arrival_s))[:len(idle)]
+        degree = {r.request_id: 1 for r in order}
+        free = len(idle) - len(order)
+        for r in order:  # shortest first: double while it helps and devices are left
+            d, t = 1, step[r.request_id]
+            while 2 * d in t and d <= free and t[2 * d] < 0.95 * t[d]:
+                free -= d
+                d *= 2
+            degree[r.request_id] = d
+        placed = place([(r.request_id, degree[r.request_id], r.device_ids) for r in order], idle,
+                       self.num_devices, self.known_groups)
+        specs = []
+        for r in order:
+            devs = placed.get(r.request_id)
+            if devs is not None:
+                q = min(r.remaining_steps, steps_in(self.round_s, step[r.request_id][len(devs)]))
+                specs.append(GroupSpec(devs, (r.request_id,), q))
         return specs

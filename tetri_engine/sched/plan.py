@@ -108,8 +108,11 @@ class RoundPlan:
     moves: tuple[LatentMove, ...] = ()
     expected_s: float = 0.0  # the longest group's expected_s
     degrees: Mapping[str, int] = field(default_factory=lambda: MappingProxyType({}))  # request_id -> degree this round
-    late: frozenset[str] = frozenset()  # requests in this plan that can no longer meet their deadline
+    late: frozenset[str] = frozenset()  # requests in this plan that can no longer meet their deadline (or are given up)
     backfill: bool = False  # planned mid-round on devices left idle; ends by the round's expected end
+    # Requests this decision gave up (planned or not; an empty plan may carry some): they will not
+    # be protected any more, only served best effort. Each id appears in one plan, once.
+    given_up: frozenset[str] = frozenset()
 
     @property
     def is_empty(self) -> bool:

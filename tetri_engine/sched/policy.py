@@ -30,6 +30,17 @@ from tetri_engine.sched.plan import GroupAssignment, LatentMove, RoundPlan, Roun
 
 
 @dataclass(frozen=True)
+class Admission:
+    """Answer of `Policy.admission_check`. reason: "fits", "busy" (not alongside the protected
+    requests now; retry_after_s says in how many seconds it would), or "deadline_impossible" (not
+    even alone on the whole machine; retry_after_s None)."""
+
+    fits: bool
+    retry_after_s: float | None
+    reason: str
+
+
+@dataclass(frozen=True)
 class GroupSpec:
     """What a policy decides for one group; the base class turns it into a GroupAssignment."""
 
@@ -68,6 +79,8 @@ class Policy:
         self._aborted_in_flight: set[str] = set()
         self._next_round = 0
         self._round_end_s = 0.0  # expected end of the synchronous round in flight
+        self._free_at: dict[int, float] = {}  # busy device -> expected end of its group
+        self._flight: dict[str, tuple[int, float]] = {}  # request in flight -> (steps planned, expected end)
         # (w, h, cached) -> (fastest step s, decode s)
         self._fastest_cache: dict[tuple[int, int, bool], tuple[float, float]] = {}
         # Device tuples used by some group so far: their communicators exist in the engine's cache.
@@ -126,6 +139,19 @@ class Policy:
         t = now_s + self.cost.isolated_s(width, height, num_steps, self.max_degree, cached)
         return t + (self.cost.encode_s() if include_encode else 0.0)
 
+    def admission_check(self, width: int, height: int, num_steps: int, deadline_s: float, now_s: float,
+                        cached: bool = False) -> "Admission":
+        """Would a request arriving now with this absolute deadline fit alongside the requests this
+        policy protects? The base answer only checks the request alone (`min_finish_s`); `tetri`
+        answers for the whole machine and estimates when it could fit (tetri.py)."""
+        if self.min_finish_s(width, height, num_steps, now_s, cached=cached) > deadline_s + 1e-9:
+            return Admission(False, None, "deadline_impossible")
+        return Admission(True, None, "fits")
+
+    def is_given_up(self, request_id: str) -> bool:
+        """Has the policy given this request up (it still runs, best effort)? Only `tetri` gives up."""
+        return False
+
     def candidate_groups(self) -> list[tuple[int, ...]]:
         """Every multi-device group this policy may ask for (to create communicators up front)."""
         return all_groups(self.num_devices, self.degrees)
@@ -133,20 +159,23 @@ class Policy:
     # ---- the two hot methods -------------------------------------------------------------------
 
     def schedule(self, now_s: float) -> RoundPlan:
+        given_up = self._triage(now_s)
         idle = [d for d in range(self.num_devices) if d not in self._busy]
         ready = [r for r in self._requests.values() if r.state is SchedState.WAITING]
         if not idle or not ready:
-            return RoundPlan(round_index=-1, start_s=now_s)
+            return RoundPlan(round_index=-1, start_s=now_s, given_up=given_up)
         if self.synchronous_rounds and self._in_flight:
             # Mid-round: only work that ends by the round's expected end may use idle devices.
             if now_s >= self._round_end_s - 1e-9:
-                return RoundPlan(round_index=-1, start_s=now_s)
+                return RoundPlan(round_index=-1, start_s=now_s, given_up=given_up)
             specs = self._backfill(now_s, idle, ready, self._round_end_s)
-            return self._commit(now_s, specs, idle, backfill=True) if specs else RoundPlan(-1, now_s)
+            if not specs:
+                return RoundPlan(-1, now_s, given_up=given_up)
+            return self._commit(now_s, specs, idle, backfill=True, given_up=given_up)
         specs = self._plan(now_s, idle, ready)
         if not specs:
-            return RoundPlan(round_index=-1, start_s=now_s)
-        plan = self._commit(now_s, specs, idle)
+            return RoundPlan(round_index=-1, start_s=now_s, given_up=given_up)
+        plan = self._commit(now_s, specs, idle, given_up=given_up)
         self._round_end_s = now_s + plan.expected_s
         return plan
 
@@ -166,7 +195,9 @@ class Policy:
             pending.discard(gi)
             for d in group.device_ids:
                 self._busy.pop(d, None)
+                self._free_at.pop(d, None)
             for rid in group.request_ids:
+                self._flight.pop(rid, None)
                 if rid in self._aborted_in_flight:
                     self._aborted_in_flight.discard(rid)
                     continue
@@ -201,6 +232,10 @@ class Policy:
     def _plan(self, now_s: float, idle: list[int], ready: list[SchedRequest]) -> list[GroupSpec]:
         raise NotImplementedError
 
+    def _triage(self, now_s: float) -> frozenset[str]:
+        """Run at every schedule() call, before planning: ids of the requests given up now."""
+        return frozenset()
+
     def _backfill(self, now_s: float, idle: list[int], ready: list[SchedRequest], round_end_s: float) -> list[GroupSpec]:
         """Round-synchronous policies: groups for devices idle mid-round that end by round_end_s."""
         return []
@@ -216,7 +251,8 @@ class Policy:
                 t += self.cost.decode_s(r.width, r.height)
         return t
 
-    def _commit(self, now_s: float, specs: list[GroupSpec], idle: list[int], backfill: bool = False) -> RoundPlan:
+    def _commit(self, now_s: float, specs: list[GroupSpec], idle: list[int], backfill: bool = False,
+                given_up: frozenset[str] = frozenset()) -> RoundPlan:
         idle_set = set(idle)
         used: set[int] = set()
         seen: set[str] = set()
@@ -242,8 +278,13 @@ class Policy:
                 raise RuntimeError(f"{self.name}: {spec.num_steps} steps for {spec.request_ids}")
             used.update(devs)
             decode_after = any(spec.num_steps >= r.remaining_steps for r in reqs)
-            groups.append(GroupAssignment(devs, tuple(spec.request_ids), spec.num_steps, decode_after,
-                                          self.group_s(reqs, len(devs), spec.num_steps)))
+            group = GroupAssignment(devs, tuple(spec.request_ids), spec.num_steps, decode_after,
+                                    self.group_s(reqs, len(devs), spec.num_steps))
+            groups.append(group)
+            for d in devs:
+                self._free_at[d] = now_s + group.expected_s
+            for rid in spec.request_ids:
+                self._flight[rid] = (spec.num_steps, now_s + group.expected_s)
             for r in reqs:
                 degrees[r.request_id] = len(devs)
                 if r.device_ids and r.device_ids != devs:
@@ -263,6 +304,7 @@ class Policy:
             degrees=MappingProxyType(degrees),
             late=late,
             backfill=backfill,
+            given_up=given_up,
         )
         self._next_round += 1
         self._in_flight[plan.round_index] = (plan, set(range(len(groups))))

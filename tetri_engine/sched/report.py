@@ -1,4 +1,5 @@
-"""SLO report: sweep policies x SLO scales over a trace, the SAR table, gains, and the plots.
+"""SLO report: sweep policies x SLO scales over a trace, the SAR table (with the `bound` row: the
+LP upper bound no schedule can beat, bound.py), slowdown percentiles, gains, and the plots.
 
 Plots use matplotlib with the Agg backend, imported only when a plot is drawn, so the rest of the
 package (and `tetri-engine simulate --no-plots`) never needs it.
@@ -25,6 +26,8 @@ class Sweep:
     sar: dict[str, list[float]] = field(default_factory=dict)  # policy -> SAR per scale
     summaries: dict[str, list[dict]] = field(default_factory=dict)  # policy -> SimResult.summary() per scale
     gantt: SimResult | None = None  # one run kept for the Gantt plot
+    bound: list[float] | None = None  # upper bound on SAR per scale (bound.sar_bound), if computed
+    bound_note: str = ""  # how it was computed, or why it is missing
 
     def gains(self) -> dict:
         """TetriServe's relative SAR gain over the best fixed degree and over the best baseline,
@@ -52,10 +55,22 @@ class Sweep:
         return out
 
     def table(self) -> str:
-        head = f"{'policy':<10}" + "".join(f"{'x' + format(s, 'g'):>8}" for s in self.scales)
+        head = f"{'policy':<12}" + "".join(f"{'x' + format(s, 'g'):>8}" for s in self.scales)
         lines = [f"SAR, {self.label}, {self.num_devices} devices", head]
+        if self.bound is not None:
+            lines.append(f"{'bound':<12}" + "".join(f"{v:>8.3f}" for v in self.bound) + f"   ({self.bound_note})")
+        elif self.bound_note:
+            lines.append(f"{'bound':<12}  {self.bound_note}")
         for p, row in self.sar.items():
-            lines.append(f"{p:<10}" + "".join(f"{v:>8.3f}" for v in row))
+            lines.append(f"{p:<12}" + "".join(f"{v:>8.3f}" for v in row))
+        if self.bound is not None and "tetri" in self.sar:
+            ratios = [t / b if b > 0 else 1.0 for t, b in zip(self.sar["tetri"], self.bound)]
+            lines.append(f"{'tetri/bound':<12}" + "".join(f"{v:>8.3f}" for v in ratios))
+        lines.append(f"slowdown (latency / fastest alone) p50 / p90 / p99, per scale")
+        for p, runs in self.summaries.items():
+            cells = [f"{r['slowdown']['p50']:.1f}/{r['slowdown']['p90']:.1f}/{r['slowdown']['p99']:.1f}"
+                     if r["slowdown"]["count"] else "-" for r in runs]
+            lines.append(f"{p:<12}" + "".join(f"{c:>16}" for c in cells))
         g = self.gains()
         for label in ("best_fixed", "best_baseline"):
             if label in g and g[label]["mean_relative_gain"] is not None:
@@ -66,7 +81,7 @@ class Sweep:
 
     def to_dict(self) -> dict:
         return {"label": self.label, "num_devices": self.num_devices, "scales": self.scales, "sar": self.sar,
-                "gains": self.gains(), "runs": self.summaries}
+                "bound": self.bound, "bound_note": self.bound_note, "gains": self.gains(), "runs": self.summaries}
 
 
 def run_sweep(
@@ -84,12 +99,16 @@ def run_sweep(
     seed: int = 0,
     gantt_policy: str | None = "tetri",
     progress: Callable[[str], None] | None = None,
+    bound: str | None = None,
 ) -> Sweep:
-    """Simulate every policy at every SLO scale (a fresh policy per run)."""
+    """Simulate every policy at every SLO scale (a fresh policy per run). bound: "lp" or "mip" adds
+    the upper bound on SAR per scale (bound.sar_bound; a clear note instead when highspy is missing)."""
     from tetri_engine.sched import make_policy
 
     make = make or make_policy
     sweep = Sweep(label, num_devices, list(scales))
+    if bound:
+        add_bound(sweep, trace, cost, integral=bound == "mip")
     for name in policies:
         sweep.sar[name] = []
         sweep.summaries[name] = []
@@ -103,6 +122,22 @@ def run_sweep(
             if progress:
                 progress(f"{label} {name} x{scale:g}: SAR {result.sar:.3f}")
     return sweep
+
+
+def add_bound(sweep: Sweep, trace: Sequence[TraceRequest], cost: CostModel, integral: bool = False,
+              time_limit_s: float = 60.0) -> None:
+    """Fill sweep.bound (and bound_note) with the SAR upper bound at each of its scales."""
+    from tetri_engine.sched.bound import BoundUnavailable, sar_bound
+
+    try:
+        bounds = [sar_bound(trace, cost, sweep.num_devices, scale, integral=integral, time_limit_s=time_limit_s)
+                  for scale in sweep.scales]
+    except BoundUnavailable as exc:
+        sweep.bound, sweep.bound_note = None, f"not computed: {exc}"
+        return
+    sweep.bound = [b.sar for b in bounds]
+    kind = "MIP dual bound" if integral else "LP relaxation"
+    sweep.bound_note = f"{kind}, HiGHS, {sum(b.solve_s for b in bounds):.1f} s"
 
 
 def _pyplot():
@@ -122,6 +157,8 @@ def plot_sar(path: str, sweeps: Sequence[Sweep]) -> None:
         for name, row in sweep.sar.items():
             style = dict(lw=2.5, marker="o", color="black") if name == "tetri" else dict(lw=1.2, marker=".")
             ax.plot(sweep.scales, row, label=name, **style)
+        if sweep.bound is not None:
+            ax.plot(sweep.scales, sweep.bound, label="bound", lw=1.5, ls="--", color="grey")
         ax.set_title(f"{sweep.label} ({sweep.num_devices} devices)")
         ax.set_xlabel("SLO scale")
         ax.set_ylabel("SLO attainment ratio")

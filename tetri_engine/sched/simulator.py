@@ -18,6 +18,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Sequence
 
+from tetri_engine.sched.metrics import distribution, percentile, sar, slowdown
 from tetri_engine.sched.plan import RoundResult, SchedRequest, SchedState
 from tetri_engine.sched.policy import Policy
 from tetri_engine.sched.trace import TraceRequest
@@ -36,10 +37,19 @@ class RequestRecord:
     steps_at_degree: dict[int, int]
     regroups: int
     rounds: int
+    isolated_s: float = 0.0  # its fastest time alone on the machine (encode + steps + decode)
+    given_up_s: float | None = None  # when the policy gave it up (RoundPlan.given_up), if it did
 
     @property
     def met(self) -> bool:
         return self.state == SchedState.COMPLETED.value and self.finish_s is not None and self.finish_s <= self.deadline_s + 1e-9
+
+    @property
+    def slowdown(self) -> float | None:
+        """latency / isolated time (metrics.slowdown); None until it has finished."""
+        if self.finish_s is None:
+            return None
+        return slowdown(self.finish_s - self.arrival_s, self.isolated_s)
 
 
 @dataclass
@@ -65,8 +75,13 @@ class SimResult:
 
     @property
     def sar(self) -> float:
-        """SLO attainment ratio: requests finished by their deadline / all requests."""
-        return sum(r.met for r in self.requests) / len(self.requests) if self.requests else 1.0
+        """SLO attainment ratio: requests finished by their deadline / all requests (metrics.sar)."""
+        value = sar(r.met for r in self.requests)
+        return 1.0 if value is None else value
+
+    def slowdowns(self) -> dict:
+        """metrics.distribution of the requests' slowdowns (count, mean, p50, p90, p99, max)."""
+        return distribution([r.slowdown for r in self.requests if r.slowdown is not None])
 
     def sar_by_size(self) -> dict[str, float]:
         by: dict[str, list[bool]] = {}
@@ -85,7 +100,7 @@ class SimResult:
         return sum(b.end_s - b.start_s for b in self.busy) / (span * self.num_devices)
 
     def summary(self) -> dict:
-        lat = sorted(r.finish_s - r.arrival_s for r in self.requests if r.finish_s is not None)
+        lat = [r.finish_s - r.arrival_s for r in self.requests if r.finish_s is not None]
         return {
             "policy": self.policy,
             "num_devices": self.num_devices,
@@ -97,7 +112,9 @@ class SimResult:
             "makespan_s": self.makespan_s,
             "rounds": self.rounds,
             "mean_latency_s": sum(lat) / len(lat) if lat else None,
-            "p99_latency_s": lat[min(len(lat) - 1, int(0.99 * len(lat)))] if lat else None,
+            "p99_latency_s": percentile(lat, 99),
+            "slowdown": self.slowdowns(),
+            "given_up": sum(r.given_up_s is not None for r in self.requests),
             "regroups": sum(r.regroups for r in self.requests),
         }
 
@@ -123,13 +140,6 @@ def simulate(
     rounds = 0
     i = 0
     now = 0.0
-
-    def finish(reqs: list[SchedRequest]) -> None:
-        for r in reqs:
-            rec = records[r.request_id]
-            rec.finish_s, rec.state = r.finish_s, r.state.value
-            rec.steps_at_degree, rec.regroups, rec.rounds = dict(r.steps_at_degree), r.regroups, r.rounds
-
     while True:
         next_arrival = arrivals[i].arrival_s + encode_s if i < len(arrivals) else math.inf
         next_done = events[0][0] if events else math.inf
@@ -140,18 +150,15 @@ def simulate(
             end_s, _, plan, gi = heapq.heappop(events)
             group = plan.groups[gi]
             result = RoundResult(end_s, steps_done={rid: group.num_steps for rid in group.request_ids})
-            finish(policy.update_from_output(plan, result))
+            _record_finished(records, policy.update_from_output(plan, result))
         while i < len(arrivals) and arrivals[i].arrival_s + encode_s <= now:
-            tr = arrivals[i]
-            rid = tr.request_id or f"req-{i:05d}"
-            deadline = tr.arrival_s + slo_scale * tr.slo_ms / 1000.0
-            policy.add_request(SchedRequest(rid, tr.width, tr.height, tr.steps, tr.arrival_s, deadline,
-                                            cached=tr.cache == "auto"))
-            records[rid] = RequestRecord(rid, tr.width, tr.height, tr.steps, tr.arrival_s, deadline, None,
-                                         SchedState.WAITING.value, {}, 0, 0)
+            record = _arrive(policy, arrivals[i], i, slo_scale, encode_s)
+            records[record.request_id] = record
             i += 1
         t0 = time.perf_counter()
         plan = policy.schedule(now)
+        for rid in plan.given_up:
+            records[rid].given_up_s = now
         if plan.is_empty:
             if not events and i >= len(arrivals) and policy.has_work():
                 raise RuntimeError(f"{policy.name}: {policy.queue_depth} requests left but nothing scheduled at "
@@ -165,7 +172,24 @@ def simulate(
                 duration *= max(0.5, 1.0 + rng.gauss(0.0, jitter_cv))
             seq += 1
             heapq.heappush(events, (now + duration, seq, plan, gi))
-            for d in group.device_ids:
-                busy.append(BusyInterval(d, now, now + duration, group.request_ids, group.degree, group.num_steps,
-                                         group.decode_after))
+            busy.extend(BusyInterval(d, now, now + duration, group.request_ids, group.degree, group.num_steps,
+                                     group.decode_after) for d in group.device_ids)
     return SimResult(policy.name, policy.num_devices, slo_scale, list(records.values()), busy, rounds, decision_s)
+
+
+def _arrive(policy: Policy, tr: TraceRequest, index: int, slo_scale: float, encode_s: float) -> RequestRecord:
+    """Add a trace request to the policy (its deadline at this SLO scale) and start its record."""
+    rid = tr.request_id or f"req-{index:05d}"
+    deadline = tr.arrival_s + slo_scale * tr.slo_ms / 1000.0
+    cached = tr.cache == "auto"
+    policy.add_request(SchedRequest(rid, tr.width, tr.height, tr.steps, tr.arrival_s, deadline, cached=cached))
+    isolated = encode_s + policy.cost.isolated_s(tr.width, tr.height, tr.steps, policy.max_degree, cached)
+    return RequestRecord(rid, tr.width, tr.height, tr.steps, tr.arrival_s, deadline, None,
+                         SchedState.WAITING.value, {}, 0, 0, isolated)
+
+
+def _record_finished(records: dict[str, RequestRecord], finished: list[SchedRequest]) -> None:
+    for r in finished:
+        rec = records[r.request_id]
+        rec.finish_s, rec.state = r.finish_s, r.state.value
+        rec.steps_at_degree, rec.regroups, rec.rounds = dict(r.steps_at_degree), r.regroups, r.rounds

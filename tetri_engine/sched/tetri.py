@@ -1,570 +1,317 @@
-"""TetriServe: round-based, deadline-aware packing with step-level sequence parallelism.
+"""tetri: TetriServe's step-level parallelism with a scheduler built for overload, bursts and tails.
 
-Each round (length tau, about `round_steps` steps of a typical request) starting at `now`, over
-the devices and requests that are free:
+The paper-faithful policy (`tetri-paper`, paper.py) protects requests one at a time: each must be
+able to finish with every device to itself, so in a burst every request looks alive until too late.
+This one decides who can make it *together*, and is event-driven. Every `schedule(now_s)` call:
 
-1. Allocation. For each request, the cheapest plan in GPU-seconds (sum of degree x step time) that
-   still finishes (decode included) by its deadline: `allocate()`. The time/GPU-seconds trade-off of
-   the degrees of one resolution is a convex curve, so the optimum uses one degree, or two adjacent
-   degrees on the curve's lower hull (an LP with two constraints), e.g. "20 steps at 1, 30 at 2".
-   The cheap segment runs first. Requests that cannot finish even at the fastest degree are *late*.
-2. Packing (group knapsack, knapsack.py). Options per on-time request: none; its first segment's
-   degree; its second segment's degree; each runs q = min(steps left in that segment, steps that
-   fit in tau) steps. Value, lexicographically: survival (1 when, after the option, the request can
-   still meet its deadline at the fastest degree, resuming tau later), then GPU-seconds saved
-   compared with not running this round (deferring makes the rest of a tight plan more parallel,
-   hence dearer), then earliest deadline. So that a round's work does not grow with the queue, the
-   knapsack sees at most 2 items per free device: the requests that cannot wait a round, then the
-   earliest deadlines and the tightest plans (CANDIDATES_PER_DEVICE).
-3. Placement preservation (placement.py): aligned groups, latents stay where they are, existing
-   communicators are reused.
-4. Work-conserving elastic scale-up: devices still idle go to on-time requests not yet running
-   (earliest deadline first), then double the degree of running groups whose step time drops by
-   5% or more, biggest time saving per added device first.
-5. Late requests get one device each, best effort, least remaining work first, from what is left
-   after 1-4.
-6. Selective batching: when on-time requests want more devices than are free, identical
-   resolutions whose plan starts at degree 1 and whose profile has batch sizes > 1 are merged into
-   one batched forward, only if every member can still meet its deadline at the batched step time.
+1. Triage (`_triage`, triage.py), whether or not a device is idle. A virtual schedule of every
+   request still protected, on the whole machine over time: deadline order, each at the cheapest
+   degree (or pair of degrees) that still ends by its deadline on the devices that free up first, so
+   its degree accounts for the others. Requests that do not fit are given up, the fewest and the
+   cheapest to lose first (Moore-Hodgson), after trying to make room by reordering or speeding up
+   the last ones placed. Given up is for good and said at once: `RoundPlan.given_up` (even on an
+   empty plan), `plan.late`, `policy.is_given_up(rid)`. Given-up requests still run, best effort.
+2. Start what the virtual schedule starts now, at its degree (`_start_due`).
+3. Devices idle now that the virtual schedule needs only later are "windows": work put on them
+   must end by then, so it costs the protected requests nothing. Protected requests due later run
+   in them first, earliest deadline first, at up to their planned degree (`_start_early`).
+4. Elastic scale-up (`_scale_up`): a group planned now doubles its degree with idle devices while
+   its step gets >= 5% faster, biggest saving of time per added device first. (4a, opt-in,
+   `rescue_slowdown`: given-up requests whose slowdown would reach it go first, `_rescue`.)
+5. Late requests (`_start_late`): what is still idle runs given-up requests, least remaining work
+   first (shortest remaining processing time), then scale-up again for them.
+6. Placement (`_place`, placement.py): aligned groups, a request keeps the devices its latent is on;
+   a group that finds its idle devices fragmented runs at half the degree.
 
-Step caching: a request with `SchedRequest.cached` is costed at the cached step time
-(`cost.step_s(..., cached=True)`) everywhere above; the per-resolution tables are keyed on it, and
-only requests with the same `cached` are batched together. Without a measured cache_step_factor
-(1.0) the flag is ignored: the plans are exactly those of the same requests uncached.
+No rounds: a group runs about `round_s` seconds of steps (at least one step; `round_s` /
+`round_steps` stay the one tunable: shorter groups react sooner, longer ones regroup less), and
+when it ends its devices are planned again at once while the other groups run on
+(`synchronous_rounds` is False, as for the baselines).
 
-Rounds are synchronous: the next round is planned when every group of this one has finished.
-Groups have different step times, so the round's length is then chosen within [0.8, 1.25] x tau
-to leave the fewest device-seconds idle, and every group runs as many steps as fit (`_fill`).
-Devices that still fall idle mid-round (a request finished, or nothing was waiting) are
-backfilled with work that ends by the round's expected end (`_backfill`), e.g. a request that just
-arrived.
+Admission (`admission_check`): would a new request fit alongside the protected ones without any
+of them being given up, and if not, when could it? Pure, fast, the same virtual schedule.
 """
 from __future__ import annotations
 
-import heapq
 import math
-from dataclasses import dataclass, field
-from typing import Iterator
+from dataclasses import dataclass
 
+from tetri_engine.sched.allocation import HullPoint, lower_hull
 from tetri_engine.sched.cost import CostModel
-from tetri_engine.sched.knapsack import group_knapsack
 from tetri_engine.sched.placement import place
-from tetri_engine.sched.plan import SchedRequest
-from tetri_engine.sched.policy import GroupSpec, Policy, steps_in
+from tetri_engine.sched.plan import RoundPlan, RoundResult, SchedRequest
+from tetri_engine.sched.policy import Admission, GroupSpec, Policy, steps_in
+from tetri_engine.sched.triage import Job, Slot, edf_order, first_needs, fit_all, triage
 
-
-# A round's length is chosen in [ROUND_MIN, ROUND_MAX] x tau to waste the least device time (_fill).
-ROUND_MIN = 0.8
-ROUND_MAX = 1.25
-FINE_STEP = 0.1  # groups whose step is shorter than this x tau do not propose round lengths
-# When a request left out of a round can run again: the nominal round length. (The worst case,
-# ROUND_MAX x tau, is safer on paper but scored lower on the tuning traces, seeds 1-2; the reported
-# results use seed 0.)
-RESUME_AFTER = 1.0
-# Knapsack items per free device (bounds the DP and the per-request work whatever the queue length).
-CANDIDATES_PER_DEVICE = 2
+SCALE_UP_MIN_GAIN = 0.05  # double a group's degree only if its step gets >= 5% faster
 
 
 @dataclass(frozen=True)
-class HullPoint:
-    degree: int
-    step_s: float
-    gpu_s: float  # degree x step_s: GPU-seconds per step
-
-
-@dataclass
-class _Item:
-    """One knapsack item: a request, or a batch of same-shape requests."""
-
-    members: list[SchedRequest]
-    options: list[tuple[int, float]]  # (width, value); index 0 is "none"
-    steps: list[int]  # steps run by each option (0 for none)
-    batch: int = 1
-    savings: list[float] = field(default_factory=list)  # GPU-seconds saved per option vs "none"
-
-
-@dataclass(frozen=True)
-class _Res:
-    """What a round needs to know about one resolution, computed once per resolution."""
+class _Shape:
+    """Step times of one (width, height, cached), computed once."""
 
     step_s: dict[int, float]  # degree -> seconds per step (batch 1)
-    hull: list[HullPoint]  # cheapest first
-    fast_s: float  # fastest step on this machine
+    options: tuple[tuple[int, float], ...]  # hull: (degree, step_s), cheapest GPU-seconds first
     decode_s: float
-    batch_step_s: dict[int, float]  # batch size (> 1) -> seconds per batched step at degree 1
-    round_steps: dict[int, int]  # degree -> steps that fit in one round (at least 1)
-    round_steps_batched: dict[int, int]  # batch size -> steps that fit in one round at degree 1
 
 
 class TetriPolicy(Policy):
     name = "tetri"
-    synchronous_rounds = True
+    synchronous_rounds = False
 
     def __init__(self, num_devices: int, cost: CostModel, *, round_steps: int = 5, round_s: float | None = None,
-                 batching: bool = True, scale_up: bool = True, fill_rounds: bool = True, backfill: bool = True):
+                 scale_up: bool = True, give_up: bool = True, rescue_slowdown: float | None = None):
         super().__init__(num_devices, cost, round_steps=round_steps, round_s=round_s)
-        # Switches for ablations (bench/sim_ablation.py); all on by default.
-        self.batching = batching
-        self.scale_up = scale_up
-        self.fill_rounds = fill_rounds
-        self.backfill = backfill
-        self._res_cache: dict[tuple[int, int, bool], _Res] = {}  # (width, height, cached) -> _Res
-        # Cached and uncached requests cost differently only with a measured factor; with none (1.0)
-        # they share one table and may batch together, so plans are exactly those without caching.
-        self._cache_differs = cost.cache_step_factor != 1.0
+        self.scale_up = scale_up  # switches for ablations (bench/sim_ablation.py)
+        self.give_up = give_up
+        # Tails vs SAR: a given-up request whose slowdown would reach this even if it ran at its
+        # fastest from now is served before protected requests scale up (None: never).
+        self.rescue_slowdown = rescue_slowdown
+        self._shapes: dict[tuple[int, int, bool], _Shape] = {}
+        self._given_up: set[str] = set()
+        self._slots: dict[str, Slot] = {}  # the virtual schedule of the last triage: request id -> slot
+        self._needs: list[float] = []  # triage.first_needs of the last triage
 
-    # ---- 1. allocation -------------------------------------------------------------------------
+    # ---- queries the engine may ask -------------------------------------------------------------
 
-    def _res(self, width: int, height: int, cached: bool = False) -> _Res:
-        """Per-resolution step times, of requests with step caching when cached (SchedRequest.cached)."""
-        cached = cached and self._cache_differs
-        info = self._res_cache.get((width, height, cached))
-        if info is None:
+    def is_given_up(self, request_id: str) -> bool:
+        return request_id in self._given_up
+
+    def abort(self, request_id: str) -> bool:
+        self._given_up.discard(request_id)
+        self._slots.pop(request_id, None)
+        return super().abort(request_id)
+
+    def update_from_output(self, plan: RoundPlan, result: RoundResult) -> list[SchedRequest]:
+        finished = super().update_from_output(plan, result)
+        for r in finished:
+            self._given_up.discard(r.request_id)
+            self._slots.pop(r.request_id, None)
+        return finished
+
+    def admission_check(self, width: int, height: int, num_steps: int, deadline_s: float, now_s: float,
+                        cached: bool = False) -> Admission:
+        """Would a request arriving now (deadline_s absolute) fit alongside the protected ones
+        without giving any of them up? If not, `retry_after_s` estimates when it could: the earliest
+        moment, as planned now (no further arrivals), at which the same request with the same
+        relative deadline would fit; None when it cannot make its deadline even alone."""
+        self.cost.check(width, height)
+        shape = self._shape(width, height, cached)
+        release = now_s + self.cost.encode_s()
+        alone = release + num_steps * min(t for _, t in shape.options) + shape.decode_s
+        if alone > deadline_s + 1e-9:
+            return Admission(False, None, "deadline_impossible")
+        jobs, free_at = self._jobs(now_s)
+        base_dropped = len(triage(jobs, free_at)[1])
+
+        def fits_at(t: float) -> bool:
+            cand = Job("\0candidate", t + self.cost.encode_s(), deadline_s + (t - now_s), num_steps,
+                       shape.decode_s, shape.options)
+            dropped = triage(jobs + [cand], free_at)[1]
+            return cand.key not in dropped and len(dropped) <= base_dropped
+
+        if fits_at(now_s):
+            return Admission(True, None, "fits")
+        ends = sorted({s.end_s for s in self._slots.values() if s.end_s > now_s} |
+                      {t for t in free_at if t > now_s})
+        lo, hi = 0, len(ends)  # first end at which it fits (feasibility grows with time as work drains)
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if fits_at(ends[mid]):
+                hi = mid
+            else:
+                lo = mid + 1
+        retry = ends[lo] if lo < len(ends) else max(ends, default=now_s)
+        return Admission(False, max(0.0, retry - now_s), "busy")
+
+    # ---- per-shape step times -------------------------------------------------------------------
+
+    def _shape(self, width: int, height: int, cached: bool) -> _Shape:
+        cached = cached and self.cost.cache_step_factor != 1.0
+        key = (width, height, cached)
+        shape = self._shapes.get(key)
+        if shape is None:
             step = {d: self.cost.step_s(width, height, d, cached=cached) for d in self.degrees}
-            batches = {b: self.cost.step_s(width, height, 1, b, cached=cached)
-                       for b in self.cost.batch_sizes(width, height, 1) if b > 1}
-            hull = _lower_hull([HullPoint(d, t, d * t) for d, t in step.items()])
-            info = _Res(step, hull, hull[-1].step_s, self.cost.decode_s(width, height), batches,
-                        {d: steps_in(self.round_s, t) for d, t in step.items()},
-                        {b: steps_in(self.round_s, t) for b, t in batches.items()})
-            self._res_cache[(width, height, cached)] = info
-        return info
+            hull = lower_hull([HullPoint(d, t, d * t) for d, t in step.items()])
+            shape = _Shape(step, tuple((p.degree, p.step_s) for p in hull), self.cost.decode_s(width, height))
+            self._shapes[key] = shape
+        return shape
 
-    def _res_of(self, r: SchedRequest) -> _Res:
-        return self._res(r.width, r.height, r.cached)
+    def _shape_of(self, r: SchedRequest) -> _Shape:
+        return self._shape(r.width, r.height, r.cached)
 
-    def _shape(self, r: SchedRequest) -> tuple[int, int, bool]:
-        """What identifies r's step times: (width, height, cached), the key of _res_cache."""
-        return (r.width, r.height, r.cached and self._cache_differs)
+    # ---- 1. triage -----------------------------------------------------------------------------
 
-    def hull(self, width: int, height: int, cached: bool = False) -> list[HullPoint]:
-        """Degrees worth using for this resolution, cheapest (slowest) first: the lower convex hull
-        of (step time, GPU-seconds per step). Dominated degrees (slower and dearer) are dropped."""
-        return self._res(width, height, cached).hull
+    def _jobs(self, now_s: float) -> tuple[list[Job], list[float]]:
+        """Triage's view: a Job per protected request with steps left after its group in flight,
+        and when each device is free (now, or when its group is expected to end)."""
+        jobs = []
+        for rid, r in self._requests.items():
+            if rid in self._given_up:
+                continue
+            steps, release = r.remaining_steps, now_s
+            flight = self._flight.get(rid)
+            if flight is not None:
+                steps -= flight[0]
+                release = max(now_s, flight[1])
+                if steps <= 0:
+                    continue  # ends in the group in flight: nothing left to place
+            shape = self._shape_of(r)
+            jobs.append(Job(rid, release, r.deadline, steps, shape.decode_s, shape.options))
+        # (A busy device whose group is overdue is not idle: it frees just after now.)
+        free_at = [max(now_s + 1e-6, self._free_at[d]) if d in self._busy else now_s for d in range(self.num_devices)]
+        return jobs, free_at
 
-    def allocate(self, width: int, height: int, steps: int, budget_s: float,
-                 cached: bool = False) -> tuple[float, list[tuple[int, int]]] | None:
-        """Cheapest plan running `steps` steps within budget_s seconds: (GPU-seconds,
-        [(degree, steps), ...] cheapest segment first), or None when even the fastest is too slow."""
-        return _allocate(self._res(width, height, cached).hull, steps, budget_s)
+    def _triage(self, now_s: float) -> frozenset[str]:
+        jobs, free_at = self._jobs(now_s)
+        slots, dropped = triage(jobs, free_at)
+        if not self.give_up:  # ablation: protect everyone, as if nobody could be given up
+            slots, _ = fit_all(edf_order(jobs), free_at)
+            dropped = []
+        self._slots = {s.key: s for s in slots}
+        self._needs = first_needs(slots, free_at)
+        self._given_up.update(dropped)
+        return frozenset(dropped)
 
-    # ---- a round -------------------------------------------------------------------------------
+    def _is_late(self, req: SchedRequest, now_s: float) -> bool:
+        return req.request_id in self._given_up or super()._is_late(req, now_s)
+
+    # ---- 2-6. a plan for the idle devices ------------------------------------------------------
 
     def _plan(self, now_s: float, idle: list[int], ready: list[SchedRequest]) -> list[GroupSpec]:
-        tau = self.round_s
-        t_next = now_s + RESUME_AFTER * tau  # when a request left out now can run again, at the latest
-        capacity = len(idle)
-
-        # Late / cannot wait a round / can wait, from the fastest-degree lower bound. Entries are
-        # (deadline, arrival, index, request) tuples: they sort in deadline order without a key.
-        late: list[SchedRequest] = []
-        critical: list[tuple[float, float, int, SchedRequest]] = []
-        waitable: list[tuple[float, float, int, SchedRequest]] = []
-        tightness: list[tuple[float, int]] = []  # (time its cheapest degree needs / time left, index in waitable)
-        res_cache = self._res_cache
-        differs = self._cache_differs
-        for i, r in enumerate(ready):
-            info = res_cache.get((r.width, r.height, r.cached and differs)) or self._res_of(r)
-            deadline = math.inf if r.deadline_s is None else r.deadline_s
-            steps = r.num_steps - r.steps_done
-            fastest = steps * info.fast_s + info.decode_s
-            if now_s + fastest > deadline + 1e-9:
-                late.append(r)
-            elif t_next + fastest > deadline + 1e-9:
-                critical.append((deadline, r.arrival_s, i, r))
-            else:
-                tightness.append((steps * info.hull[0].step_s / (deadline - now_s - info.decode_s), len(waitable)))
-                waitable.append((deadline, r.arrival_s, i, r))
-
-        # Knapsack candidates. At most `capacity` requests can run, so a few per device are enough:
-        # the requests that cannot wait (the only ones whose survival depends on this round; when
-        # there are more than capacity, those whose plan starts narrowest, since saving the most
-        # requests means running the narrow ones), the earliest deadlines, and the tightest plans
-        # (where waiting costs GPU-seconds), half and half. The DP sees at most 2 x capacity items
-        # whatever the queue length; the rest wait (or fill leftover devices in step 4a).
-        max_critical = max(1, (CANDIDATES_PER_DEVICE - 1) * capacity)
-        if len(critical) > max_critical:
-            critical.sort(key=lambda e: (self._first_degree(e[3], now_s),) + e[:3])
-            for e in critical[max_critical:]:  # still on time: may fill leftover devices
-                tightness.append((math.inf, len(waitable)))
-                waitable.append(e)
-            critical = critical[:max_critical]
-        room = max(capacity // 2, CANDIDATES_PER_DEVICE * capacity - len(critical))
-        picked = {e[2] for e in heapq.nsmallest((room + 1) // 2, waitable)}
-        picked.update(waitable[j][2] for _, j in heapq.nlargest(room // 2, tightness))
-        candidates = [e[3] for e in sorted(critical + [e for e in waitable if e[2] in picked])]
-        spare = [e for e in waitable if e[2] not in picked]  # unordered (deadline, arrival, index, request)
-
-        # 1 + 2: options per request, then the knapsack.
-        items = [self._item([r], now_s, t_next) for r in candidates]
-        if self.batching and (spare or sum(max(w for w, _ in it.options) for it in items) > capacity):
-            items, spare = self._batch_items(items, spare, capacity, now_s, t_next)
-        self._normalise(items)
-        chosen: list[tuple[_Item, int, int]] = []  # (item, degree, steps)
-        if items:
-            _, picks = group_knapsack([it.options for it in items], capacity)
-            chosen = [(it, it.options[j][0], it.steps[j]) for it, j in zip(items, picks) if j > 0]
-        used = sum(d for _, d, _ in chosen)
-        running = {id(it) for it, _, _ in chosen}
-
-        # 4a. Work conservation: on-time requests left out, earliest deadline first, the narrowest
-        # option that fits.
-        leftovers = [it for it in items if id(it) not in running]
-        for it in _chain_items(leftovers, spare, lambda r: self._item([r], now_s, t_next)):
-            if used >= capacity:
-                break
-            fits = [j for j in range(1, len(it.options)) if it.options[j][0] <= capacity - used]
-            if fits:
-                j = min(fits, key=lambda j: it.options[j][0])
-                chosen.append((it, it.options[j][0], it.steps[j]))
-                used += it.options[j][0]
-
-        # 4b. Elastic scale-up: double running single-request groups, biggest saving per device first.
+        chosen: dict[str, tuple[int, int]] = {}  # request id -> (degree, steps), in the order decided
+        rank = {rid: i for i, rid in enumerate(self._slots)}  # the virtual schedule's order
+        protected = sorted((r for r in ready if r.request_id in self._slots), key=lambda r: rank[r.request_id])
+        late = [r for r in ready if r.request_id not in self._slots]
+        # When the virtual schedule next needs each idle device it does not start now: work put on
+        # it must end by then (latest first: fillers take the devices with the most slack).
+        windows = sorted((n for n in self._needs if n > now_s + 1e-9), reverse=True)[:len(idle)]
+        free = self._start_due(protected, chosen, len(idle) - len(windows), now_s)
+        windows = sorted(windows + [math.inf] * max(0, free), reverse=True)  # + devices never needed
+        self._start_early(protected, chosen, windows, now_s)
+        if self.rescue_slowdown is not None:
+            late = self._rescue(late, chosen, windows, now_s)
         if self.scale_up:
-            while used < capacity:
-                best = None
-                for idx, (it, d, _) in enumerate(chosen):
-                    if it.batch > 1 or d > capacity - used:  # doubling takes d more devices
-                        continue
-                    r = it.members[0]
-                    step = self._res_of(r).step_s
-                    if 2 * d not in step or step[2 * d] >= 0.95 * step[d]:
-                        continue  # not worth the devices (or slower)
-                    saving = r.remaining_steps * (step[d] - step[2 * d]) / d
-                    if best is None or saving > best[0]:
-                        best = (saving, idx)
-                if best is None:
-                    break
-                it, d, _ = chosen[best[1]]
-                r = it.members[0]
-                q = min(r.remaining_steps, steps_in(tau, self._res_of(r).step_s[2 * d]))
-                chosen[best[1]] = (it, 2 * d, q)
-                used += d
+            self._scale_up(ready, chosen, windows, now_s)
+        self._start_late(late, chosen, windows, now_s)
+        if self.scale_up:  # and the late requests' groups, with what is still idle
+            self._scale_up(ready, chosen, windows, now_s)
+        return self._place(chosen, idle)
 
-        # 5. Late requests: one device each, least remaining work first, with what is left.
-        if used < capacity and late:
-            late.sort(key=lambda r: (r.remaining_steps * self._res_of(r).step_s[1], r.deadline, r.arrival_s))
-            for r in late[:capacity - used]:
-                q = min(r.remaining_steps, steps_in(tau, self._res_of(r).step_s[1]))
-                chosen.append((_Item([r], [(0, 0.0)], [0]), 1, q))
-                used += 1
-
-        if not chosen:
-            return []
-
-        # 3. Placement.
-        placed = place([(k, d, it.members[0].device_ids) for k, (it, d, _) in enumerate(chosen)],
-                       idle, self.num_devices, self.known_groups)
-        specs = []
-        for k, (it, _, q) in enumerate(chosen):
-            devs = placed.get(k)
-            if devs is not None:  # always, with power-of-two degrees; otherwise the request waits
-                specs.append(GroupSpec(devs, tuple(r.request_id for r in it.members), q))
-        if self.fill_rounds and specs:
-            specs = self._fill(specs)
-        return specs
-
-    def _backfill(self, now_s: float, idle: list[int], ready: list[SchedRequest], round_end_s: float) -> list[GroupSpec]:
-        """Devices idle mid-round (a request finished early, or arrived after the round started):
-        run on-time requests, most urgent first, at their plan's current degree (or the widest
-        hull degree that fits), for the steps that end by the round's end; then late ones on one
-        device. No knapsack: the next round re-plans everything."""
-        if not self.backfill:
-            return []
-        window = round_end_s - now_s
-        free = set(idle)
-        specs: list[GroupSpec] = []
-        on_time: list[tuple[bool, float, float, SchedRequest]] = []
-        late: list[SchedRequest] = []
-        for r in ready:
-            info = self._res_of(r)
-            fastest = r.remaining_steps * info.fast_s + info.decode_s
-            if now_s + fastest > r.deadline + 1e-9:
-                late.append(r)
-            else:  # requests that cannot wait for the next round first, then earliest deadline
-                on_time.append((round_end_s + fastest <= r.deadline + 1e-9, r.deadline, r.arrival_s, r))
-        on_time.sort(key=lambda x: x[:3])
-        for *_, r in on_time:
-            if not free:
+    def _rescue(self, late: list[SchedRequest], chosen: dict, windows: list[float], now_s: float) -> list[SchedRequest]:
+        """4a (opt-in). Given-up requests about to exceed rescue_slowdown, the most slowed first, at
+        up to their fastest degree, before the protected ones scale up. Returns the others."""
+        slowdown = {r.request_id: self._projected_slowdown(r, now_s) for r in late}
+        for r in sorted(late, key=lambda r: -slowdown[r.request_id]):
+            if not windows or slowdown[r.request_id] < self.rescue_slowdown:
                 break
-            info = self._res_of(r)
-            plan = _allocate(info.hull, r.remaining_steps, r.deadline - now_s - info.decode_s)
-            segs = plan[1] if plan else [(info.hull[-1].degree, r.remaining_steps)]
-            degree, seg_steps = segs[0]
-            if degree > len(free):
-                fitting = [p.degree for p in info.hull if p.degree <= len(free)]
-                if not fitting:
-                    continue
-                degree, seg_steps = fitting[-1], r.remaining_steps
-            cap = seg_steps if len(segs) > 1 and degree == segs[0][0] else r.remaining_steps
-            spec = self._backfill_group(r, degree, cap, window, free)
-            if spec:
-                specs.append(spec)
-        late.sort(key=lambda r: (r.remaining_steps * self._res_of(r).step_s[1], r.deadline, r.arrival_s))
-        for r in late:
-            if not free:
-                break
-            spec = self._backfill_group(r, 1, r.remaining_steps, window, free)
-            if spec:
-                specs.append(spec)
-        return specs
+            self._take(r, [d for d, _ in self._shape_of(r).options], chosen, windows, now_s)
+        return [r for r in late if r.request_id not in chosen]
 
-    def _backfill_group(self, r: SchedRequest, degree: int, max_steps: int, window_s: float,
-                        free: set[int]) -> GroupSpec | None:
-        info = self._res_of(r)
-        t = info.step_s[degree]
-        q = min(max_steps, int(math.floor(window_s / t + 1e-9)))
-        if q >= r.remaining_steps and q * t + info.decode_s > window_s + 1e-9:
-            q = r.remaining_steps - 1  # the decode would outlast the round
-        if q < 1:
-            return None
-        devs = place([(0, degree, r.device_ids)], free, self.num_devices, self.known_groups).get(0)
-        if devs is None:
-            return None
-        free.difference_update(devs)
-        return GroupSpec(devs, (r.request_id,), q)
+    def _projected_slowdown(self, r: SchedRequest, now_s: float) -> float:
+        """Its slowdown if it finished as fast as it can from now."""
+        shape = self._shape_of(r)
+        fastest = min(t for _, t in shape.options)
+        iso = self.cost.encode_s() + r.num_steps * fastest + shape.decode_s
+        return (now_s - r.arrival_s + r.remaining_steps * fastest + shape.decode_s) / iso
 
-    def _first_degree(self, r: SchedRequest, now_s: float) -> int:
-        """Degree of the first segment of r's cheapest plan (the fastest degree when none meets it)."""
-        info = self._res_of(r)
-        plan = _allocate(info.hull, r.remaining_steps, r.deadline - now_s - info.decode_s)
-        return plan[1][0][0] if plan else info.hull[-1].degree
+    def _steps(self, r: SchedRequest, degree: int, window_s: float = math.inf) -> int:
+        """Steps of r at `degree` in one group: about round_s, at most window_s (0: none fit)."""
+        step_s = self._shape_of(r).step_s[degree]
+        q = min(r.remaining_steps, steps_in(self.round_s, step_s))
+        if window_s < math.inf:
+            q = min(q, int(math.floor(window_s / step_s + 1e-9)))
+        return q
 
-    def _item(self, members: list[SchedRequest], now_s: float, t_next: float, batch: int = 1) -> _Item:
-        """Knapsack options of one request, or of `batch` same-shape requests run batched at degree 1."""
-        r0 = members[0]  # a batch's members share _shape (_batch_items)
-        info = self._res_of(r0)
-        hull, decode = info.hull, info.decode_s
-        # "none": resume at the next round.
-        sv_none = 0
-        cost_none = 0.0
-        for r in members:
-            plan = _allocate(hull, r.remaining_steps, r.deadline - t_next - decode)
-            if plan is None:
-                cost_none += r.remaining_steps * hull[-1].gpu_s
-            else:
-                sv_none += 1
-                cost_none += plan[0]
-        options: list[tuple[int, float]] = [(0, float(sv_none))]
-        steps_of: list[int] = [0]
-        savings: list[float] = [0.0]
-        if batch > 1:
-            t = info.batch_step_s[batch]
-            runs = [(1, t, min(min(r.remaining_steps for r in members), info.round_steps_batched[batch]))]
-        else:
-            plan = _allocate(hull, r0.remaining_steps, r0.deadline - now_s - decode)
-            segs = plan[1] if plan else [(hull[-1].degree, r0.remaining_steps)]
-            runs = []
-            for i, (d, n) in enumerate(segs):
-                # The cheap first segment is capped at its planned length: more steps at that
-                # degree would eat time the rest of the plan needs.
-                q = info.round_steps[d]
-                q = min(q, n) if i == 0 and len(segs) > 1 else min(q, r0.remaining_steps)
-                runs.append((d, info.step_s[d], q))
-        for d, t, q in runs:
-            end = now_s + q * t
-            resume = end if end > t_next else t_next
-            sv = 0
-            spent = q * t * d  # shared by the members of a batch
-            for r in members:
-                rest = r.remaining_steps - q
-                if rest <= 0:
-                    sv += end + decode <= r.deadline + 1e-9
-                    continue
-                plan = _allocate(hull, rest, r.deadline - resume - decode)
-                if plan is None:
-                    spent += rest * hull[-1].gpu_s
-                else:
-                    sv += 1
-                    spent += plan[0]
-            options.append((d, float(sv)))
-            steps_of.append(q)
-            savings.append(cost_none - spent)
-        return _Item(members, options, steps_of, batch, savings)
-
-    def _normalise(self, items: list[_Item]) -> None:
-        """Fold the tie-breaks into the option values, each level too small to outweigh the one
-        above it: survival counts 1 each; GPU-seconds saved share 0.5 in total; earliest deadline
-        (items are in deadline order) and 'run rather than idle' share 0.01."""
-        total = sum(max(abs(s) for s in it.savings) for it in items) or 1.0
-        n = len(items)
-        for rank, it in enumerate(items):
-            edf = 0.01 * (n - rank) / (n * (n + 1) / 2 + 1)
-            it.options = [
-                (width, value + (0.5 * it.savings[j] / total if j else 0.0) + (edf if j else 0.0))
-                for j, (width, value) in enumerate(it.options)
-            ]
-
-    # ---- 6. selective batching -----------------------------------------------------------------
-
-    def _batch_items(self, items: list[_Item], spare: list[tuple], capacity: int, now_s: float,
-                     t_next: float) -> tuple[list[_Item], list[tuple]]:
-        """Merge identical-resolution degree-1 requests into batches where no member's deadline
-        suffers (each member must still survive at the batched step time). Members may come from
-        the requests the knapsack would not see (`spare`: (deadline, arrival, index, request)
-        entries); those are taken out of `spare`. With a measured cache factor, only requests with the
-        same `cached` are batched together (the batch is costed at their common step time)."""
-        pools: dict[tuple[int, int, bool], list[SchedRequest]] = {}  # (width, height, cached) -> requests
-        for it in items:
-            r = it.members[0]
-            if len(it.options) > 1 and it.options[1][0] == 1 and self._res_of(r).batch_step_s:
-                pools.setdefault(self._shape(r), []).append(r)
-        extra: dict[tuple[int, int, bool], list[tuple[float, float, int, SchedRequest]]] = {}
-        batchable = {shape for shape, info in self._res_cache.items() if info.batch_step_s}
-        for e in spare:
-            shape = self._shape(e[3])
-            if shape in batchable:
-                extra.setdefault(shape, []).append(e)
-        for shape, entries in extra.items():
-            info = self._res(*shape)
-            # A couple of full batches' worth, not the whole queue.
-            for *_, r in heapq.nsmallest(2 * max(info.batch_step_s), entries):
-                plan = _allocate(info.hull, r.remaining_steps, r.deadline - now_s - info.decode_s)
-                if plan is not None and plan[1][0][0] == 1:
-                    pools.setdefault(shape, []).append(r)
-        batched: set[int] = set()
-        batches: list[_Item] = []
-        max_batches = max(1, capacity // 2)  # batching is for when devices are short, not a default
-        for shape, pool in pools.items():
-            if len(pool) < 2:
+    def _start_due(self, protected: list[SchedRequest], chosen: dict, free: int, now_s: float) -> int:
+        """2. Requests whose virtual slot starts now, at the slot's degree (the first segment's steps
+        when the plan switches degree later)."""
+        for r in protected:
+            slot = self._slots[r.request_id]
+            if slot.start_s > now_s + 1e-9 or slot.degree > free:
                 continue
-            info = self._res(*shape)
-            sizes = sorted(info.batch_step_s, reverse=True)
-            pool.sort(key=lambda r: (r.deadline, r.arrival_s))
-            while len(pool) >= 2 and len(batches) < max_batches:
-                made = None
-                for b in sizes:
-                    if b <= len(pool) and self._all_survive_batched(pool[:b], info, b, now_s, t_next):
-                        made = self._item(pool[:b], now_s, t_next, batch=b)
-                        break
-                if made is None:
-                    break
-                batches.append(made)
-                batched.update(id(r) for r in pool[:made.batch])
-                pool = pool[made.batch:]
-        if not batches:
-            return items, spare
-        out = [it for it in items if id(it.members[0]) not in batched] + batches
-        out.sort(key=lambda it: min((m.deadline, m.arrival_s) for m in it.members))
-        return out, [e for e in spare if id(e[3]) not in batched]
+            q = self._steps(r, slot.degree)
+            if slot.first_steps < r.remaining_steps:
+                q = min(q, slot.first_steps)
+            chosen[r.request_id] = (slot.degree, q)
+            free -= slot.degree
+        return free
 
-    def _all_survive_batched(self, members: list[SchedRequest], info: _Res, batch: int, now_s: float,
-                             t_next: float) -> bool:
-        """Would every member still meet its deadline after this round's steps run batched?
-        (The survival test of `_item`, without its GPU-second accounting.)"""
-        t = info.batch_step_s[batch]
-        q = min(min(r.remaining_steps for r in members), info.round_steps_batched[batch])
-        end = now_s + q * t
-        resume = end if end > t_next else t_next
-        for r in members:
-            rest = r.remaining_steps - q
-            if rest <= 0:
-                if end + info.decode_s > r.deadline + 1e-9:
-                    return False
-            elif resume + rest * info.fast_s + info.decode_s > r.deadline + 1e-9:
-                return False
-        return True
+    def _take(self, r: SchedRequest, degrees: list[int], chosen: dict, windows: list[float], now_s: float) -> bool:
+        """Run r at the widest of `degrees` whose group fits the windows of the devices it would
+        take (the ones needed last)."""
+        for d in reversed(degrees):
+            if d > len(windows):
+                continue
+            q = self._steps(r, d, windows[d - 1] - now_s)
+            if q >= 1:
+                chosen[r.request_id] = (d, q)
+                del windows[:d]
+                return True
+        return False
 
-    # ---- round fill ----------------------------------------------------------------------------
+    def _start_early(self, protected: list[SchedRequest], chosen: dict, windows: list[float], now_s: float) -> None:
+        """3. Devices idle now that the virtual schedule needs later (or never): protected requests
+        due later, earliest deadline first, at up to their planned degree."""
+        for r in protected:
+            if not windows:
+                return
+            if r.request_id not in chosen:
+                planned = self._slots[r.request_id].degree
+                self._take(r, [d for d, _ in self._shape_of(r).options if d <= planned], chosen, windows, now_s)
 
-    def _fill(self, specs: list[GroupSpec]) -> list[GroupSpec]:
-        """Choose the round's length and every group's step count so that the devices idle least.
+    def _start_late(self, late: list[SchedRequest], chosen: dict, windows: list[float], now_s: float) -> None:
+        """5. Given-up requests on what is left, one device each, least remaining work first."""
+        if not windows:
+            return
+        late.sort(key=lambda r: (r.remaining_steps * self._shape_of(r).step_s[1], r.arrival_s))
+        for r in late:
+            if not windows:
+                return
+            self._take(r, [1], chosen, windows, now_s)
 
-        Groups have different step times, so with one length for all some idle at the end of the
-        round. Candidate lengths are the group ends (k steps, + decode when k finishes the request)
-        within [ROUND_MIN, ROUND_MAX] x tau (and at least the longest single step); each group then
-        runs as many steps as fit, and the length wasting the fewest device-seconds (per second of
-        round) wins."""
-        tau = self.round_s
-        reqs = self._requests
-        groups = []
-        for s in specs:
-            members = [reqs[rid] for rid in s.request_ids]
-            r0 = members[0]
-            info = self._res_of(r0)
-            t = info.step_s[len(s.device_ids)] if len(members) == 1 else info.batch_step_s[len(members)]
-            remaining = min(r.remaining_steps for r in members)
-            decode = sum(self._res_of(r).decode_s for r in members if r.remaining_steps == remaining)
-            groups.append((s, t, remaining, decode))
-        shortest_round = max(t + (decode if remaining == 1 else 0.0) for _, t, remaining, decode in groups)
-        lo = max(ROUND_MIN * tau, shortest_round)
-        hi = max(ROUND_MAX * tau, lo)
-        candidates = {lo, hi}
-        for _, t, remaining, decode in groups:
-            if t < FINE_STEP * tau and remaining * t > hi:
-                continue  # short steps fit any length well (< FINE_STEP x tau idle): no candidates
-            k = max(1, math.ceil(lo / t - 1e-9))
-            while k <= remaining:
-                end = k * t + (decode if k == remaining else 0.0)
-                if end > hi + 1e-9:
-                    break
-                if end >= lo - 1e-9:
-                    candidates.add(end)
-                k += 1
+    def _scale_up(self, ready: list[SchedRequest], chosen: dict, windows: list[float], now_s: float) -> None:
+        """4. Double the degree of a chosen group while devices are idle, biggest saving of time per
+        added device first (only where the step gets >= SCALE_UP_MIN_GAIN faster), for the steps
+        that fit the added devices' windows."""
+        by_id = {r.request_id: r for r in ready}
+        while windows:
+            best = None
+            for rid, (d, q) in chosen.items():
+                r = by_id[rid]
+                step = self._shape_of(r).step_s
+                if d > len(windows) or 2 * d not in step or step[2 * d] > (1 - SCALE_UP_MIN_GAIN) * step[d]:
+                    continue
+                q2 = self._steps(r, 2 * d, windows[d - 1] - now_s)
+                if q2 < 1:
+                    continue
+                saving = r.remaining_steps * (step[d] - step[2 * d]) / d
+                if best is None or saving > best[0]:
+                    best = (saving, rid, q2)
+            if best is None:
+                return
+            _, rid, q2 = best
+            d = chosen[rid][0]
+            chosen[rid] = (2 * d, q2)
+            del windows[:d]
 
-        def steps_within(length: float, t: float, remaining: int, decode: float) -> int:
-            q = min(remaining, int(math.floor(length / t + 1e-9)))
-            if q == remaining and q * t + decode > length + 1e-9:
-                q -= 1  # the decode would outlast the round: finish next round
-            return q
-
-        best = None
-        for length in sorted(candidates):
-            idle = 0.0
-            for s, t, remaining, decode in groups:
-                q = steps_within(length, t, remaining, decode)
-                idle += len(s.device_ids) * (length - q * t - (decode if q == remaining else 0.0))
-            score = idle / length
-            if best is None or score < best[0] - 1e-9:
-                best = (score, length)
-        length = best[1]
-        return [GroupSpec(s.device_ids, s.request_ids, max(1, steps_within(length, t, remaining, decode)))
-                for s, t, remaining, decode in groups]
-
-
-def _lower_hull(points: list[HullPoint]) -> list[HullPoint]:
-    """Cheapest-first lower convex hull of (step time, GPU-seconds) after dropping dominated points."""
-    pareto: list[HullPoint] = []
-    for p in sorted(points, key=lambda p: (p.gpu_s, p.step_s)):
-        if not pareto or p.step_s < pareto[-1].step_s:  # keep only points faster than all cheaper ones
-            pareto.append(p)
-    hull: list[HullPoint] = []
-    for p in pareto:
-        while len(hull) >= 2:
-            a, b = hull[-2], hull[-1]
-            # b on or above the chord a-p: mixing a and p is never worse than using b.
-            if (b.step_s - a.step_s) * (p.gpu_s - a.gpu_s) - (b.gpu_s - a.gpu_s) * (p.step_s - a.step_s) >= 0:
-                hull.pop()
-            else:
-                break
-        hull.append(p)
-    return hull
-
-
-def _allocate(hull: list[HullPoint], steps: int, budget_s: float) -> tuple[float, list[tuple[int, int]]] | None:
-    """Cheapest (GPU-seconds) split of `steps` over the hull's degrees finishing within budget_s.
-
-    The LP optimum mixes the two adjacent hull points around budget/steps; rounding the fast
-    share up keeps it feasible (and matched brute force on the test profiles)."""
-    if steps <= 0:
-        return (0.0, []) if budget_s >= -1e-9 else None
-    first = hull[0]
-    if steps * first.step_s <= budget_s + 1e-9:
-        return steps * first.gpu_s, [(first.degree, steps)]
-    for a, b in zip(hull, hull[1:]):
-        if steps * b.step_s <= budget_s + 1e-9:
-            n_fast = math.ceil((steps * a.step_s - budget_s) / (a.step_s - b.step_s) - 1e-9)
-            n_fast = min(max(n_fast, 0), steps)
-            n_slow = steps - n_fast
-            segs = [(a.degree, n_slow)] if n_slow else []
-            segs.append((b.degree, n_fast))
-            return n_slow * a.gpu_s + n_fast * b.gpu_s, segs
-    return None
-
-
-def _chain_items(items: list[_Item], spare: list[tuple], make) -> Iterator[_Item]:
-    """The knapsack's left-out items, then items made on demand for the requests it never saw
-    ((deadline, arrival, index, request) entries), earliest deadline first."""
-    yield from items
-    for *_, r in sorted(spare):
-        yield make(r)
+    def _place(self, chosen: dict, idle: list[int]) -> list[GroupSpec]:
+        """6. Aligned groups, latents kept where they are. A group that finds no aligned block
+        free (the idle devices are fragmented) runs at half the degree, for no longer."""
+        specs: list[GroupSpec] = []
+        free = list(idle)
+        todo = dict(chosen)
+        while todo:
+            placed = place([(rid, d, self._requests[rid].device_ids) for rid, (d, _) in todo.items()],
+                           free, self.num_devices, self.known_groups)
+            retry = {}
+            for rid, (d, q) in todo.items():
+                devs = placed.get(rid)
+                if devs is not None:
+                    specs.append(GroupSpec(devs, (rid,), q))
+                    free = [x for x in free if x not in devs]
+                elif d > 1 and d // 2 in self.degrees:
+                    step = self._shape_of(self._requests[rid]).step_s
+                    retry[rid] = (d // 2, max(1, min(q, int(q * step[d] / step[d // 2] + 1e-9))))
+            todo = retry
+        return specs

@@ -4,7 +4,10 @@ The paper's workload (FLUX.1-dev, 8xH100): square 256/512/1024/2048 px images, 5
 table of slo.py x an SLO scale, Poisson arrivals at a rate per minute, and two resolution mixes:
 Uniform (equal shares) and Skewed (p proportional to exp(alpha * L / L_max), alpha = 1, with
 L = H*W/16^2 tokens, so large images are the most frequent). Bursty traffic uses Gamma
-inter-arrival times with a coefficient of variation > 1 (cv = 1 is Poisson).
+inter-arrival times with a coefficient of variation > 1 (cv = 1 is Poisson). The "mixed" mix is
+not the paper's: non-square aspect ratios (MIXED_SIZES_PX, portrait and landscape, 0.4 to 4.7
+megapixels) and a step count per request (MIXED_STEPS), both drawn uniformly; its SLOs follow the
+same rule (slo.py interpolates in token count and scales by steps).
 
 A trace file has one JSON object per line: {"arrival_s", "width", "height", "steps", "slo_ms"}
 (optionally "request_id", and "cache": "off" | "auto", default "off": the request runs with step
@@ -26,7 +29,11 @@ if TYPE_CHECKING:  # pragma: no cover
     from tetri_engine.sched.cost import CostModel
 
 PAPER_SIDES_PX = (256, 512, 1024, 2048)
-MIXES = ("uniform", "skewed")
+MIXES = ("uniform", "skewed", "mixed")
+# (width, height) of the "mixed" workload: FLUX-style aspect ratios, multiples of 16.
+MIXED_SIZES_PX = ((512, 512), (768, 512), (512, 768), (1024, 1024), (1344, 768), (768, 1344),
+                  (1536, 640), (640, 1536), (2048, 1152), (1152, 2048), (2048, 2048))
+MIXED_STEPS = (20, 28, 50)
 
 
 @dataclass(frozen=True)
@@ -41,13 +48,15 @@ class TraceRequest:
 
 
 def mix_probabilities(mix: str, sides_px: Sequence[int] = PAPER_SIDES_PX, alpha: float = 1.0) -> list[float]:
-    """Share of each (square) resolution in a mix."""
+    """Share of each (square) resolution in a paper mix ("uniform", "skewed")."""
     if mix == "uniform":
         return [1.0 / len(sides_px)] * len(sides_px)
     if mix == "skewed":
         tokens = [num_tokens(s, s) for s in sides_px]
         weights = [math.exp(alpha * t / max(tokens)) for t in tokens]
         return [w / sum(weights) for w in weights]
+    if mix == "mixed":
+        raise ValueError("the mixed workload draws sizes from MIXED_SIZES_PX, not from a share per side")
     raise ValueError(f"unknown mix {mix!r}: choose from {', '.join(MIXES)}")
 
 
@@ -74,22 +83,27 @@ def generate_trace(
     if num_requests < 0 or rate_per_min <= 0:
         raise ValueError("num_requests must be >= 0 and rate_per_min > 0")
     rng = random.Random(seed)
-    probs = mix_probabilities(mix, sides_px, alpha)
+    probs = mix_probabilities(mix, sides_px, alpha) if mix != "mixed" else []
     mean_gap_s = 60.0 / rate_per_min
     if arrival == "gamma":
         shape = 1.0 / (burstiness_cv ** 2)
     elif arrival != "poisson":
         raise ValueError(f"unknown arrival process {arrival!r}: poisson or gamma")
-    slo_cache: dict[int, float] = {}
+    slo_cache: dict[tuple[int, int, int], float] = {}
     out: list[TraceRequest] = []
     t = 0.0
     for i in range(num_requests):
         gap = rng.expovariate(1.0 / mean_gap_s) if arrival == "poisson" else rng.gammavariate(shape, mean_gap_s / shape)
         t += gap
-        side = rng.choices(sides_px, weights=probs)[0]
-        if side not in slo_cache:
-            slo_cache[side] = 1000.0 * slo_s(side, side, steps, cost, 1.0, max_degree)
-        out.append(TraceRequest(round(t, 6), side, side, steps, round(slo_cache[side], 3), f"req-{i:05d}"))
+        if mix == "mixed":
+            (width, height), n = rng.choice(MIXED_SIZES_PX), rng.choice(MIXED_STEPS)
+        else:
+            side = rng.choices(sides_px, weights=probs)[0]
+            width, height, n = side, side, steps
+        key = (width, height, n)
+        if key not in slo_cache:
+            slo_cache[key] = 1000.0 * slo_s(width, height, n, cost, 1.0, max_degree)
+        out.append(TraceRequest(round(t, 6), width, height, n, round(slo_cache[key], 3), f"req-{i:05d}"))
     return out
 
 

@@ -295,7 +295,7 @@ def rejection_error(exc: RequestRejected) -> APIError:
 async def stream_image(request: web.Request, engine: "AsyncEngine",
                        params: protocol.ImageGenerationParams,
                        gen_request: GenerationRequest) -> web.StreamResponse:
-    """SSE: tetri.queued, tetri.round, tetri.step (unless progress_events=false: a client that
+    """SSE: tetri.queued, tetri.round, tetri.step, tetri.late (unless progress_events=false: a client that
     expects only OpenAI's event types), image_generation.partial_image, then
     image_generation.completed (or an `error` event)."""
     outputs = engine.generate(gen_request)
@@ -317,6 +317,8 @@ async def stream_image(request: web.Request, engine: "AsyncEngine",
                     await response.write(protocol.round_event(out))
                 elif out.kind == "step" and progress:
                     await response.write(protocol.step_event(out))
+                elif out.kind == "late" and progress:
+                    await response.write(protocol.late_event(out))
                 elif out.kind == "preview" and _preview_wanted(params, previews_sent):
                     png = out.png or await asyncio.to_thread(encode_png, out.image)
                     await response.write(protocol.partial_image_event(params, png, previews_sent, out))

@@ -361,6 +361,11 @@ def step_event(out: GenerationOutput) -> bytes:
                               "total_steps": out.total_steps})
 
 
+def late_event(out: GenerationOutput) -> bytes:
+    """The scheduler gave the request up: it will miss its deadline and still runs, best effort."""
+    return sse("tetri.late", {"request_id": out.request_id, "step": out.step, "total_steps": out.total_steps})
+
+
 def partial_image_event(params: ImageGenerationParams, png: bytes, index: int,
                         out: GenerationOutput) -> bytes:
     return sse("image_generation.partial_image",
