@@ -256,7 +256,7 @@ def run_variant(name: str, runtime, devices: list[str], args, big_thread) -> lis
             print_row(row)
         if args.same_device and device_is_cuda(devices):
             result = {"kind": "probe", "variant": name, **probe(executor, big_thread, args.small[0], args.repeats * 3)}
-            print(f"  probe {name:12s} preview idle {result['preview_idle_ms']:8.1f} ms, beside big steps on the "
+            print(f"  probe {name:15s} preview idle {result['preview_idle_ms']:8.1f} ms, beside big steps on the "
                   f"default stream {result['preview_beside_ms']:8.1f} ms", flush=True)
             rows.append(result)
     return rows
@@ -266,7 +266,7 @@ def device_is_cuda(devices: list[str]) -> bool:
     return devices[0].startswith("cuda")
 
 
-HEADER = (f"{'variant':12s} {'small':>5s} {'alone ms':>9s} {'beside ms':>9s} {'slowdn':>6s} "
+HEADER = (f"{'variant':15s} {'small':>5s} {'alone ms':>9s} {'beside ms':>9s} {'slowdn':>6s} "
           f"{'inputs GPU ms a/b':>17s} {'step GPU ms a/b':>15s} {'host us/step a/b':>16s} {'room wait ms a/b':>16s}")
 
 
@@ -276,7 +276,7 @@ def _pair(row: dict, key: str, scale: str = "{:.1f}") -> str:
 
 
 def print_row(row: dict) -> None:
-    print(f"{row['variant']:12s} {row['small']:5d} {row['alone_wall_ms']:9.1f} {row['beside_wall_ms']:9.1f} "
+    print(f"{row['variant']:15s} {row['small']:5d} {row['alone_wall_ms']:9.1f} {row['beside_wall_ms']:9.1f} "
           f"{row['slowdown']:6.2f} {_pair(row, 'inputs_gpu_ms'):>17s} {_pair(row, 'step_gpu_ms'):>15s} "
           f"{_pair(row, 'host_us_per_step', '{:.0f}'):>16s} {_pair(row, 'host_room_wait_ms'):>16s}", flush=True)
 
