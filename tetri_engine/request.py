@@ -165,7 +165,9 @@ class RequestMetrics:
 class GenerationOutput:
     """One item of `AsyncEngine.generate()` (kinds: `OutputKind`).
 
-    "queued" (always first; queue_position), "round" (degree, devices assigned for a round), "step"
+    "queued" (always first; queue_position), "round" (degree, devices and parallel `layout` of a group:
+    {"cfg": guidance branches side by side, "sp": sequence-parallel devices per branch, "decode":
+    devices of the decode after its steps, 0 when it does not finish there}), "step"
     (step k of total done), "preview" (image is a low-cost preview), "late" (at most once: the
     scheduler gave it up, it will miss its deadline and still runs best effort), "final" (last item:
     state is terminal; image/png set when completed, error set otherwise). `late` is True on every
@@ -186,6 +188,7 @@ class GenerationOutput:
     seed: int | None = None
     metrics: RequestMetrics | None = None
     error: str | None = None
+    layout: dict[str, int] | None = None  # "round" outputs: the group's parallel layout
 
     @property
     def finished(self) -> bool:

@@ -4,6 +4,9 @@ devices and write the profile JSON the scheduler plans with (docs/ARCHITECTURE.m
     tetri-engine profile --model flux-dev --devices cuda:0,cuda:1 --resolutions 256,512,1024,2048 \
         --degrees 1,2 --batches 1,2,4 --steps 20 --output bench/profiles/flux-dev-2xH200.json
 
+Where the model offers them (`--methods`, issue 16), each even degree is measured again in the
+CFG-parallel layout (SD3: "cfg": 2 entries) and the decode at each degree > 1 (patch-parallel VAE).
+
 The model runs as the engine runs it (compiled, the chosen attention kernel, CUDA graphs: the same
 flags and defaults as `serve`). On one GPU, refresh the degree-1 rows of a 2-GPU profile with
 `--devices cuda:0 --degrees 1 --merge-into bench/profiles/flux-dev-2xH200.json --output <same file>`.
@@ -49,6 +52,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--chunk-steps", type=int, default=5,
                         help="steps per executor call, as the engine runs rounds (default: 5)")
     parser.add_argument("--decode-repeats", type=int, default=3)
+    parser.add_argument("--methods", default="ulysses,cfg,patch_vae",
+                        help="parallel methods to measure where the model offers them: cfg (the guidance "
+                             "branches side by side, at each even degree; a model with true CFG, e.g. SD3), "
+                             "patch_vae (the decode at each degree > 1); ulysses is always measured")
     parser.add_argument("--extend", default="64,2048",
                         help="MIN,MAX side: add extrapolated entries so the profile covers every size from "
                              "MIN^2 to MAX^2 (marked 'extrapolated'); 'none' to keep only measured entries")
@@ -66,7 +73,17 @@ def settings_from_args(args, num_devices: int):
     return ProfileSettings(resolutions=parse_resolutions(args.resolutions), degrees=parse_ints(args.degrees),
                            batches=parse_ints(args.batches), steps=args.steps, warmup_steps=args.warmup_steps,
                            chunk_steps=args.chunk_steps, decode_repeats=args.decode_repeats,
-                           batch_max_px=args.batch_max_px, anchors=anchors)
+                           batch_max_px=args.batch_max_px, anchors=anchors, methods=parse_methods(args.methods))
+
+
+def parse_methods(text: str) -> tuple[str, ...]:
+    from tetri_engine.engine.profiling import METHODS
+
+    methods = tuple(m.strip() for m in text.split(",") if m.strip())
+    unknown = sorted(set(methods) - set(METHODS))
+    if unknown:
+        raise SystemExit(f"--methods: unknown {unknown}; choose from {', '.join(METHODS)}")
+    return methods
 
 
 def model_options(args) -> dict:

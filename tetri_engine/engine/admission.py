@@ -19,7 +19,7 @@ import random
 import time
 import uuid
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, Callable
 
 from tetri_engine.config import AdmissionMode, EngineConfig
 from tetri_engine.errors import RejectionReason, RequestRejected
@@ -35,6 +35,8 @@ class ModelLimits:
     size_rule: SizeRule  # the engine's sizes narrowed by the model's
     default_steps: int
     default_guidance: float
+    # (guidance_scale, cached) -> whether such a request may run CFG-parallel (ModelInfo.cfg_parallel)
+    cfg_parallel: Callable[[float, bool], bool] | None = None
 
 
 def validate_request(request: GenerationRequest, config: EngineConfig, limits: ModelLimits) -> GenerationRequest:
@@ -134,6 +136,11 @@ class Admission:
         self._check_deadline(req, deadline_s, policy, time.monotonic() if now_s is None else now_s)
         return req, deadline_s
 
+    def cfg_parallel(self, req: GenerationRequest) -> bool:
+        """Whether the validated request may run its guidance branches side by side (SchedRequest.cfg)."""
+        rule = self.limits.cfg_parallel
+        return rule is not None and rule(req.guidance_scale, req.cache == CacheMode.AUTO)
+
     def _deadline_s(self, req: GenerationRequest, policy: Any) -> float:
         """The request's own deadline, else the SLO table's for its size x its scale."""
         from tetri_engine.sched import slo_s
@@ -148,9 +155,9 @@ class Admission:
         the widest group ("deadline_impossible"), or not alongside the requests it protects now ("busy",
         with its estimate of when it would fit). Admission "reject" refuses both; "best_effort" takes
         them, and the policy gives up whom it must (the request's "late" output says so)."""
-        cached = req.cache == CacheMode.AUTO
+        cached, cfg = req.cache == CacheMode.AUTO, self.cfg_parallel(req)
         answer = policy.admission_check(req.width, req.height, req.num_inference_steps, now_s + deadline_s,
-                                        now_s, cached=cached)
+                                        now_s, cached=cached, cfg=cfg)
         if answer.fits or self.config.admission != AdmissionMode.REJECT:
             return
         size = f"{req.width}x{req.height} in {req.num_inference_steps} steps"
@@ -160,7 +167,8 @@ class Admission:
                 + (f" would fit in about {answer.retry_after_s:.3g} s" if answer.retry_after_s is not None else ""),
                 reason=RejectionReason.BUSY,
                 retry_after_s=answer.retry_after_s)
-        fastest_s = policy.min_finish_s(req.width, req.height, req.num_inference_steps, now_s, cached=cached) - now_s
+        fastest_s = policy.min_finish_s(req.width, req.height, req.num_inference_steps, now_s, cached=cached,
+                                        cfg=cfg) - now_s
         raise RequestRejected(
             f"deadline {deadline_s:.3g} s cannot be met: {size} takes at least {fastest_s:.3g} s here, "
             f"even alone on {policy.max_degree} device(s)", reason=RejectionReason.DEADLINE_IMPOSSIBLE)

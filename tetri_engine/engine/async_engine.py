@@ -233,7 +233,7 @@ class AsyncEngine:
             raise
         model = self._executor.model
         self._admission = Admission(self.config, ModelLimits(self.size_rule, model.default_steps,
-                                                             model.default_guidance), self._cost)
+                                                             model.default_guidance, model.cfg_parallel), self._cost)
         self._core = EngineCore(self._executor, policy, self._devices)
         self._clock_task = asyncio.get_running_loop().create_task(self._core.run(), name="tetri-engine round clock")
         self._phase = EnginePhase.READY
@@ -265,8 +265,9 @@ class AsyncEngine:
 
         if not self._executor.model.compiled:
             return
+        cfg_keys = self._cost.cfg_step_ms if policy.cfg_parallel else {}
         shapes = plan_warmup(self._cost.step_ms, policy.candidate_groups(), len(self._devices), self.size_rule,
-                             self.config.warmup_size_list())
+                             self.config.warmup_size_list(), cfg_keys)
         self.warmup_report = self._executor.warm_up_shapes(shapes, log=lambda message: log.debug("%s", message))
         log.info("warm-up: %s", self.warmup_report.describe())
 
@@ -370,6 +371,7 @@ class AsyncEngine:
         except RequestRejected:
             self._core.tracker.count_rejected(group_size)
             raise
-        tracked = TrackedRequest(request=req, arrival_s=now_s, deadline_s=deadline_s)
+        tracked = TrackedRequest(request=req, arrival_s=now_s, deadline_s=deadline_s,
+                                 cfg=self._admission.cfg_parallel(req))
         self._core.add(tracked)
         return tracked

@@ -187,9 +187,10 @@ class EngineCore:
         if missing:
             raise RuntimeError(f"the policy planned requests the engine does not hold: {missing}")
         for t in tracked:
-            self.tracker.start_group(t, info.devices)
+            self.tracker.start_group(t, info.devices, group.layout)
         future = self.executor.submit_steps(list(group.request_ids), list(group.device_ids), group.num_steps,
-                                            on_step=self._on_step(info.devices), decode_after=group.decode_after)
+                                            on_step=self._on_step(info.devices), decode_after=group.decode_after,
+                                            cfg=group.cfg, decode_degree=group.decode_degree)
         return asyncio.wrap_future(future, loop=self._loop)
 
     def _on_step(self, devices: tuple[str, ...]) -> Callable[[str, int], None]:
@@ -365,7 +366,7 @@ class EngineCore:
             try:
                 self.policy.add_request(SchedRequest(rid, req.width, req.height, req.num_inference_steps,
                                                      arrival_s=tracked.arrival_s, deadline_s=tracked.deadline_at_s,
-                                                     cached=req.cache == CacheMode.AUTO))
+                                                     cached=req.cache == CacheMode.AUTO, cfg=tracked.cfg))
             except Exception as exc:
                 error = f"the scheduler refused it: {exc}"
         if error is not None:

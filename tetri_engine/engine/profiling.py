@@ -13,6 +13,12 @@ is the median over the samples, `steps` steps in all, after `warmup_steps` untim
 shape. Decode: `submit_decode` after the steps, the executor's decode time (VAE + PNG). Encode: the
 executor's prompt-encode time (text encoders + seeded noise), median over every request encoded.
 
+Parallel methods (issue 16), measured where the model offers them and `ProfileSettings.methods` asks:
+"cfg": each even degree again in the CFG-parallel layout (step entries with "cfg": 2; requests with the
+model's default guidance, which must enable true CFG); "patch_vae": the decode at every degree > 1
+(decode entries with "degree": k, `submit_decode` on the first k devices). A profile without them
+offers only sequence parallelism and one-device decodes.
+
 Covering every size the engine admits. The cost model refuses sizes outside the profiled token range
 (it never guesses). A short start-up measurement therefore adds two *extrapolated* batch-1 entries per
 degree, at the smallest and the largest admitted size, from a least-squares fit ms = a + b*T + c*T^2
@@ -39,7 +45,8 @@ from tetri_engine.sched.cost import num_tokens
 
 log = logging.getLogger("tetri_engine.profile")
 
-PROFILE_CODE_VERSION = 2  # bump when the measurement changes meaning: cached profiles are re-measured
+PROFILE_CODE_VERSION = 3  # bump when the measurement changes meaning: cached profiles are re-measured
+METHODS = ("ulysses", "cfg", "patch_vae")  # what `ProfileSettings.methods` may name
 
 
 @dataclass(frozen=True)
@@ -55,6 +62,7 @@ class ProfileSettings:
     decode_max_px: int | None = None  # decode measured only up to this side (None: every size)
     # Extrapolated batch-1 anchors at these (width, height) when outside the measured range.
     anchors: tuple[tuple[int, int], ...] = ()
+    methods: tuple[str, ...] = METHODS  # parallel methods to measure where the model offers them
 
     def key_dict(self) -> dict:
         return {
@@ -62,7 +70,7 @@ class ProfileSettings:
             "batches": list(self.batches), "steps": self.steps, "warmup_steps": self.warmup_steps,
             "chunk_steps": self.chunk_steps, "decode_repeats": self.decode_repeats,
             "batch_max_px": self.batch_max_px, "decode_max_px": self.decode_max_px,
-            "anchors": [list(a) for a in self.anchors],
+            "anchors": [list(a) for a in self.anchors], "methods": list(self.methods),
         }
 
 
@@ -94,11 +102,23 @@ def machine_name(devices: Sequence[str]) -> str:
     return f"{n}xcpu-{os.cpu_count()}cores"
 
 
-def usable_degrees(requested: Sequence[int], num_devices: int, num_heads: int) -> tuple[int, ...]:
+def usable_degrees(requested: Sequence[int], num_devices: int, num_heads: int, cfg: int = 1) -> tuple[int, ...]:
     """The requested degrees that these devices and this model can run (power of two, <= devices,
-    dividing the head count for Ulysses)."""
-    return tuple(sorted({d for d in requested
-                         if d >= 1 and d & (d - 1) == 0 and d <= num_devices and num_heads % d == 0}))
+    its sequence-parallel part dividing the head count for Ulysses; cfg 2: even)."""
+    return tuple(sorted({d for d in requested if d >= cfg and d & (d - 1) == 0 and d <= num_devices
+                         and num_heads % (d // cfg) == 0}))
+
+
+def measured_layouts(executor: Any, settings: ProfileSettings, degrees: Sequence[int]) -> tuple[list[int], list[int]]:
+    """(degrees to measure in the CFG-parallel layout, degrees > 1 to measure the decode at), as the
+    settings ask and the model offers (CFG: with its default guidance)."""
+    model = executor.model
+    cfg = []
+    if "cfg" in settings.methods and model.cfg_parallel(model.default_guidance):
+        cfg = [d for d in usable_degrees(degrees, len(executor.devices), model.num_heads, cfg=2)]
+    decode = [d for d in degrees if d > 1] if "patch_vae" in settings.methods and \
+        "patch_vae" in model.parallel_methods else []
+    return cfg, decode
 
 
 def default_startup_settings(executor: Any, size_rule: SizeRule) -> ProfileSettings:
@@ -134,14 +154,18 @@ def measure_profile(executor: Any, settings: ProfileSettings, *, model_name: str
             f"{num_heads} heads")
     if not degrees:
         raise ValueError(f"no usable degree among {list(settings.degrees)} on {len(devices)} devices")
-    run = _Measurement(executor, settings, say)
+    cfg_degrees, decode_degrees = measured_layouts(executor, settings, degrees)
+    run = _Measurement(executor, settings, say, decode_degrees)
     for width, height in settings.resolutions:
         for degree in degrees:
             batches = [1] + [b for b in settings.batches if b > 1 and degree == 1
                              and max(width, height) <= settings.batch_max_px]
             for batch in batches:
                 run.measure(width, height, degree, batch)
+            if degree in cfg_degrees:
+                run.measure(width, height, degree, 1, cfg=2)
     extrapolated = _add_anchors(run.step_entries, settings.anchors, degrees)
+    extrapolated += _add_anchors(run.step_entries, settings.anchors, cfg_degrees, cfg=2)
     profile = {
         "model": model_name,
         "machine": machine_name(devices),
@@ -167,28 +191,31 @@ def measure_profile(executor: Any, settings: ProfileSettings, *, model_name: str
 class _Measurement:
     """The entries of one profile run, measured one (size, degree, batch) at a time."""
 
-    def __init__(self, executor: Any, settings: ProfileSettings, say: Callable[[str], None]):
+    def __init__(self, executor: Any, settings: ProfileSettings, say: Callable[[str], None],
+                 decode_degrees: Sequence[int] = ()):
         self.executor, self.settings, self.say = executor, settings, say
+        self.decode_degrees = list(decode_degrees)  # patch-parallel decodes to measure, besides one device
         self.step_entries: list[dict] = []
         self.decode_entries: list[dict] = []
         self.encode_samples_s: list[float] = []
         self._decoded: set[tuple[int, int]] = set()
         self._counter = 0
 
-    def measure(self, width: int, height: int, degree: int, batch: int) -> None:
-        """One step entry (warm-up, then the timed steps); the size's decode once, at batch 1."""
+    def measure(self, width: int, height: int, degree: int, batch: int, cfg: int = 1) -> None:
+        """One step entry (warm-up, then the timed steps); the size's decodes once, at batch 1."""
         settings = self.settings
         ids = self._encode(width, height, batch)
         try:
             if settings.warmup_steps:
-                self._run_steps(ids, degree, settings.warmup_steps)
-            samples = self._run_steps(ids, degree, settings.steps)
+                self._run_steps(ids, degree, settings.warmup_steps, cfg)
+            samples = self._run_steps(ids, degree, settings.steps, cfg)
             median_s = statistics.median(samples)
             cv = statistics.pstdev(samples) / statistics.mean(samples) if len(samples) > 1 else 0.0
-            self.step_entries.append({"width": width, "height": height, "degree": degree, "batch": batch,
-                                      "ms": round(median_s * 1e3, 4), "n": settings.steps,
-                                      "calls": len(samples), "cv": round(cv, 4)})
-            self.say(f"{width}x{height} degree {degree} batch {batch}: {median_s * 1e3:.2f} ms/step")
+            entry = {"width": width, "height": height, "degree": degree, "batch": batch,
+                     "ms": round(median_s * 1e3, 4), "n": settings.steps, "calls": len(samples), "cv": round(cv, 4)}
+            self.step_entries.append({**entry, "cfg": cfg} if cfg > 1 else entry)
+            self.say(f"{width}x{height} degree {degree} batch {batch}{f' cfg {cfg}' if cfg > 1 else ''}: "
+                     f"{median_s * 1e3:.2f} ms/step")
             wants_decode = settings.decode_max_px is None or max(width, height) <= settings.decode_max_px
             if (width, height) not in self._decoded and batch == 1 and wants_decode:
                 self._measure_decode(ids[0], width, height)
@@ -210,13 +237,13 @@ class _Measurement:
             ids.append(rid)
         return ids
 
-    def _run_steps(self, ids: list[str], degree: int, steps: int) -> list[float]:
+    def _run_steps(self, ids: list[str], degree: int, steps: int, cfg: int = 1) -> list[float]:
         """Per-step seconds of each call, `chunk_steps` steps at a time."""
         samples = []
         left = steps
         while left > 0:
             n = min(self.settings.chunk_steps, left)
-            result = self.executor.submit_steps(ids, list(range(degree)), n).result()
+            result = self.executor.submit_steps(ids, list(range(degree)), n, cfg=cfg).result()
             if result.errors:
                 raise RuntimeError(f"profiling step failed: {result.errors}")
             samples.append(result.seconds / n)
@@ -224,13 +251,17 @@ class _Measurement:
         return samples
 
     def _measure_decode(self, rid: str, width: int, height: int) -> None:
-        decode_s = []
-        for _ in range(max(1, self.settings.decode_repeats)):
-            before = self.executor.progress(rid).decode_s
-            self.executor.submit_decode(rid, 0).result()
-            decode_s.append(self.executor.progress(rid).decode_s - before)
-        self.decode_entries.append({"width": width, "height": height, "ms": round(statistics.median(decode_s) * 1e3, 4)})
-        self.say(f"{width}x{height} decode: {statistics.median(decode_s) * 1e3:.2f} ms")
+        """The decode on one device, then patch-parallel on the first k devices for each decode degree k."""
+        for degree in [1] + [d for d in self.decode_degrees if d <= (height // 8)]:
+            devices = 0 if degree == 1 else tuple(range(degree))
+            decode_s = []
+            for _ in range(max(1, self.settings.decode_repeats)):
+                before = self.executor.progress(rid).decode_s
+                self.executor.submit_decode(rid, devices).result()
+                decode_s.append(self.executor.progress(rid).decode_s - before)
+            entry = {"width": width, "height": height, "ms": round(statistics.median(decode_s) * 1e3, 4)}
+            self.decode_entries.append({**entry, "degree": degree} if degree > 1 else entry)
+            self.say(f"{width}x{height} decode on {degree} device(s): {statistics.median(decode_s) * 1e3:.2f} ms")
         self._decoded.add((width, height))
 
 
@@ -256,14 +287,18 @@ def _fit_ms(points: list[tuple[int, float]]) -> Callable[[int], float]:
     return lambda t: float(sum(c * float(t) ** k for k, c in zip(cols, coef)))
 
 
-def _add_anchors(step_entries: list[dict], anchors: Sequence[tuple[int, int]], degrees: Sequence[int]) -> list[dict]:
-    """Append extrapolated batch-1 entries at `anchors` outside each degree's measured token range.
-    An extrapolated degree-k step is never taken to be more than k times faster than degree 1 there."""
+def _add_anchors(step_entries: list[dict], anchors: Sequence[tuple[int, int]], degrees: Sequence[int],
+                 cfg: int = 1) -> list[dict]:
+    """Append extrapolated batch-1 entries at `anchors` outside each degree's measured token range (of
+    the `cfg` layout). An extrapolated degree-k step is never taken to be more than k times faster than
+    degree 1 there."""
     added = []
-    degree1_ms: dict[tuple[int, int], float] = {}
+    degree1_ms: dict[tuple[int, int], float] = {(e["width"], e["height"]): e["ms"] for e in step_entries
+                                                if e["degree"] == 1 and e["batch"] == 1 and e.get("cfg", 1) == 1}
     for degree in sorted(degrees):
         points = sorted((num_tokens(e["width"], e["height"]), e["ms"]) for e in step_entries
-                        if e["degree"] == degree and e["batch"] == 1 and not e.get("extrapolated"))
+                        if e["degree"] == degree and e["batch"] == 1 and e.get("cfg", 1) == cfg
+                        and not e.get("extrapolated"))
         if not points:
             continue
         fit = _fit_ms(points)
@@ -277,14 +312,14 @@ def _add_anchors(step_entries: list[dict], anchors: Sequence[tuple[int, int]], d
                 ms = max(fit(tokens), points[-1][1] * tokens / hi)
             else:  # small steps are launch-bound: at most the smallest measured, at least half of it
                 ms = min(points[0][1], max(fit(tokens), 0.5 * points[0][1]))
-            if degree == 1:
+            if degree == 1 and cfg == 1:
                 degree1_ms[(width, height)] = ms
             elif (width, height) in degree1_ms:
                 ms = max(ms, degree1_ms[(width, height)] / degree)
             entry = {"width": width, "height": height, "degree": degree, "batch": 1, "ms": round(ms, 4),
-                     "extrapolated": True}
+                     "extrapolated": True, **({"cfg": cfg} if cfg > 1 else {})}
             step_entries.append(entry)
-            added.append({k: entry[k] for k in ("width", "height", "degree", "ms")})
+            added.append({k: entry[k] for k in ("width", "height", "degree", "ms", "cfg") if k in entry})
     return added
 
 
@@ -366,16 +401,17 @@ def merge_profiles(base: dict, new: dict) -> dict:
     def stamped(entries: list[dict], created: str) -> list[dict]:
         return [{**e, "measured": e.get("measured", created)} for e in entries]
 
-    key = lambda e: (e["width"], e["height"], e["degree"], e.get("batch", 1))  # noqa: E731
+    key = lambda e: (e["width"], e["height"], e["degree"], e.get("batch", 1), e.get("cfg", 1))  # noqa: E731
+    decode_key = lambda e: (e["width"], e["height"], e.get("degree", 1))  # noqa: E731
     fresh = {key(e): e for e in stamped(new["step_ms"], new.get("created", "?"))}
     steps = [e for e in stamped(base["step_ms"], base.get("created", "?")) if key(e) not in fresh]
-    decode_new = {(e["width"], e["height"]): e for e in new.get("decode_ms", [])}
-    decode = [e for e in base.get("decode_ms", []) if (e["width"], e["height"]) not in decode_new]
+    decode_new = {decode_key(e): e for e in new.get("decode_ms", [])}
+    decode = [e for e in base.get("decode_ms", []) if decode_key(e) not in decode_new]
     merged = {**base, **{k: v for k, v in new.items() if k not in ("step_ms", "decode_ms", "extrapolated",
                                                                      "num_devices", "devices", "machine", "settings")}}
     merged["step_ms"] = sorted(steps + list(fresh.values()), key=key)
-    merged["decode_ms"] = sorted(decode + list(decode_new.values()), key=lambda e: (e["width"], e["height"]))
-    merged["extrapolated"] = [{k: e[k] for k in ("width", "height", "degree", "ms")}
+    merged["decode_ms"] = sorted(decode + list(decode_new.values()), key=decode_key)
+    merged["extrapolated"] = [{k: e[k] for k in ("width", "height", "degree", "ms", "cfg") if k in e}
                               for e in merged["step_ms"] if e.get("extrapolated")]
     runs = base.get("merged") or [{k: base.get(k) for k in ("created", "source", "dtype", "devices")}]
     degrees = sorted({e["degree"] for e in new["step_ms"]})
@@ -384,35 +420,42 @@ def merge_profiles(base: dict, new: dict) -> dict:
     return merged
 
 
+def layout_name(degree: int, cfg: int = 1) -> str:
+    """"degree 2" (Ulysses over 2), "cfg 2 x sp 1" (the guidance branches side by side, one device each)."""
+    return f"degree {degree}" if cfg == 1 else f"cfg {cfg} x sp {degree // cfg}"
+
+
 def format_table(profile: dict) -> str:
-    """A markdown table of a profile (for bench/RESULTS.md): ms per step by size and degree, the
-    speed-up of each degree over degree 1, batch entries, decode and encode."""
+    """A markdown table of a profile (for bench/RESULTS.md): ms per step by size and layout (degree;
+    CFG-parallel), the speed-up of each over degree 1, batch entries, decode per degree and encode."""
     steps = profile["step_ms"]
-    degrees = sorted({e["degree"] for e in steps})
+    layouts = sorted({(e["degree"], e.get("cfg", 1)) for e in steps})
     sizes = sorted({(e["width"], e["height"]) for e in steps}, key=lambda s: s[0] * s[1])
-    by = {(e["width"], e["height"], e["degree"], e.get("batch", 1)): e for e in steps}
-    decode = {(e["width"], e["height"]): e["ms"] for e in profile.get("decode_ms", [])}
-    head = ["size"] + [f"degree {d} ms/step" for d in degrees] + [f"x{d} speed-up" for d in degrees if d > 1]
-    head.append("decode ms")
+    by = {(e["width"], e["height"], e["degree"], e.get("batch", 1), e.get("cfg", 1)): e for e in steps}
+    decode = {(e["width"], e["height"], e.get("degree", 1)): e["ms"] for e in profile.get("decode_ms", [])}
+    decode_degrees = sorted({d for _, _, d in decode})
+    head = (["size"] + [f"{layout_name(d, c)} ms/step" for d, c in layouts]
+            + [f"{layout_name(d, c)} speed-up" for d, c in layouts if (d, c) != (1, 1)]
+            + [f"decode ms ({d} dev)" for d in decode_degrees])
     lines = [f"{profile.get('model')} on {profile.get('machine')} ({profile.get('dtype')}), "
              f"{profile.get('source', '')}; * = extrapolated, not measured", "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for w, h in sizes:
         row = [f"{w}x{h}"]
-        for d in degrees:
-            e = by.get((w, h, d, 1))
+        for d, c in layouts:
+            e = by.get((w, h, d, 1, c))
             row.append("-" if e is None else f"{e['ms']:.2f}{'*' if e.get('extrapolated') else ''}")
-        for d in degrees:
-            if d == 1:
-                continue
-            one, other = by.get((w, h, 1, 1)), by.get((w, h, d, 1))
-            row.append("-" if not one or not other else f"{one['ms'] / other['ms']:.2f}x")
-        row.append(f"{decode[(w, h)]:.1f}" if (w, h) in decode else "-")
+        one = by.get((w, h, 1, 1, 1))
+        for d, c in layouts:
+            if (d, c) != (1, 1):
+                other = by.get((w, h, d, 1, c))
+                row.append("-" if not one or not other else f"{one['ms'] / other['ms']:.2f}x")
+        row += [f"{decode[(w, h, d)]:.1f}" if (w, h, d) in decode else "-" for d in decode_degrees]
         lines.append("| " + " | ".join(row) + " |")
     batched = sorted((k, e) for k, e in by.items() if k[3] > 1)
     if batched:
         lines += ["", "| size | degree | batch | ms/step | ms/image-step |", "|---|---|---|---|---|"]
-        for (w, h, d, b), e in batched:
+        for (w, h, d, b, _), e in batched:
             lines.append(f"| {w}x{h} | {d} | {b} | {e['ms']:.2f} | {e['ms'] / b:.2f} |")
     lines += ["", f"prompt encode: {profile.get('encode_ms', 0.0):.1f} ms"]
     return "\n".join(lines)

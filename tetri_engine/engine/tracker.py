@@ -42,6 +42,7 @@ class TrackedRequest:
     last_step_reported: int = 0  # the last "step" output sent
     last_preview_step: int = 0
     late: bool = False  # the policy gave it up (announced once, in a "late" output)
+    cfg: bool = False  # it may run CFG-parallel (admission: true CFG on a model offering it, no step cache)
 
     @property
     def request_id(self) -> str:
@@ -103,13 +104,14 @@ class RequestTracker:
         for _ in range(count):
             self.counters.record(RequestState.REJECTED)
 
-    def start_group(self, tracked: TrackedRequest, devices: tuple[str, ...]) -> None:
-        """Its steps are about to run on `devices`."""
+    def start_group(self, tracked: TrackedRequest, devices: tuple[str, ...], layout: dict[str, int] | None = None) -> None:
+        """Its steps are about to run on `devices`, in the parallel `layout` (GroupAssignment.layout)."""
         if tracked.first_round_s is None:
             tracked.first_round_s = time.monotonic()
         tracked.state = RequestState.RUNNING
         tracked.busy = True
-        tracked.outputs.put_nowait(tracked.output(OutputKind.ROUND, degree=len(devices), devices=devices))
+        tracked.outputs.put_nowait(tracked.output(OutputKind.ROUND, degree=len(devices), devices=devices,
+                                                  layout=layout))
 
     def step_done(self, request_id: str, step: int, devices: tuple[str, ...]) -> None:
         tracked = self.live.get(request_id)

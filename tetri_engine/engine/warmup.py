@@ -21,9 +21,12 @@ from tetri_engine.request import SizeRule
 
 
 def plan_warmup(step_keys: Iterable[tuple[int, int, int, int]], groups: Sequence[Sequence[int]], num_devices: int,
-                size_rule: SizeRule, extra_sizes: Sequence[tuple[int, int]] = ()) -> list[WarmupShape]:
+                size_rule: SizeRule, extra_sizes: Sequence[tuple[int, int]] = (),
+                cfg_keys: Iterable[tuple[int, int, int, int]] = ()) -> list[WarmupShape]:
     """step_keys: the profile's (width, height, degree, batch) entries; groups: the policy's candidate
-    (multi-device) groups. Returns the shapes to warm, degree by degree, small sizes first."""
+    (multi-device) groups; cfg_keys: the profile's CFG-parallel entries when the policy plans that
+    layout (warmed like the others, cfg 2: a branch's step has other shapes). Returns the shapes to
+    warm, degree by degree, small sizes first."""
     by_degree: dict[int, list[tuple[int, ...]]] = {1: [(i,) for i in range(num_devices)]}
     for group in groups:
         if tuple(group) not in by_degree.setdefault(len(group), []):
@@ -31,7 +34,10 @@ def plan_warmup(step_keys: Iterable[tuple[int, int, int, int]], groups: Sequence
     wanted = {(w, h, d, b) for w, h, d, b in step_keys if d in by_degree and _admits(size_rule, w, h)}
     wanted |= {(w, h, d, 1) for w, h in extra_sizes for d in by_degree if _admits(size_rule, w, h)}
     order = sorted(wanted, key=lambda k: (k[2], k[0] * k[1], k[3], k[0]))
-    return [WarmupShape(w, h, group, b) for w, h, d, b in order for group in by_degree[d]]
+    shapes = [WarmupShape(w, h, group, b) for w, h, d, b in order for group in by_degree[d]]
+    cfg_wanted = sorted({(w, h, d, b) for w, h, d, b in cfg_keys if d in by_degree and _admits(size_rule, w, h)},
+                        key=lambda k: (k[2], k[0] * k[1], k[3], k[0]))
+    return shapes + [WarmupShape(w, h, group, b, cfg=2) for w, h, d, b in cfg_wanted for group in by_degree[d]]
 
 
 def _admits(rule: SizeRule, width: int, height: int) -> bool:

@@ -13,7 +13,7 @@ the model output of each request), the Euler update of each request's latent sha
 zero), written back into the shard's static buffer, and each request's step index + 1. One graph per key
 
     (model, device, group devices, rank, degree, per request: shard shape, dtype, rows, CFG scale,
-     width, height, text tokens)
+     width, height, text tokens, cfg layout)
 
 with static inputs (the latent shards, every tensor of `rank_inputs`: prompt embeddings, pooled
 projections, guidance, position ids / embeddings of the shard), and per request its schedule
@@ -58,7 +58,7 @@ from typing import Any, Callable
 import torch
 
 from tetri_engine.model.adapter import flow_match_euler_step
-from tetri_engine.model.ulysses import catch_up, sequence_parallel
+from tetri_engine.model.ulysses import sequence_parallel
 
 WARMUP_FORWARDS = 1  # eager steps on the capture stream before each capture
 DEFAULT_MAX_GRAPHS = 32  # per device; least recently used beyond it are dropped
@@ -233,20 +233,21 @@ class CudaGraphs:
 
     @staticmethod
     def key(model: str, device: torch.device, group: tuple[str, ...], rank: int, shards: list[torch.Tensor],
-            prepared: list[Any]) -> tuple:
+            prepared: list[Any], cfg: int = 1) -> tuple:
         first = prepared[0]
         per_request = tuple((tuple(s.shape), str(s.dtype), p.rows, p.guidance_scale if p.rows > 1 else None)
                             for s, p in zip(shards, prepared))
         return (model, str(device), tuple(group), rank, len(group), per_request, first.width, first.height,
-                first.text_tokens)
+                first.text_tokens, cfg)
 
-    def status(self, device: torch.device, key: tuple, comm: Any) -> str:
-        """"ready" (a graph to replay), "failed" (its capture failed: eager) or "missing"."""
+    def status(self, device: torch.device, key: tuple, comms: tuple) -> str:
+        """"ready" (a graph to replay), "failed" (its capture failed: eager) or "missing". comms: the
+        communicators the step exchanges over (Ulysses, guidance twins; None where unused)."""
         dev = self._device(device)
         if key in dev.failed:
             return "failed"
         graph = dev.graphs.get(key)
-        if graph is None or (comm is not None and graph.keepalive[0] is not comm):
+        if graph is None or any(c is not None and c is not kept for c, kept in zip(comms, graph.keepalive[0])):
             return "missing"  # (a graph of an evicted communicator is recaptured on the new one)
         return "ready"
 
@@ -281,7 +282,6 @@ class CudaGraphs:
         current = torch.cuda.current_stream(graph.device)
         dev.stream.wait_stream(current)
         error, exchanges = None, 0
-        rows = sum(r.rows for r in graph.requests)
         with torch.cuda.stream(dev.stream):
             for _ in range(self.warmup):
                 context.exchange_log = []
@@ -289,10 +289,9 @@ class CudaGraphs:
                     graph.step(adapter, transformer, context)
                 except Exception as exc:
                     error = error or _describe(exc)
-                    if context.degree > 1:
+                    if context.degree > 1 or context.cfg_degree > 1:
                         try:
-                            catch_up(context, adapter.exchange_plan(), rows, adapter.num_heads, adapter.head_dim,
-                                     dtype, graph.device)
+                            adapter.catch_up(context, graph.requests, dtype, graph.device)
                         except Exception as exc2:
                             error += f" (and catching up with the group failed: {_describe(exc2)})"
                 exchanges += len(context.exchange_log)
@@ -344,7 +343,7 @@ class CudaGraphs:
         graph.exchanges = exchanges
         # The communicator (NCCL handles in the graph) and the key index of padded shards (made during
         # the warm-up, read by index_select in the graph) must live as long as the graph.
-        graph.keepalive = [context.comm, dict(context._key_index)]
+        graph.keepalive = [(context.comm, context.cfg_comm), dict(context._key_index)]
         self._count("captures")
         self._count("capture_s", time.perf_counter() - start)
         return None

@@ -19,6 +19,14 @@ Worked example with devices ["cuda:0", "cuda:1", "cuda:2", "cuda:3"] (indices 0.
     submit_steps(["a"], (0, 1, 2, 3), 5)         threads 0..3: regroup 2 -> 4 shards once the first job is
                                                  done (rank 0 = cuda:0 does it), 5 steps at degree 4
     submit_steps(["a"], (2,), 40, decode_after=True)   regroup 4 -> 1 onto cuda:2, 40 steps, decode there
+
+and, for a request with true classifier-free guidance (SD3, guidance > 1), other layouts (issue 16):
+
+    submit_steps(["b"], (0, 1), 5, cfg=2)        the uncond branch on cuda:0, the cond branch on cuda:1,
+                                                 each over the whole latent; one exchange per step
+    submit_steps(["b"], (0, 1, 2, 3), 45, cfg=2, decode_after=True, decode_degree=4)
+                                                 branches on (0, 1) and (2, 3), Ulysses within each;
+                                                 then a patch-parallel decode on all four
 """
 from __future__ import annotations
 
@@ -36,6 +44,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from tetri_engine.executor.cuda_graphs import DEFAULT_MAX_GRAPHS, CudaGraphs, graphs_wanted
+from tetri_engine.executor.decode import DecodeJob
 from tetri_engine.executor.latents import LatentPlacer, conditioning_to_host
 from tetri_engine.executor.options import StepEnv, StepOptions
 from tetri_engine.executor.state import (DenoiseState, EncodeResult, ModelInfo, RequestProgress, StepsResult,
@@ -104,7 +113,9 @@ class Executor:
         self.model = ModelInfo(dtype=runtime.precision, num_heads=runtime.num_heads,
                                default_steps=runtime.default_steps, default_guidance=runtime.default_guidance,
                                size_rule=runtime.size_rule, compiled=runtime.compiled is not None,
-                               attention=runtime.attention.backend if runtime.attention else "sdpa")
+                               attention=runtime.attention.backend if runtime.attention else "sdpa",
+                               parallel_methods=runtime.parallel_methods,
+                               cfg_guidance_above=runtime.adapter.cfg_guidance_above)
         self.devices = list(devices or runtime.devices)
         unknown = [d for d in self.devices if d not in runtime.devices]
         if unknown:
@@ -231,16 +242,18 @@ class Executor:
 
     def submit_steps(self, request_ids: Sequence[str], device_indices: Sequence[int], num_steps: int,
                      on_step: Callable[[str, int], None] | None = None,
-                     decode_after: bool = False) -> Future[StepsResult]:
+                     decode_after: bool = False, *, cfg: int = 1, decode_degree: int = 1) -> Future[StepsResult]:
         """Run `num_steps` steps of the requests on the devices `device_indices` (rank order).
 
         The latents move onto these devices first when they are elsewhere. Several requests (same
         size) run as one batched forward. A request with fewer steps left stops early. on_step(
         request_id, step) is called on a worker thread after each step (step = steps done in total).
-        decode_after: decode each request that finished, on the first device of the group.
+        decode_after: decode each request that finished, on the first `decode_degree` devices of the
+        group (patch-parallel when > 1). cfg: 2 runs each request's two guidance branches side by side,
+        branch c on device_indices[c * k/2:(c + 1) * k/2] (requests with true CFG only, no step cache).
         Resolves to a StepsResult; a failed request carries its error there and does not disturb the
         others (or the threads). Raises ValueError at once for a call that cannot run (unknown request,
-        bad devices, heads not divisible by the degree).
+        bad devices, heads not divisible by the sequence-parallel degree, a layout the model lacks).
         """
         request_ids = list(request_ids)
         device_indices = tuple(int(i) for i in device_indices)
@@ -252,7 +265,7 @@ class Executor:
             raise ValueError(f"device_indices {device_indices} out of range for {len(self.devices)} devices")
         if num_steps < 0:
             raise ValueError(f"num_steps must be >= 0, got {num_steps}")
-        check_heads(self.runtime.num_heads, len(device_indices))
+        self._check_layout(len(device_indices), cfg, decode_degree if decode_after else 1)
         with self._lock:
             self._check_open()
             states = [self._state(rid) for rid in request_ids]
@@ -261,13 +274,18 @@ class Executor:
             for s in states:
                 s.idle = threading.Event()
                 release.append(s.idle)
-            job = StepsJob(self._env, states, device_indices, int(num_steps), on_step, decode_after, wait_for, release)
+            job = StepsJob(self._env, states, device_indices, int(num_steps), on_step, decode_after, wait_for, release,
+                           cfg=cfg, decode_degree=decode_degree if decode_after else 1)
             for rank, index in enumerate(device_indices):
                 self._workers[index].tasks.put(lambda rank=rank: job.run(rank))
         return job.future
 
-    def submit_decode(self, request_id: str, device_index: int) -> Future[tuple[Any, bytes]]:
-        """Gather the request's latent onto `device_index` and decode it there -> (PIL image, PNG bytes)."""
+    def submit_decode(self, request_id: str, device_index: int | Sequence[int]) -> Future[tuple[Any, bytes]]:
+        """Gather the request's latent onto `device_index` and decode it there -> (PIL image, PNG bytes);
+        several device indices: decode it patch-parallel on them (executor/decode.py)."""
+        if not isinstance(device_index, int):
+            return self._submit_parallel_decode(request_id, tuple(int(i) for i in device_index))
+
         def decode(state: DenoiseState) -> tuple[Any, bytes]:
             start = time.perf_counter()
             result = self.latents.decode(state, device_index)
@@ -275,6 +293,33 @@ class Executor:
             return result
 
         return self._submit_after(request_id, device_index, decode)
+
+    def _submit_parallel_decode(self, request_id: str, device_indices: tuple[int, ...]) -> Future:
+        if len(device_indices) == 1:
+            return self.submit_decode(request_id, device_indices[0])
+        if len(set(device_indices)) != len(device_indices) or any(not 0 <= i < len(self.devices) for i in device_indices):
+            raise ValueError(f"device_indices {device_indices} must be distinct, out of {len(self.devices)} devices")
+        self._check_layout(len(device_indices), 1, len(device_indices), steps=False)
+        with self._lock:
+            self._check_open()
+            state = self._state(request_id)
+            wait_for, state.idle = state.idle, threading.Event()
+            job = DecodeJob(self._env, state, device_indices, wait_for, state.idle)
+            for rank, index in enumerate(device_indices):
+                self._workers[index].tasks.put(lambda rank=rank: job.run(rank))
+        return job.future
+
+    def _check_layout(self, degree: int, cfg: int, decode_degree: int, steps: bool = True) -> None:
+        """ValueError for a parallel layout this model cannot run on `degree` devices."""
+        methods = self.runtime.parallel_methods
+        if cfg not in (1, 2) or degree % cfg or (cfg > 1 and "cfg" not in methods):
+            raise ValueError(f"cfg={cfg} on {degree} devices: this model offers CFG parallel "
+                             f"{'on an even number of devices' if 'cfg' in methods else 'not at all'} (cfg 1 or 2)")
+        if not 1 <= decode_degree <= degree or (decode_degree > 1 and "patch_vae" not in methods):
+            raise ValueError(f"decode_degree={decode_degree} on {degree} devices: this model offers "
+                             f"{'1..%d' % degree if 'patch_vae' in methods else 'one-device decodes only'}")
+        if steps:
+            check_heads(self.runtime.num_heads, degree // cfg)
 
     def submit_preview(self, request_id: str) -> Future[Any]:
         """A low-cost preview of the request's latent (PIL, width/8 x height/8, no VAE: `runtime.preview`)

@@ -86,23 +86,29 @@ class LatentPlacer:
         self.devices = list(devices)
         self.private_reads = private_reads
 
-    def place(self, state: DenoiseState, device_indices: tuple[int, ...]) -> bool:
-        """Put the request's latent (and its step cache) on these devices, rank order -> whether it moved
-        from another group (a regroup; its first placement is not one). Raises if the move fails."""
+    def place(self, state: DenoiseState, device_indices: tuple[int, ...], cfg: int = 1) -> bool:
+        """Put the request's latent (and its step cache) on these devices, rank order, in the layout of `cfg`
+        guidance branches (each branch's devices shard the whole latent) -> whether it moved from another
+        group or layout (a regroup; its first placement is not one). Raises if the move fails."""
         names = [self.devices[i] for i in device_indices]
+        sp = len(names) // cfg
+        branches = [names[c * sp:(c + 1) * sp] for c in range(cfg)]
+        tokens = state.prepared.image_tokens
         regrouped = state.shards is not None
         if state.shards is None:  # first steps: shard the seeded noise (host memory)
-            state.shards = ops.shard(state.prepared.noise, len(names), names)
+            state.shards = [s for branch in branches for s in ops.shard(state.prepared.noise, sp, branch)]
             if state.cache is not None:
-                state.cache.place(names, state.prepared.image_tokens)
+                state.cache.place(names, tokens)
         else:
+            source = state.token_shards
             with reading_from([s.device for s in state.shards], [torch_device(n) for n in names], self.private_reads):
-                state.shards = ops.regroup(state.shards, state.prepared.image_tokens, names)
+                # Each branch builds its shards from the old layout (regroup copies only what must move).
+                state.shards = [s for branch in branches for s in ops.regroup(list(source), tokens, branch)]
                 if state.cache is not None:  # the cached residuals are sharded like the latent: they move with it
-                    state.cache.place(names, state.prepared.image_tokens)
+                    state.cache.place(names, tokens)
             state.regroups += 1
             state.prepared.drop_device_copies()  # the prompt embeddings follow on first use
-        state.placement = tuple(device_indices)
+        state.placement, state.cfg = tuple(device_indices), cfg
         return regrouped
 
     def whole_latent(self, state: DenoiseState, device: str) -> torch.Tensor:
@@ -110,8 +116,9 @@ class LatentPlacer:
         target = torch_device(device)
         if state.shards is None:  # no steps run: the noise itself
             return state.prepared.noise.to(target, copy=True)
-        with reading_from([s.device for s in state.shards], [target], self.private_reads):
-            return ops.gather(state.shards, state.prepared.image_tokens, device)
+        shards = state.token_shards
+        with reading_from([s.device for s in shards], [target], self.private_reads):
+            return ops.gather(shards, state.prepared.image_tokens, device)
 
     def decode(self, state: DenoiseState, device_index: int) -> tuple[Any, bytes]:
         """Gather a request's latent onto a device and decode it there -> (PIL image, PNG bytes)."""

@@ -32,7 +32,13 @@ from tetri_engine.ops.step_loop import FAILED, OUT_OF_STEP
 @dataclass
 class GroupJob:
     """What every rank of one steps job reads in phase 2. Phase 1 (rank 0, before the ranks meet) sets
-    `states` (the requests that run), `comm` and `start_step`; nobody writes them afterwards."""
+    `states` (the requests that run), the communicators (`connect`) and `start_step`; nobody writes them
+    afterwards.
+
+    Layout: `cfg` guidance branches side by side, each over sp_degree = degree / cfg ranks; rank r runs
+    branch r // sp_degree as rank r % sp_degree of that branch's Ulysses group (`branch_comms`), and
+    exchanges its branch's output with its twins, the ranks of the same sequence shard in the other
+    branches (`twin_comms`)."""
 
     env: StepEnv
     device_indices: tuple[int, ...]
@@ -40,12 +46,33 @@ class GroupJob:
     on_step: Callable[[str, int], None] | None
     agreement: RankAgreement
     states: list[DenoiseState] = field(default_factory=list)
-    comm: Any = None  # the group's communicator (degree > 1)
+    cfg: int = 1
+    branch_comms: list = field(default_factory=list)  # per branch: its communicator (sp_degree > 1)
+    twin_comms: list = field(default_factory=list)  # per sequence rank: its twins' communicator (cfg > 1)
     start_step: dict[str, int] = field(default_factory=dict)  # request -> its steps before this job
 
     @property
     def degree(self) -> int:
         return len(self.device_indices)
+
+    @property
+    def sp_degree(self) -> int:
+        return self.degree // self.cfg
+
+    def connect(self, names: list[str], comm_cache: Any) -> None:
+        """The communicators of the layout, for the group's device names in rank order."""
+        sp = self.sp_degree
+        if sp > 1:
+            self.branch_comms = [comm_cache.get(tuple(names[c * sp:(c + 1) * sp])) for c in range(self.cfg)]
+        if self.cfg > 1:
+            self.twin_comms = [comm_cache.get(tuple(names[c * sp + j] for c in range(self.cfg))) for j in range(sp)]
+
+    def context(self, rank: int, lengths: dict[str, int]) -> SPContext:
+        """Rank `rank`'s SPContext (see the class docstring)."""
+        branch, j = divmod(rank, self.sp_degree)
+        return SPContext(self.branch_comms[branch] if self.branch_comms else None, j, self.sp_degree, lengths,
+                         cfg_comm=self.twin_comms[j] if self.twin_comms else None, cfg_rank=branch,
+                         cfg_degree=self.cfg)
 
 
 @dataclass
@@ -67,7 +94,7 @@ class RankRunner:
         self.device = env.torch_devices[job.device_indices[rank]]
         self.transformer = env.runtime.transformer_on(self.device)
         first = job.states[0].prepared
-        self.context = SPContext(job.comm, rank, job.degree, {"image": first.image_tokens, "text": first.text_tokens})
+        self.context = job.context(rank, {"image": first.image_tokens, "text": first.text_tokens})
         options = env.options
         self.queue = ops.DeviceQueue(self.device.index if self.device.type == "cuda" else -1,
                                      options.max_steps_queued, options.trace)
@@ -122,8 +149,9 @@ class RankRunner:
         others = [d for d in self.env.torch_devices if d != self.device]
         try:
             with reading_from(others, [self.device], self.env.options.private_reads):
-                return self.env.runtime.adapter.rank_inputs([s.prepared for s in active], self.device, self.rank,
-                                                            self.job.degree)
+                return self.env.runtime.adapter.rank_inputs([s.prepared for s in active], self.device,
+                                                            self.context.rank, self.context.degree,
+                                                            self.context.branch)
         except Exception as exc:
             return exc
 

@@ -21,7 +21,7 @@ from tetri_engine.executor.agreement import RankAgreement
 from tetri_engine.executor.state import DenoiseState, describe_error
 from tetri_engine.model.adapter import flow_match_euler_step
 from tetri_engine.model.step_cache import CacheStep
-from tetri_engine.model.ulysses import SPContext, catch_up, sequence_parallel, shard_length, valid_tokens
+from tetri_engine.model.ulysses import SPContext, sequence_parallel, shard_length, valid_tokens
 from tetri_engine.ops.step_loop import BUDGET, FINISHED, STOPPED
 
 StepFn = Callable[[], "tuple[str | None, int]"]
@@ -157,8 +157,9 @@ class EagerStep:
                                               step_indices, self.inputs, **cache_kwargs)
             for s, shard, v, i in zip(self.batch, shards, velocities, step_indices):
                 new = flow_match_euler_step(shard, v, s.prepared.on(shard.device)["sigmas"], i)
-                valid = valid_tokens(s.prepared.image_tokens, self.degree, self.rank)
-                if valid < shard_length(s.prepared.image_tokens, self.degree):
+                # (the shard's place in its guidance branch's sequence-parallel group)
+                valid = valid_tokens(s.prepared.image_tokens, self.context.degree, self.context.rank)
+                if valid < shard_length(s.prepared.image_tokens, self.context.degree):
                     new[:, valid:] = 0  # padding stays zero, as ops.shard made it
                 new_shards.append(new)
         except Exception as exc:
@@ -177,8 +178,7 @@ class EagerStep:
                 cache_step.catch_up(adapter.exchange_plan_per_block(), adapter.num_heads, adapter.head_dim,
                                     self.runtime.dtype, shards[0].device)
             else:
-                catch_up(self.context, adapter.exchange_plan(), sum(s.prepared.rows for s in self.batch),
-                         adapter.num_heads, adapter.head_dim, self.runtime.dtype, shards[0].device)
+                adapter.catch_up(self.context, [s.prepared for s in self.batch], self.runtime.dtype, shards[0].device)
         except Exception as exc:
             error += f" (and catching up with the group failed: {describe_error(exc)})"
         return error
@@ -206,8 +206,9 @@ def graph_for_batch(graphs: Any, agreement: RankAgreement, rank: int, batch: lis
     name, device, group = key_args
     prepared = [s.prepared for s in batch]
     shards = [s.shards[rank] for s in batch]
-    key = graphs.key(name, device, group, rank, shards, prepared)
-    status = "skip" if isinstance(inputs, Exception) or not fits(prepared) else graphs.status(device, key, context.comm)
+    key = graphs.key(name, device, group, rank, shards, prepared, context.cfg_degree)
+    comms = (context.comm, context.cfg_comm)
+    status = "skip" if isinstance(inputs, Exception) or not fits(prepared) else graphs.status(device, key, comms)
     graph = None
     if status == "missing":  # static buffers first (they may not fit): the vote says who can capture
         try:
@@ -239,5 +240,5 @@ def graph_for_batch(graphs: Any, agreement: RankAgreement, rank: int, batch: lis
 
 
 def _prepare(graphs, device, key, shards, prepared, inputs, context: SPContext, rank: int):
-    valid = valid_tokens(prepared[0].image_tokens, context.degree, rank)
+    valid = valid_tokens(prepared[0].image_tokens, context.degree, context.rank)  # (its branch's rank)
     return graphs.prepare(device, key, shards, prepared, inputs, valid)

@@ -35,6 +35,16 @@ class ModelInfo:
     size_rule: SizeRule  # the sizes the model can make
     compiled: bool = False  # transformer blocks compiled (shapes compile at warm-up only)
     attention: str = "sdpa"  # the attention kernel (model/attention.py)
+    # Parallel methods the model offers (issue 16): "ulysses", "cfg" (guidance branches side by side),
+    # "patch_vae" (patch-parallel decode). With "cfg": a request runs true classifier-free guidance,
+    # and so may run CFG-parallel, when its guidance_scale > cfg_guidance_above.
+    parallel_methods: frozenset[str] = frozenset({"ulysses"})
+    cfg_guidance_above: float | None = None
+
+    def cfg_parallel(self, guidance_scale: float, cached: bool = False) -> bool:
+        """Whether a request with this guidance (and step caching or not) can run CFG-parallel."""
+        return ("cfg" in self.parallel_methods and self.cfg_guidance_above is not None and not cached
+                and guidance_scale > self.cfg_guidance_above)
 
 
 @dataclass(frozen=True)
@@ -57,9 +67,11 @@ class RequestProgress:
 class DenoiseState:
     """One request between `submit_encode` and `release`.
 
-    The latent lives as `shards` (one per device of `placement`, the `ops.shard` layout) from its first
-    steps on; before that it is `prepared.noise` on the CPU. `step` counts the steps done. Only the job
-    that currently owns the request (see `idle`) changes these fields.
+    The latent lives as `shards` (one per device of `placement`) from its first steps on; before that it
+    is `prepared.noise` on the CPU. With `cfg` = 1 the shards are the `ops.shard` layout over the
+    placement; in a CFG-parallel layout (cfg = 2) each guidance branch's devices hold the `ops.shard`
+    layout over themselves, the same values in both (`token_shards`: the first branch's). `step`
+    counts the steps done. Only the job that currently owns the request (see `idle`) changes these fields.
     """
 
     request_id: str
@@ -70,6 +82,7 @@ class DenoiseState:
     prepared: PreparedRequest | None = None
     shards: list[torch.Tensor] | None = None
     placement: tuple[int, ...] | None = None  # device indices holding the shards, in rank order
+    cfg: int = 1  # the layout of the shards: guidance branches side by side (see above)
     step: int = 0
     error: str | None = None  # set once the request failed; it then stays failed
     # Executor.cancel: its steps stop at the next step boundary, in this call and every later one.
@@ -89,6 +102,11 @@ class DenoiseState:
     @property
     def cancelled(self) -> bool:
         return self.stop.is_set()
+
+    @property
+    def token_shards(self) -> list[torch.Tensor]:
+        """The latent's shards in the `ops.shard` layout (one guidance branch's, in a CFG layout)."""
+        return self.shards[:len(self.shards) // self.cfg]
 
     @property
     def num_steps(self) -> int:

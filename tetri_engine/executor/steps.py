@@ -3,16 +3,18 @@
 
 Phases of a job, on every rank:
 
-    1. rank 0 waits for earlier work on the requests, puts their latents on the group
-       (`LatentPlacer.place`: shard or regroup), and fetches the group's communicator; then all ranks
-       meet (the job's `RankAgreement`, the one place where its ranks meet).
+    1. rank 0 waits for earlier work on the requests, puts their latents on the group in its layout
+       (`LatentPlacer.place`: shard or regroup; `cfg` guidance branches side by side), and fetches the
+       group's communicators; then all ranks meet (the job's `RankAgreement`, the one place where its
+       ranks meet).
     2. the steps (`RankRunner`, runner.py): batch after batch, each batch's steps run by the native loop
        (or its Python twin), one graph launch or one eager forward per step, every step agreed by the
        ranks: a failing step fails its requests only (a batch is retried one request at a time), the
        ranks never diverge (a rank that fails mid-forward catches up on the exchanges; ranks that still
        disagree fail the whole batch and stop exchanging), cancellation (`Executor.cancel`) takes effect
        at a step boundary, the same one on every rank (rank 0 reads the flags when it reports).
-    3. wait for the devices; rank 0 decodes the finished requests when asked (one at a time).
+    3. wait for the devices; the finished requests are decoded when asked (one at a time): by rank 0, or
+       patch-parallel by the first `decode_degree` ranks (executor/decode.py).
 
 The last rank to finish resolves the future and hands the requests back (`DenoiseState.idle`). The job
 knows its executor only through a `StepEnv` (options.py): no reference back to the Executor.
@@ -29,6 +31,7 @@ import torch
 
 from tetri_engine import ops
 from tetri_engine.executor.agreement import RankAgreement
+from tetri_engine.executor.decode import decode_on_ranks
 from tetri_engine.executor.options import StepEnv
 from tetri_engine.executor.runner import GroupJob, RankOutcome, RankRunner
 from tetri_engine.executor.state import DenoiseState, RequestStepResult, StepsResult, describe_error
@@ -37,14 +40,17 @@ from tetri_engine.executor.state import DenoiseState, RequestStepResult, StepsRe
 class StepsJob:
     def __init__(self, env: StepEnv, states: list[DenoiseState], device_indices: tuple[int, ...],
                  num_steps: int, on_step: Callable[[str, int], None] | None, decode_after: bool,
-                 wait_for: list[threading.Event], release: list[threading.Event]):
+                 wait_for: list[threading.Event], release: list[threading.Event], *, cfg: int = 1,
+                 decode_degree: int = 1):
         self.env = env
         self.all_states = list(states)  # every request of the call (results)
         self.group = GroupJob(env, device_indices, num_steps, on_step, RankAgreement(len(device_indices)),
-                              states=list(states))  # phase 1 drops the requests that cannot run
+                              states=list(states), cfg=cfg)  # phase 1 drops the requests that cannot run
         self.device_indices = device_indices
         self.degree = len(device_indices)
         self.decode_after = decode_after
+        self.decode_degree = decode_degree
+        self.decode_comm = None  # the first decode_degree devices' communicator (phase 1, when > 1)
         self.wait_for = wait_for
         self.release = release
         self.future: Future[StepsResult] = Future()
@@ -134,14 +140,16 @@ class StepsJob:
         if len(shapes) > 1:
             self.job_error = f"requests of different sizes cannot run as one batch: {sorted(shapes)}"
             return
+        if group.cfg > 1:
+            self._refuse_cfg(states)
         start = time.perf_counter()
         for s in states:
             group.start_step[s.request_id] = s.step
             self.regrouped[s.request_id] = False
-            if s.placement == self.device_indices:
+            if s.request_id in self.errors or (s.placement == self.device_indices and s.cfg == group.cfg):
                 continue
             try:
-                self.regrouped[s.request_id] = self.env.latents.place(s, self.device_indices)
+                self.regrouped[s.request_id] = self.env.latents.place(s, self.device_indices, group.cfg)
             except Exception as exc:
                 self.errors[s.request_id] = f"moving the latent failed: {describe_error(exc)}"
         group.states = [s for s in states if s.request_id not in self.errors]
@@ -149,8 +157,20 @@ class StepsJob:
             self.job_error = "no request of this call can run"
             return
         self.regroup_s = time.perf_counter() - start
-        if self.degree > 1:
-            group.comm = self.env.comm_cache.get(tuple(self.env.devices[i] for i in self.device_indices))
+        group.connect([self.env.devices[i] for i in self.device_indices], self.env.comm_cache)
+        if self.decode_after and self.decode_degree > 1:
+            self.decode_comm = self.env.comm_cache.get(tuple(self.env.devices[i]
+                                                             for i in self.device_indices[:self.decode_degree]))
+
+    def _refuse_cfg(self, states: list[DenoiseState]) -> None:
+        """A CFG-parallel call fails the requests that cannot run in that layout."""
+        adapter = self.env.runtime.adapter
+        for s in states:
+            if not adapter.cfg_parallel(s.prepared):
+                self.errors[s.request_id] = ("it cannot run CFG-parallel: it has no true classifier-free guidance "
+                                             f"(guidance_scale {s.prepared.guidance_scale:g})")
+            elif s.cache is not None:
+                self.errors[s.request_id] = "it cannot run CFG-parallel with step caching (cache='auto')"
 
     # -- phase 3
     def _end_steps(self, rank: int, device: torch.device, start: float, outcome: RankOutcome) -> None:
@@ -167,24 +187,45 @@ class StepsJob:
             # A request cancelled after its last step ran to the end: it is not reported cancelled.
             self.cancelled.update(s.request_id for s in self.group.states if s.request_id in outcome.stopped
                                   and outcome.steps[s.request_id] < s.prepared.num_steps)
-            if self.decode_after:
-                self._decode_finished()
+        if self.decode_after:
+            self._decode_finished(rank)
 
-    def _decode_finished(self) -> None:
+    def _to_decode(self) -> list[DenoiseState]:
+        """Rank 0: the finished requests someone still wants the image of."""
+        todo = []
         for s in self.group.states:
             if s.request_id in self.errors or self.outcome.steps[s.request_id] < s.prepared.num_steps:
                 continue
             if self._cancel_requested(s):  # nobody wants the image: skip the decode
                 self.cancelled.add(s.request_id)
                 continue
+            todo.append(s)
+        return todo
+
+    def _decode_finished(self, rank: int) -> None:
+        """Decode the finished requests: rank 0 alone, or the group's first decode_degree ranks together
+        (every rank takes part in the votes, so the ranks agree on what is decoded and how it went)."""
+        parallel = self.decode_degree > 1
+        todo = self._to_decode() if rank == 0 else None
+        if parallel:
+            todo = self.group.agreement.all_ranks(rank, todo)[0]
+        elif rank != 0:
+            return
+        for s in todo:
+            start = time.perf_counter()
             try:
-                start = time.perf_counter()
-                image, png = self.env.latents.decode(s, self.device_indices[0])
-                seconds = time.perf_counter() - start
-                self.images[s.request_id] = (image, png, seconds)
-                self.decode_s += seconds
+                if parallel:
+                    result = decode_on_ranks(self.env, s, self.device_indices, self.decode_degree, rank,
+                                             self.group.agreement, self.decode_comm)
+                else:
+                    result = self.env.latents.decode(s, self.device_indices[0])
             except Exception as exc:
-                self.errors[s.request_id] = f"decode failed: {describe_error(exc)}"
+                self.errors[s.request_id] = f"decode failed: {describe_error(exc)}"  # (rank 0 only)
+                continue
+            if rank == 0:
+                seconds = time.perf_counter() - start
+                self.images[s.request_id] = (*result, seconds)
+                self.decode_s += seconds
 
     # -- the last rank out
     def _finish(self) -> None:

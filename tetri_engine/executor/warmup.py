@@ -31,9 +31,11 @@ class WarmupShape:
     height: int
     group: tuple[int, ...]  # device indices, rank order
     batch: int = 1
+    cfg: int = 1  # 2: the CFG-parallel layout (guidance branches side by side)
 
     def label(self) -> str:
-        return f"{self.width}x{self.height} degree {len(self.group)} batch {self.batch}"
+        return (f"{self.width}x{self.height} degree {len(self.group)} batch {self.batch}"
+                + (f" cfg {self.cfg}" if self.cfg > 1 else ""))
 
 
 @dataclass
@@ -72,7 +74,7 @@ def warm_up_shapes(executor: Executor, shapes: Sequence[WarmupShape],
     start = time.perf_counter()
     waves: dict[tuple, list[WarmupShape]] = {}
     for shape in shapes:
-        waves.setdefault((shape.width, shape.height, shape.batch, len(shape.group)), []).append(shape)
+        waves.setdefault((shape.width, shape.height, shape.batch, len(shape.group), shape.cfg), []).append(shape)
     with executor.compiling():
         for wave in waves.values():
             wave_start = time.perf_counter()
@@ -115,7 +117,7 @@ def _submit(executor: Executor, shape: WarmupShape):
                                         num_inference_steps=1, seed=0, request_id=rid)
             executor.submit_encode(rid, request)
             ids.append(rid)
-        return ids, executor.submit_steps(ids, shape.group, 1)
+        return ids, executor.submit_steps(ids, shape.group, 1, cfg=shape.cfg)
     except Exception:
         for rid in ids:
             executor.release(rid)

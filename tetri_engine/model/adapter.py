@@ -7,11 +7,21 @@ turns the family into the operations the executor calls without knowing the mode
     prepare(...)        -> PreparedRequest   prompt embeddings, seeded noise, sigma schedule
     rank_inputs(...)    -> dict              the static inputs of one batched forward on one rank
     velocity(...)       -> list[Tensor]      one step's model output for each request, on the rank's shard
-    decode(...)         -> PIL.Image         the whole latent to an image
+    decode(...)         -> PIL.Image         the whole latent to an image (`vae_latents`, the VAE, `to_image`)
     preview(...)        -> PIL.Image         the latent through a fixed linear latent->RGB map (no VAE)
 
 and declares its facts: `patch_px` and `max_side_px()` (its SizeRule), `latent_rgb` (preview colours),
-`local_text_tokens` / `local_defaults` (a local diffusers directory's settings).
+`local_text_tokens` / `local_defaults` (a local diffusers directory's settings), and the parallel
+methods it offers (`parallel_methods`, next to `sp_plan`).
+
+Parallel methods (issue 16), declared, not coded per model:
+  - "ulysses": sequence parallelism, each input split as `sp_plan` says;
+  - "cfg": a request's two classifier-free-guidance branches side by side on two halves of a group:
+    the inputs named in `cfg_plan` hold a row per branch ([uncond, cond] per request) and a rank takes
+    its branch's rows (`rank_inputs(..., branch=c)`); the forward runs that branch only, and the twins
+    swap their outputs before the guidance (`gather_branches`). Offered for requests with guidance
+    above `cfg_guidance_above` (None: the family has no true CFG);
+  - "patch_vae": the VAE decode split into row bands over a group (model/patch_vae.py).
 
 How a model's inputs are split over a group is declared, not coded, in `sp_plan` (the spirit of
 diffusers' `_cp_plan`): each input is split along one token stream ("image" or "text"), or
@@ -31,7 +41,7 @@ from typing import Any, Callable, ClassVar
 
 import torch
 
-from tetri_engine.model.ulysses import AttentionCall, AttentionOptions, shard_length
+from tetri_engine.model.ulysses import AttentionCall, AttentionOptions, SPContext, catch_up, shard_length
 from tetri_engine.request import PATCH_PX, SizeRule
 
 
@@ -176,12 +186,30 @@ class PreparedRequest:
             self._on_device.clear()
 
 
+def select_branch(tensor: torch.Tensor, branch: int, requests: int) -> torch.Tensor:
+    """The rows of guidance branch `branch` of a batch input with two rows per request (dim 0)."""
+    return tensor.view(requests, tensor.shape[0] // requests, *tensor.shape[1:])[:, branch]
+
+
+def gather_branches(noise_pred: torch.Tensor, context: SPContext) -> torch.Tensor:
+    """A CFG-parallel rank's output rows [n, L, C] (its branch, one row per request) -> every branch's
+    rows, per request in branch order [n * cfg, L, C]: what one rank computing every row would hold.
+    One exchange with the twins (`SPContext.cfg_gather`)."""
+    gathered = context.cfg_gather(noise_pred.contiguous())  # branch-major: [cfg * n, L, C]
+    n, rest = noise_pred.shape[0], noise_pred.shape[1:]
+    return gathered.view(context.cfg_degree, n, *rest).transpose(0, 1).reshape(context.cfg_degree * n, *rest)
+
+
 class ModelAdapter:
     """One pipeline family. Subclasses set the class attributes and implement the methods below."""
 
     family: ClassVar[str]
     pipeline_class_name: ClassVar[str]
     sp_plan: ClassVar[SPPlan]
+    # What the family offers (module docstring): "ulysses", "cfg", "patch_vae".
+    parallel_methods: ClassVar[frozenset[str]] = frozenset({"ulysses", "patch_vae"})
+    cfg_plan: ClassVar[frozenset[str]] = frozenset()  # inputs with a row per guidance branch (dim 0)
+    cfg_guidance_above: ClassVar[float | None] = None  # true CFG when guidance_scale > this (None: never)
     patch_px: ClassVar[int] = PATCH_PX  # image pixels per token side: the VAE's 8x, then 2x2 latent patches
     # Preview colours: rows are latent channels, columns R, G, B (None: three bands of channels, one per
     # colour), and the RGB bias.
@@ -258,14 +286,27 @@ class ModelAdapter:
         """Makers of the whole inputs that depend only on the shape (position ids, position embeddings)."""
         return {}
 
+    def true_cfg(self, guidance_scale: float) -> bool:
+        """Whether a request with this guidance runs true classifier-free guidance (two branches)."""
+        return self.cfg_guidance_above is not None and guidance_scale > self.cfg_guidance_above
+
+    def cfg_parallel(self, prepared: PreparedRequest) -> bool:
+        """Whether this request can run CFG-parallel (its two branches on two halves of a group)."""
+        return "cfg" in self.parallel_methods and prepared.rows == 2
+
     def rank_inputs(self, prepared: list[PreparedRequest], device: torch.device, rank: int,
-                    degree: int) -> dict[str, torch.Tensor]:
+                    degree: int, branch: int | None = None) -> dict[str, torch.Tensor]:
         """The static inputs of one batched forward on rank `rank` of a group of `degree`: `batch_inputs`
         and `shape_inputs` (the latter made once per shape, device, rank and degree), each split as
-        `sp_plan` declares. The latent itself (`hidden_states`) comes sharded from the executor."""
+        `sp_plan` declares; branch: in a CFG-parallel group, only that guidance branch's rows of the
+        `cfg_plan` inputs. The latent itself (`hidden_states`) comes sharded from the executor."""
         first = prepared[0]
         lengths = {"image": first.image_tokens, "text": first.text_tokens}
-        inputs = apply_sp_plan(self.sp_plan, self.batch_inputs(prepared, device), lengths, rank, degree)
+        whole = self.batch_inputs(prepared, device)
+        if branch is not None:
+            whole = {name: select_branch(t, branch, len(prepared)) if name in self.cfg_plan else t
+                     for name, t in whole.items()}
+        inputs = apply_sp_plan(self.sp_plan, whole, lengths, rank, degree)
         dtype = first.noise.dtype
         for name, make in self.shape_inputs(first, device, dtype).items():
             key = (name, first.width, first.height, first.text_tokens, dtype, str(device), rank, degree)
@@ -280,8 +321,33 @@ class ModelAdapter:
         runs its blocks through it); None runs the plain diffusers forward."""
         raise NotImplementedError
 
+    def catch_up(self, context: SPContext, prepared: list, dtype: torch.dtype, device: torch.device) -> None:
+        """After this rank's forward raised: the exchanges of the forward it did not reach (`ulysses.catch_up`),
+        the guidance exchange of a CFG-parallel group last."""
+        rows = len(prepared) if context.branch is not None else sum(p.rows for p in prepared)
+        guided = (len(prepared), context.local_length("image"), self.latent_channels())
+        catch_up(context, self.exchange_plan(), rows, self.num_heads, self.head_dim, dtype, device, guided)
+
+    def vae_latents(self, vae: torch.nn.Module, latent: torch.Tensor, width: int, height: int) -> torch.Tensor:
+        """The packed latent [1, L, C*4] as the VAE's input [1, C, height/8, width/8] (unscaled, shifted,
+        in the VAE's dtype). The pipelines' step 7 (FluxPipeline and StableDiffusion3Pipeline alike)."""
+        latents = unpack_latents(latent, height // 8, width // 8)
+        latents = (latents / vae.config.scaling_factor) + vae.config.shift_factor
+        return latents.to(vae.dtype)
+
+    def to_image(self, image: torch.Tensor):
+        """The VAE's output [1, 3, H, W] -> a PIL image (the pipelines' postprocess)."""
+        return self.pipeline.image_processor.postprocess(image, output_type="pil")[0]
+
+    def model_output(self, transformer: torch.nn.Module, latents: list[torch.Tensor], prepared: list[PreparedRequest],
+                     step_indices: list[int], inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The transformer's output rows of a batch before any guidance (every branch of each request, in
+        order), on this rank's shard: what degrees and layouts must agree on (model/verify.py)."""
+        return torch.cat(self.velocity(transformer, latents, prepared, step_indices, inputs))
+
     def decode(self, vae: torch.nn.Module, latent: torch.Tensor, width: int, height: int):
-        raise NotImplementedError
+        """The whole packed latent -> PIL image, on the latent's device."""
+        return self.to_image(vae.decode(self.vae_latents(vae, latent, width, height), return_dict=False)[0])
 
     def preview(self, latent: torch.Tensor, width: int, height: int):
         """Packed latent tokens [1, L, C*4] of a width x height image -> a PIL image of (width/8, height/8).

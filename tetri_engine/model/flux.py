@@ -15,7 +15,7 @@ from diffusers.models.embeddings import apply_rotary_emb
 from diffusers.pipelines.flux.pipeline_flux import calculate_shift
 from diffusers.utils.torch_utils import randn_tensor
 
-from tetri_engine.model.adapter import ModelAdapter, PreparedRequest, Replicate, SeqSplit, pack_latents, unpack_latents
+from tetri_engine.model.adapter import ModelAdapter, PreparedRequest, Replicate, SeqSplit, pack_latents
 from tetri_engine.model.ulysses import AttentionCall, AttentionOptions, sp_attention
 
 
@@ -127,9 +127,14 @@ def latent_image_ids(latent_h: int, latent_w: int, device, dtype) -> torch.Tenso
 
 
 class FluxAdapter(ModelAdapter):
-    """`prepare`, `velocity` and `decode` are FluxPipeline.__call__'s stages (numbered as there).
+    """`prepare` and `velocity` are FluxPipeline.__call__'s stages (numbered as there; `decode` is the base
+    class's, the same in both families).
     Copied from diffusers 0.42.1 `diffusers.pipelines.flux.pipeline_flux.FluxPipeline.__call__`
-    (source sha256 604639f12fe5), for one request, without true CFG."""
+    (source sha256 604639f12fe5), for one request, without true CFG.
+
+    No CFG parallel: FLUX.1 dev/schnell are guidance-distilled (one forward per step). FluxPipeline's
+    optional true CFG (`true_cfg_scale` > 1 with a negative prompt) is not served by this runtime, so
+    the family declares no "cfg" method."""
 
     family = "flux"
     pipeline_class_name = "FluxPipeline"
@@ -261,8 +266,3 @@ class FluxAdapter(ModelAdapter):
                                       inputs["txt_ids"], inputs["img_ids"], cache_step)
         return list(ops.unpack(noise_pred, len(latents))) if len(latents) > 1 else [noise_pred]
 
-    def decode(self, vae, latent, width, height):
-        latents = unpack_latents(latent, 2 * (height // 16), 2 * (width // 16))
-        latents = (latents / vae.config.scaling_factor) + vae.config.shift_factor
-        image = vae.decode(latents.to(vae.dtype), return_dict=False)[0]
-        return self.pipeline.image_processor.postprocess(image, output_type="pil")[0]

@@ -17,6 +17,7 @@ from typing import Any, Callable, NamedTuple
 import torch
 
 from tetri_engine.model import fp8 as fp8_module
+from tetri_engine.model import patch_vae
 from tetri_engine.model.adapter import ModelAdapter, PreparedRequest
 from tetri_engine.model.attention import AttentionChoice, choose_backend
 from tetri_engine.model.compile import CompiledBlocks, transformer_blocks
@@ -64,8 +65,8 @@ class ModelRuntime:
     """A model ready to run on `devices`. What the executor reads from it (and passes on to the engine):
 
     default_steps, default_guidance, num_heads, patch_px (16: image pixels per token side), size_rule
-    (the sizes the model can make), name, family ("flux" | "sd3"), dtype, devices. Everything that
-    depends on the family is the adapter's.
+    (the sizes the model can make), parallel_methods (what the family offers and this model supports),
+    name, family ("flux" | "sd3"), dtype, devices. Everything that depends on the family is the adapter's.
     """
 
     name: str
@@ -106,6 +107,14 @@ class ModelRuntime:
     @property
     def num_heads(self) -> int:
         return self.adapter.num_heads
+
+    @property
+    def parallel_methods(self) -> frozenset[str]:
+        """The adapter's methods ("ulysses", "cfg", "patch_vae"), less a patch decode this VAE cannot run."""
+        methods = set(self.adapter.parallel_methods)
+        if not all(patch_vae.supported(vae) for vae in self.vaes.values()):
+            methods.discard("patch_vae")
+        return frozenset(methods)
 
     def torch_device(self, device_index: int) -> torch.device:
         return torch_device(self.devices[device_index])
@@ -274,6 +283,8 @@ def load_runtime(name_or_path: str = "tiny", devices: list[str] | None = None, d
             transformers[key] = replicate(source.pipeline.transformer, device)
             vaes[key] = replicate(source.pipeline.vae, device)
         adapter.install_attention(transformers[key])
+        if "patch_vae" in adapter.parallel_methods:
+            patch_vae.install(vaes[key])
     # After the replicas are made (they copy the bf16 weights), each replica's own linears go float8.
     fp8_linears = sum(fp8_module.convert_linears(transformer_blocks(t)) for t in transformers.values()) if fp8 else 0
     compiled = _compile(list(transformers.values()), compile, compile_backend, first, cache_dir, source.name)

@@ -1,5 +1,6 @@
 """Stable Diffusion 3 / 3.5 on a sequence-parallel group: StableDiffusion3Pipeline's stages, split per
-`sp_plan`, with true classifier-free guidance (each request runs as two rows, [uncond, cond]).
+`sp_plan`, with true classifier-free guidance (each request runs as two rows, [uncond, cond]), which a
+CFG-parallel group splits between its halves (`cfg_plan`: each half runs one branch).
 
 `SD3Transformer2DModel.forward` patchifies a whole [B, C, H, W] latent and unpatchifies its output, so
 it cannot run on a token shard. `sd3_token_forward` is the same forward on tokens: the patch embedding
@@ -15,9 +16,9 @@ import torch.nn.functional as F
 from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3 import calculate_shift
 from diffusers.utils.torch_utils import randn_tensor
 
-from tetri_engine.model.adapter import ModelAdapter, PreparedRequest, Replicate, SeqSplit, pack_latents, unpack_latents
+from tetri_engine.model.adapter import ModelAdapter, PreparedRequest, Replicate, SeqSplit, gather_branches, pack_latents
 from tetri_engine.model.flux import FLUX_LATENT_RGB, FLUX_LATENT_RGB_BIAS
-from tetri_engine.model.ulysses import AttentionCall, AttentionOptions, sp_attention
+from tetri_engine.model.ulysses import AttentionCall, AttentionOptions, current_context, sp_attention
 
 
 class UlyssesJointAttnProcessor:
@@ -110,8 +111,23 @@ def sd3_token_forward(transformer, tokens, pos_embed, encoder_hidden_states, poo
     return hidden_states.reshape(b, length, out_channels * patch * patch)  # (channel, row, column)
 
 
+def guide(noise_pred: torch.Tensor, prepared: list[PreparedRequest]) -> list[torch.Tensor]:
+    """Each request's velocity from its output rows (`p.rows` each, in batch order): with two rows
+    [uncond, cond], the pipeline's classifier-free guidance."""
+    out, row = [], 0
+    for p in prepared:
+        pred = noise_pred[row:row + p.rows]
+        row += p.rows
+        if p.rows == 2:
+            noise_pred_uncond, noise_pred_text = pred.chunk(2)
+            pred = noise_pred_uncond + p.guidance_scale * (noise_pred_text - noise_pred_uncond)
+        out.append(pred)
+    return out
+
+
 class SD3Adapter(ModelAdapter):
-    """`prepare`, `velocity` and `decode` are StableDiffusion3Pipeline.__call__'s stages (numbered as there).
+    """`prepare` and `velocity` are StableDiffusion3Pipeline.__call__'s stages (numbered as there; `decode`
+    is the base class's, the same in both families).
     Copied from diffusers 0.42.1
     `diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3.StableDiffusion3Pipeline.__call__`
     (source sha256 76f87c58276e), for one request."""
@@ -127,6 +143,9 @@ class SD3Adapter(ModelAdapter):
         "encoder_hidden_states": SeqSplit(dim=1, stream="text"),
         "pooled_projections": Replicate(),
     }
+    parallel_methods = frozenset({"ulysses", "cfg", "patch_vae"})
+    cfg_plan = frozenset({"encoder_hidden_states", "pooled_projections"})  # [negative, positive] rows
+    cfg_guidance_above = 1.0  # StableDiffusion3Pipeline.do_classifier_free_guidance: guidance_scale > 1
 
     def __init__(self, pipeline, **kwargs):
         super().__init__(pipeline, **kwargs)
@@ -161,7 +180,7 @@ class SD3Adapter(ModelAdapter):
 
     def prepare(self, *, prompt, negative_prompt, width, height, seed, num_steps, guidance_scale, device,
                 dtype) -> PreparedRequest:
-        do_cfg = guidance_scale > 1  # StableDiffusion3Pipeline.do_classifier_free_guidance
+        do_cfg = self.true_cfg(guidance_scale)  # StableDiffusion3Pipeline.do_classifier_free_guidance
         negative_prompt = negative_prompt or ""
         # 3. Encode input prompt; with guidance, rows are [negative, positive] as in the pipeline.
         if self.random_text is not None:
@@ -223,30 +242,26 @@ class SD3Adapter(ModelAdapter):
             device=device, dtype=dtype)}
 
     def velocity(self, transformer, latents, prepared, step_indices, inputs, cache_step=None):
+        return guide(self.model_output(transformer, latents, prepared, step_indices, inputs, cache_step), prepared)
+
+    def model_output(self, transformer, latents, prepared, step_indices, inputs, cache_step=None):
         device = latents[0].device
+        # CFG parallel: this rank runs one guidance branch of each request (its rows of `inputs`).
+        context = current_context()
+        branch = context.branch if context is not None else None
+        rows = [1 if branch is not None else p.rows for p in prepared]
         # latent_model_input = torch.cat([latents] * 2) for each request with guidance. Requests bring
         # one or two rows each, so the batch is a plain concatenation rather than ops.pack.
-        if len(latents) == 1 and prepared[0].rows == 1:
+        if len(latents) == 1 and rows[0] == 1:
             hidden_states = latents[0]
         else:
-            hidden_states = torch.cat([lat.expand(p.rows, -1, -1) for lat, p in zip(latents, prepared)])
-        timestep = torch.cat([p.on(device)["timesteps"][i].expand(p.rows) for p, i in zip(prepared, step_indices)])
+            hidden_states = torch.cat([lat.expand(n, -1, -1) for lat, n in zip(latents, rows)])
+        timestep = torch.cat([p.on(device)["timesteps"][i].expand(n) for p, i, n in zip(prepared, step_indices, rows)])
         noise_pred = sd3_token_forward(
             transformer, hidden_states, inputs["pos_embed"], inputs["encoder_hidden_states"],
             inputs["pooled_projections"], timestep, cache_step,
         )
-        out, row = [], 0
-        for p in prepared:
-            pred = noise_pred[row:row + p.rows]
-            row += p.rows
-            if p.rows == 2:
-                noise_pred_uncond, noise_pred_text = pred.chunk(2)
-                pred = noise_pred_uncond + p.guidance_scale * (noise_pred_text - noise_pred_uncond)
-            out.append(pred)
-        return out
+        if branch is not None:  # the other branch from the twins: every row of each request, as at one rank
+            noise_pred = gather_branches(noise_pred, context)
+        return noise_pred
 
-    def decode(self, vae, latent, width, height):
-        latents = unpack_latents(latent, height // 8, width // 8)
-        latents = (latents / vae.config.scaling_factor) + vae.config.shift_factor
-        image = vae.decode(latents.to(vae.dtype), return_dict=False)[0]
-        return self.pipeline.image_processor.postprocess(image, output_type="pil")[0]

@@ -30,6 +30,12 @@ rows come back to their owners through the second exchange.
 
 The context (communicator, rank, degree, stream lengths) is thread-local: on CPU the virtual devices
 share one model object, and each executor thread sets its own context around its forward.
+
+CFG parallel (issue 16) adds a second axis to the context: in a group that runs a request's two
+classifier-free-guidance branches side by side, a rank computes branch `cfg_rank` only, over its
+branch's Ulysses group (`comm`, `rank`, `degree` as above); its twins in the other branch hold the same
+sequence shard, and at the end of the forward the twins swap their branch's output (`cfg_gather`, one
+all_gather over `cfg_comm`), so that every rank guides its own shard with both branches.
 """
 from __future__ import annotations
 
@@ -82,6 +88,23 @@ class SPContext:
     # ranks check that they stayed in step, and a rank that fell behind replay the missing ones.
     exchange_log: list[tuple[tuple[int, ...], torch.dtype]] = field(default_factory=list)
     _key_index: dict[tuple, torch.Tensor | None] = field(default_factory=dict)
+    # CFG parallel: this rank runs guidance branch cfg_rank of cfg_degree (1: every branch here);
+    # cfg_comm joins it with its twins (the ranks of the other branches holding the same shard).
+    cfg_comm: Any = None
+    cfg_rank: int = 0
+    cfg_degree: int = 1
+
+    @property
+    def branch(self) -> int | None:
+        """The one guidance branch this rank computes, or None (all of them)."""
+        return self.cfg_rank if self.cfg_degree > 1 else None
+
+    def cfg_gather(self, x: torch.Tensor) -> torch.Tensor:
+        """Every branch's `x` (this rank's output rows of its branch), concatenated along dim 0 in
+        branch order, from the twins: the one exchange of a CFG-parallel step. Logged like the others."""
+        out = self.cfg_comm.all_gather(self.cfg_rank, x)
+        self.exchange_log.append((tuple(x.shape), x.dtype))
+        return out
 
     def exchange(self, x: torch.Tensor) -> torch.Tensor:
         out = self.comm.all_to_all(self.rank, x)
@@ -289,16 +312,21 @@ def _side_stream(device: torch.device) -> torch.cuda.Stream:
 
 
 def catch_up(context: SPContext, plan: list[AttentionCall], rows: int, heads: int, head_dim: int,
-             dtype: torch.dtype, device: torch.device) -> None:
+             dtype: torch.dtype, device: torch.device, guided: tuple[int, ...] | None = None) -> None:
     """After this rank failed mid-forward: issue, with zero buffers, the exchanges of the forward it did
     not reach, so that the other ranks' exchanges complete (NCCL: they are queued on their GPUs and
     would wait for ever; thread backend: they would wait until the timeout).
 
     plan: every attention call of one forward, in order (`ModelAdapter.exchange_plan`); see
-    `exchange_shapes` for the exchanges each makes.
+    `exchange_shapes` for the exchanges each makes. rows: this rank's rows of the batch. guided: in a
+    CFG-parallel group, the shape of the branch output the forward ends by exchanging (`cfg_gather`).
     """
-    for shape in exchange_shapes(context, plan, rows, heads, head_dim)[len(context.exchange_log):]:
-        context.exchange(torch.zeros(shape, dtype=dtype, device=device))
+    calls = [(context.exchange, shape) for shape in
+             (exchange_shapes(context, plan, rows, heads, head_dim) if context.degree > 1 else [])]
+    if context.cfg_degree > 1:
+        calls.append((context.cfg_gather, guided))
+    for exchange, shape in calls[len(context.exchange_log):]:
+        exchange(torch.zeros(shape, dtype=dtype, device=device))
 
 
 def exchange_shapes(context: SPContext, plan: list[AttentionCall], rows: int, heads: int,

@@ -1,8 +1,14 @@
 """Cost model: how long a denoising step, a VAE decode and a prompt encode take.
 
 Owns the profile JSON format (docs/ARCHITECTURE.md) and every question the scheduler asks about
-time: `step_s(width, height, degree, batch)`, `decode_s`, `encode_s`, the fastest a request can
-possibly run, and the GPU-time (degree x step time) of a step.
+time: `step_s(width, height, degree, batch, cfg=1)`, `decode_s(width, height, degree=1)`, `encode_s`,
+the fastest a request can possibly run, and the GPU-time (degree x step time) of a step.
+
+Parallel layouts (issue 16). A step on `degree` devices runs either as one sequence-parallel group
+(Ulysses, cfg=1: the "step_ms" rows), or, for a request with true classifier-free guidance, as its two
+guidance branches side by side, each on degree/2 devices (cfg=2: rows with "cfg": 2). A VAE decode runs
+on one device, or patch-parallel on `degree` devices (decode rows with "degree": k). A profile without
+such rows does not offer that option: `step_options` / `group_decode` only ever pick what was measured.
 
 Resolutions that were not profiled are interpolated linearly in token count (H*W/16^2, the sequence
 length a DiT sees) between the two nearest profiled resolutions at the same degree and batch size.
@@ -58,7 +64,9 @@ class CostModel:
     """Step, decode and encode times of one model on one machine, from a profile.
 
     step_ms: (width, height, degree, batch) -> milliseconds for one denoising step of `batch`
-    same-shape requests run together, sequence-parallel over `degree` devices.
+    same-shape requests run together, sequence-parallel over `degree` devices. cfg_step_ms: the same
+    keys, for the CFG-parallel layout (each guidance branch on degree/2 devices). decode_ms: (width,
+    height) -> ms on one device; parallel_decode_ms: (width, height, degree) -> ms patch-parallel.
     """
 
     def __init__(
@@ -68,50 +76,79 @@ class CostModel:
         encode_ms: float = 0.0,
         meta: dict[str, Any] | None = None,
         cache_step_factor: float = 1.0,
+        cfg_step_ms: dict[tuple[int, int, int, int], float] | None = None,
+        parallel_decode_ms: dict[tuple[int, int, int], float] | None = None,
     ):
         if not step_ms:
             raise ValueError("profile has no step times")
         if not cache_step_factor > 0:
             raise ValueError(f"profile cache_step_factor {cache_step_factor} is invalid: expected > 0")
         self.cache_step_factor = float(cache_step_factor)
-        for (w, h, degree, batch), ms in step_ms.items():
-            if degree < 1 or degree & (degree - 1):
-                raise ValueError(f"profile degree {degree} at {w}x{h} is not a power of two")
-            if batch < 1 or not ms > 0:
-                raise ValueError(f"profile entry {w}x{h} degree {degree} batch {batch}: {ms} ms is invalid")
         self.step_ms = dict(step_ms)
+        self.cfg_step_ms = dict(cfg_step_ms or {})
+        for cfg, table in ((1, self.step_ms), (2, self.cfg_step_ms)):
+            for (w, h, degree, batch), ms in table.items():
+                if degree < cfg or degree & (degree - 1):
+                    raise ValueError(f"profile degree {degree} at {w}x{h} is not a power of two"
+                                     + (" >= 2 (cfg 2)" if cfg > 1 else ""))
+                if batch < 1 or not ms > 0:
+                    raise ValueError(f"profile entry {w}x{h} degree {degree} batch {batch}: {ms} ms is invalid")
         self.decode_ms = dict(decode_ms or {})
+        self.parallel_decode_ms = dict(parallel_decode_ms or {})
+        for (w, h, degree), ms in self.parallel_decode_ms.items():
+            if degree < 2 or degree & (degree - 1) or not ms > 0:
+                raise ValueError(f"profile decode entry {w}x{h} degree {degree}: {ms} ms is invalid")
         self.encode_ms = float(encode_ms)
         self.meta = dict(meta or {})
         self.name = str(self.meta.get("model", "profile")) + "@" + str(self.meta.get("machine", "?"))
-        # (degree, batch) -> sorted (tokens, ms) curve used for interpolation.
-        curves: dict[tuple[int, int], list[tuple[int, float]]] = {}
-        for (w, h, degree, batch), ms in self.step_ms.items():
-            curves.setdefault((degree, batch), []).append((num_tokens(w, h), ms))
+        # (degree, batch, cfg) -> sorted (tokens, ms) curve used for interpolation.
+        curves: dict[tuple[int, int, int], list[tuple[int, float]]] = {}
+        for cfg, table in ((1, self.step_ms), (2, self.cfg_step_ms)):
+            for (w, h, degree, batch), ms in table.items():
+                curves.setdefault((degree, batch, cfg), []).append((num_tokens(w, h), ms))
         self._curves = {key: _curve(points) for key, points in curves.items()}
-        self._decode_curve = _curve((num_tokens(w, h), ms) for (w, h), ms in self.decode_ms.items())
-        # Degrees profiled at batch 1, the ones a single request can run at.
-        self.degrees: tuple[int, ...] = tuple(sorted({d for d, b in self._curves if b == 1}))
+        decode_points: dict[int, list[tuple[int, float]]] = {1: [(num_tokens(w, h), ms) for (w, h), ms
+                                                                 in self.decode_ms.items()]}
+        for (w, h, degree), ms in self.parallel_decode_ms.items():
+            decode_points.setdefault(degree, []).append((num_tokens(w, h), ms))
+        self._decode_curves = {d: _curve(points) for d, points in decode_points.items()}
+        # Degrees profiled at batch 1, the ones a single request can run at (SP layout; cfg layout).
+        self.degrees: tuple[int, ...] = tuple(sorted({d for d, b, c in self._curves if b == 1 and c == 1}))
+        self.cfg_degrees: tuple[int, ...] = tuple(sorted({d for d, b, c in self._curves if b == 1 and c == 2}))
+        # Degrees a decode was profiled at (1 always: no decode data means a decode costs 0).
+        self.decode_degrees: tuple[int, ...] = tuple(sorted(self._decode_curves))
         if 1 not in self.degrees:
             # Every request must be able to run on one device (late requests, fixed1, baselines).
             raise ValueError(f"profile has no degree-1 step times (degrees: {self.degrees})")
-        self._step_cache: dict[tuple[int, int, int, int], float] = {}
+        self._step_cache: dict[tuple[int, int, int, int, int], float] = {}
 
     # ---- loading -------------------------------------------------------------------------------
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "CostModel":
+        step_ms: dict[tuple[int, int, int, int], float] = {}
+        cfg_step_ms: dict[tuple[int, int, int, int], float] = {}
+        decode_ms: dict[tuple[int, int], float] = {}
+        parallel_decode_ms: dict[tuple[int, int, int], float] = {}
         try:
-            step_ms = {
-                (int(e["width"]), int(e["height"]), int(e["degree"]), int(e.get("batch", 1))): float(e["ms"])
-                for e in data["step_ms"]
-            }
-            decode_ms = {(int(e["width"]), int(e["height"])): float(e["ms"]) for e in data.get("decode_ms", [])}
+            for e in data["step_ms"]:
+                cfg = int(e.get("cfg", 1))
+                if cfg not in (1, 2):
+                    raise ValueError(f"step entry {e}: cfg must be 1 or 2")
+                key = (int(e["width"]), int(e["height"]), int(e["degree"]), int(e.get("batch", 1)))
+                (step_ms if cfg == 1 else cfg_step_ms)[key] = float(e["ms"])
+            for e in data.get("decode_ms", []):
+                degree = int(e.get("degree", 1))
+                if degree == 1:
+                    decode_ms[(int(e["width"]), int(e["height"]))] = float(e["ms"])
+                else:
+                    parallel_decode_ms[(int(e["width"]), int(e["height"]), degree)] = float(e["ms"])
         except (KeyError, TypeError) as exc:
             raise ValueError(f"malformed profile: {exc!r} (format: docs/ARCHITECTURE.md, 'Profile JSON')") from exc
         meta = {k: v for k, v in data.items() if k not in ("step_ms", "decode_ms", "encode_ms", "cache_step_factor")}
         return cls(step_ms, decode_ms, float(data.get("encode_ms", 0.0)), meta,
-                   cache_step_factor=float(data.get("cache_step_factor", 1.0)))
+                   cache_step_factor=float(data.get("cache_step_factor", 1.0)), cfg_step_ms=cfg_step_ms,
+                   parallel_decode_ms=parallel_decode_ms)
 
     @classmethod
     def from_json(cls, path: str) -> "CostModel":
@@ -125,8 +162,10 @@ class CostModel:
         out["step_ms"] = [
             {"width": w, "height": h, "degree": d, "batch": b, "ms": ms}
             for (w, h, d, b), ms in sorted(self.step_ms.items())
-        ]
-        out["decode_ms"] = [{"width": w, "height": h, "ms": ms} for (w, h), ms in sorted(self.decode_ms.items())]
+        ] + [{"width": w, "height": h, "degree": d, "batch": b, "cfg": 2, "ms": ms}
+             for (w, h, d, b), ms in sorted(self.cfg_step_ms.items())]
+        out["decode_ms"] = [{"width": w, "height": h, "ms": ms} for (w, h), ms in sorted(self.decode_ms.items())] + [
+            {"width": w, "height": h, "degree": d, "ms": ms} for (w, h, d), ms in sorted(self.parallel_decode_ms.items())]
         out["encode_ms"] = self.encode_ms
         if self.cache_step_factor != 1.0:
             out["cache_step_factor"] = self.cache_step_factor
@@ -135,44 +174,68 @@ class CostModel:
     def with_cache(self) -> "CostModel":
         """This machine when every request runs with step caching: step times x cache_step_factor."""
         step_ms = {key: ms * self.cache_step_factor for key, ms in self.step_ms.items()}
-        return CostModel(step_ms, self.decode_ms, self.encode_ms, {**self.meta, "cached": True})
+        # (No CFG-parallel rows: the step cache does not run in that layout.)
+        return CostModel(step_ms, self.decode_ms, self.encode_ms, {**self.meta, "cached": True},
+                         parallel_decode_ms=self.parallel_decode_ms)
+
+    def without_layouts(self) -> "CostModel":
+        """This machine offering sequence parallelism only: no CFG-parallel steps, one-device decodes."""
+        return CostModel(self.step_ms, self.decode_ms, self.encode_ms, {**self.meta, "layouts": "sp only"},
+                         cache_step_factor=self.cache_step_factor)
 
     # ---- times ---------------------------------------------------------------------------------
 
-    def step_s(self, width: int, height: int, degree: int, batch: int = 1, cached: bool = False) -> float:
+    def step_s(self, width: int, height: int, degree: int, batch: int = 1, cached: bool = False,
+               cfg: int = 1) -> float:
         """Seconds for one denoising step of `batch` width x height requests on `degree` devices;
-        cached: of requests that run with step caching (x cache_step_factor)."""
-        seconds = self._plain_step_s(width, height, degree, batch)
+        cached: of requests that run with step caching (x cache_step_factor); cfg=2: in the
+        CFG-parallel layout (the guidance branches side by side, each on degree/2 devices)."""
+        seconds = self._plain_step_s(width, height, degree, batch, cfg)
         return seconds * self.cache_step_factor if cached else seconds
 
-    def _plain_step_s(self, width: int, height: int, degree: int, batch: int) -> float:
-        key = (width, height, degree, batch)
+    def _plain_step_s(self, width: int, height: int, degree: int, batch: int, cfg: int = 1) -> float:
+        key = (width, height, degree, batch, cfg)
         cached = self._step_cache.get(key)
         if cached is not None:
             return cached
-        ms = self.step_ms.get(key)
+        ms = (self.step_ms if cfg == 1 else self.cfg_step_ms).get(key[:4])
+        layout = f"degree {degree} batch {batch}" + (f" cfg {cfg}" if cfg != 1 else "")
         if ms is None:
-            curve = self._curves.get((degree, batch))
+            curve = self._curves.get((degree, batch, cfg))
             if curve is None:
-                have = sorted(self._curves)
+                have = sorted((d, b) for d, b, c in self._curves if c == cfg)
                 raise ValueError(
-                    f"profile {self.name} has no step times for degree {degree} batch {batch}; "
-                    f"profiled (degree, batch): {have}"
+                    f"profile {self.name} has no step times for {layout}; "
+                    f"profiled (degree, batch){' at cfg %d' % cfg if cfg != 1 else ''}: {have}"
                 )
             tokens = num_tokens(width, height)
             ms = _interp(curve, tokens)
             if ms is None:
                 raise ValueError(
                     f"{width}x{height} ({tokens} tokens) is outside the profiled range of {self.name} at "
-                    f"degree {degree} batch {batch}: {curve[0][0]}..{curve[-1][0]} tokens"
+                    f"{layout}: {curve[0][0]}..{curve[-1][0]} tokens"
                 )
         seconds = ms / 1000.0
         self._step_cache[key] = seconds
         return seconds
 
-    def supports(self, width: int, height: int, degree: int = 1, batch: int = 1) -> bool:
+    def step_options(self, width: int, height: int, max_degree: int, cached: bool = False,
+                     cfg: bool = False) -> dict[int, tuple[float, int]]:
+        """degree -> (seconds per step, cfg degree) of the fastest profiled layout on that many devices
+        (batch 1). cfg: the request has true classifier-free guidance, so the CFG-parallel layout is an
+        option where profiled (never with step caching: the cache does not run in that layout)."""
+        options = {d: (self.step_s(width, height, d, cached=cached), 1) for d in self.degrees_upto(max_degree)}
+        if cfg and not cached:
+            for d in self.cfg_degrees:
+                if d <= max_degree and self.supports(width, height, d, cfg=2):
+                    t = self.step_s(width, height, d, cfg=2)
+                    if d not in options or t < options[d][0]:
+                        options[d] = (t, 2)
+        return options
+
+    def supports(self, width: int, height: int, degree: int = 1, batch: int = 1, cfg: int = 1) -> bool:
         try:
-            self.step_s(width, height, degree, batch)
+            self.step_s(width, height, degree, batch, cfg=cfg)
         except ValueError:
             return False
         return True
@@ -184,26 +247,38 @@ class CostModel:
     def max_batch(self, width: int, height: int, degree: int = 1) -> int:
         """Largest profiled batch size for this resolution and degree (1 when none larger)."""
         best = 1
-        for d, b in self._curves:
-            if d == degree and b > best and self.supports(width, height, degree, b):
+        for d, b, c in self._curves:
+            if d == degree and c == 1 and b > best and self.supports(width, height, degree, b):
                 best = b
         return best
 
     def batch_sizes(self, width: int, height: int, degree: int = 1) -> list[int]:
-        return sorted(b for d, b in self._curves if d == degree and self.supports(width, height, degree, b))
+        return sorted(b for d, b, c in self._curves
+                      if d == degree and c == 1 and self.supports(width, height, degree, b))
 
-    def decode_s(self, width: int, height: int) -> float:
-        """Seconds for the VAE decode of one image (0 when the profile has no decode times)."""
-        if not self._decode_curve:
+    def decode_s(self, width: int, height: int, degree: int = 1) -> float:
+        """Seconds for the VAE decode of one image on `degree` devices (patch-parallel when > 1; a
+        ValueError for a degree > 1 never profiled). 0 when the profile has no decode times."""
+        curve = self._decode_curves.get(degree)
+        if curve is None:
+            raise ValueError(f"profile {self.name} has no decode times at degree {degree} "
+                             f"(profiled: {self.decode_degrees})")
+        if not curve:
             return 0.0
-        ms = self.decode_ms.get((width, height))
+        ms = self.decode_ms.get((width, height)) if degree == 1 else self.parallel_decode_ms.get((width, height, degree))
         if ms is None:
             tokens = num_tokens(width, height)
-            ms = _interp(self._decode_curve, tokens)
+            ms = _interp(curve, tokens)
             if ms is None:  # proportional to pixels beyond the profiled range
-                t_ref, ms_ref = self._decode_curve[0] if tokens < self._decode_curve[0][0] else self._decode_curve[-1]
+                t_ref, ms_ref = curve[0] if tokens < curve[0][0] else curve[-1]
                 ms = ms_ref * tokens / t_ref
         return ms / 1000.0
+
+    def group_decode(self, width: int, height: int, degree: int) -> tuple[int, float]:
+        """(devices, seconds) of the fastest profiled decode a group of `degree` devices can run: on
+        its first d devices, d <= degree (1 when the profile has no parallel decode rows)."""
+        return min(((d, self.decode_s(width, height, d)) for d in self.decode_degrees if d <= degree),
+                   key=lambda option: (option[1], option[0]))
 
     def encode_s(self, width: int | None = None, height: int | None = None) -> float:
         """Seconds for the prompt encode (text encoders + initial noise), independent of size."""
@@ -212,22 +287,22 @@ class CostModel:
     def degrees_upto(self, max_degree: int) -> tuple[int, ...]:
         return tuple(d for d in self.degrees if d <= max_degree)
 
-    def fastest_step(self, width: int, height: int, max_degree: int, cached: bool = False) -> tuple[int, float]:
+    def fastest_step(self, width: int, height: int, max_degree: int, cached: bool = False,
+                     cfg: bool = False) -> tuple[int, float]:
         """(degree, seconds) of the fastest single-request step using at most max_degree devices
-        (cached: of a request that runs with step caching)."""
-        best: tuple[int, float] | None = None
-        for d in self.degrees_upto(max_degree):
-            s = self.step_s(width, height, d, cached=cached)
-            if best is None or s < best[1]:
-                best = (d, s)
-        if best is None:
+        (cached: of a request that runs with step caching; cfg: one that may run CFG-parallel)."""
+        options = self.step_options(width, height, max_degree, cached, cfg)
+        if not options:
             raise ValueError(f"profile {self.name} has no degree <= {max_degree}: {self.degrees}")
-        return best
+        degree = min(options, key=lambda d: (options[d][0], d))
+        return degree, options[degree][0]
 
-    def isolated_s(self, width: int, height: int, num_steps: int, max_degree: int, cached: bool = False) -> float:
-        """Fastest service time of one request alone: steps at the fastest degree, then decode
-        (cached: with step caching; the decode is the same)."""
-        return num_steps * self.fastest_step(width, height, max_degree, cached)[1] + self.decode_s(width, height)
+    def isolated_s(self, width: int, height: int, num_steps: int, max_degree: int, cached: bool = False,
+                   cfg: bool = False) -> float:
+        """Fastest service time of one request alone: steps at the fastest degree, then the fastest
+        decode on at most max_degree devices (cached: with step caching; cfg: CFG parallel allowed)."""
+        return (num_steps * self.fastest_step(width, height, max_degree, cached, cfg)[1]
+                + self.group_decode(width, height, max_degree)[1])
 
     def typical_step_s(self) -> float:
         """Geometric mean of the profiled degree-1 step times: the 'typical request' step that

@@ -35,7 +35,9 @@ class SchedRequest:
     (None: no deadline; it is then scheduled best effort, after every request with one).
     cached: the request runs with step caching (`GenerationRequest.cache == "auto"`): every policy
     costs its steps with `cost.step_s(..., cached=True)` (the profile's cache_step_factor, 1.0 when
-    not measured)."""
+    not measured).
+    cfg: its steps can run CFG-parallel (true classifier-free guidance on a model that offers it, not
+    cached): a policy may then run its two guidance branches side by side (`GroupAssignment.cfg`)."""
 
     request_id: str
     width: int
@@ -44,6 +46,7 @@ class SchedRequest:
     arrival_s: float
     deadline_s: float | None = None
     cached: bool = False
+    cfg: bool = False
     # ---- tracked by the policy ----
     steps_done: int = 0
     device_ids: tuple[int, ...] = ()  # devices holding its latent (empty: not placed yet)
@@ -76,8 +79,18 @@ class SchedRequest:
 @dataclass(frozen=True)
 class GroupAssignment:
     """One device group for one round: `request_ids` (one, or several same-shape requests run as
-    one batched forward) run `num_steps` sequence-parallel steps on `device_ids`. With decode_after,
-    each request that finishes its steps is VAE-decoded on device_ids[0] right after (sequentially).
+    one batched forward) run `num_steps` steps on `device_ids`. With decode_after, each request that
+    finishes its steps is VAE-decoded right after (sequentially), on device_ids[:decode_degree].
+
+    The parallel layout of the group (issue 16): `cfg` guidance branches side by side (1, or 2 for
+    requests with true classifier-free guidance), each sequence-parallel (Ulysses) over `sp_degree`
+    devices: device_ids[c * sp : (c + 1) * sp] run branch c. On 4 devices, cfg 2 x sp 2:
+
+        device_ids (0, 1, 2, 3):   branch 0 (uncond) on (0, 1), branch 1 (cond) on (2, 3)
+        one step: Ulysses exchanges within (0, 1) and (2, 3); then (0, 2) and (1, 3) swap their
+        velocity shards, and every device holds the guided velocity of its sequence shard.
+
+    decode_degree > 1: the decode is patch-parallel over that many devices (rows of the image each).
     """
 
     device_ids: tuple[int, ...]
@@ -85,10 +98,21 @@ class GroupAssignment:
     num_steps: int
     decode_after: bool
     expected_s: float  # planned seconds for the steps plus any decodes
+    cfg: int = 1
+    decode_degree: int = 1
 
     @property
     def degree(self) -> int:
         return len(self.device_ids)
+
+    @property
+    def sp_degree(self) -> int:
+        return len(self.device_ids) // self.cfg
+
+    @property
+    def layout(self) -> dict[str, int]:
+        """{"cfg", "sp", "decode"}: what progress events report."""
+        return {"cfg": self.cfg, "sp": self.sp_degree, "decode": self.decode_degree if self.decode_after else 0}
 
 
 @dataclass(frozen=True)

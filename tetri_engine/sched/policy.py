@@ -42,11 +42,13 @@ class Admission:
 
 @dataclass(frozen=True)
 class GroupSpec:
-    """What a policy decides for one group; the base class turns it into a GroupAssignment."""
+    """What a policy decides for one group; the base class turns it into a GroupAssignment.
+    cfg: 2 runs the requests' two guidance branches side by side (each on half the devices)."""
 
     device_ids: tuple[int, ...]
     request_ids: tuple[str, ...]
     num_steps: int
+    cfg: int = 1
 
 
 class Policy:
@@ -57,6 +59,12 @@ class Policy:
     # False: the policy's decisions never read a request's deadline (FCFS baselines), so one run of
     # a trace gives every request's finish time at every SLO scale (bench/e2e_slo.py relies on it).
     uses_deadlines = True
+    # True: a group that finishes a request decodes it on as many of its devices as the profile says
+    # is fastest (patch-parallel VAE, `cost.group_decode`). False (the baselines): on its first device.
+    parallel_decode = False
+    # True: requests with SchedRequest.cfg may run CFG-parallel (`GroupSpec.cfg`); False (the
+    # baselines): sequence parallelism only.
+    cfg_parallel = False
 
     def __init__(self, num_devices: int, cost: CostModel, *, round_steps: int = 5, round_s: float | None = None):
         if num_devices < 1:
@@ -81,8 +89,8 @@ class Policy:
         self._round_end_s = 0.0  # expected end of the synchronous round in flight
         self._free_at: dict[int, float] = {}  # busy device -> expected end of its group
         self._flight: dict[str, tuple[int, float]] = {}  # request in flight -> (steps planned, expected end)
-        # (w, h, cached) -> (fastest step s, decode s)
-        self._fastest_cache: dict[tuple[int, int, bool], tuple[float, float]] = {}
+        # (w, h, cached, cfg) -> (fastest step s, decode s)
+        self._fastest_cache: dict[tuple[int, int, bool, bool], tuple[float, float]] = {}
         # Device tuples used by some group so far: their communicators exist in the engine's cache.
         self.known_groups: set[tuple[int, ...]] = set()
 
@@ -132,19 +140,21 @@ class Policy:
     # ---- admission helpers ---------------------------------------------------------------------
 
     def min_finish_s(self, width: int, height: int, num_steps: int, now_s: float, include_encode: bool = True,
-                     cached: bool = False) -> float:
+                     cached: bool = False, cfg: bool = False) -> float:
         """Earliest possible completion of a new request: alone, at its fastest degree on this
-        machine, starting now (cached: with step caching, i.e. SchedRequest.cached). A deadline
-        before this cannot be met by any schedule."""
-        t = now_s + self.cost.isolated_s(width, height, num_steps, self.max_degree, cached)
+        machine, starting now (cached: with step caching, i.e. SchedRequest.cached; cfg: it may run
+        CFG-parallel, SchedRequest.cfg, with a policy that uses that layout). A deadline before this
+        cannot be met by any schedule."""
+        step_s = self._fastest(width, height, cached, cfg and self.cfg_parallel)[0]
+        t = now_s + num_steps * step_s + self._decode_bound_s(width, height)
         return t + (self.cost.encode_s() if include_encode else 0.0)
 
     def admission_check(self, width: int, height: int, num_steps: int, deadline_s: float, now_s: float,
-                        cached: bool = False) -> "Admission":
+                        cached: bool = False, cfg: bool = False) -> "Admission":
         """Would a request arriving now with this absolute deadline fit alongside the requests this
         policy protects? The base answer only checks the request alone (`min_finish_s`); `tetri`
         answers for the whole machine and estimates when it could fit (tetri.py)."""
-        if self.min_finish_s(width, height, num_steps, now_s, cached=cached) > deadline_s + 1e-9:
+        if self.min_finish_s(width, height, num_steps, now_s, cached=cached, cfg=cfg) > deadline_s + 1e-9:
             return Admission(False, None, "deadline_impossible")
         return Admission(True, None, "fits")
 
@@ -240,15 +250,22 @@ class Policy:
         """Round-synchronous policies: groups for devices idle mid-round that end by round_end_s."""
         return []
 
-    def group_s(self, reqs: Sequence[SchedRequest], degree: int, num_steps: int) -> float:
-        """Expected seconds of a group: the batched steps, then a decode per request finishing.
-        A batch is costed as cached only when all its requests cache (one uncached row runs every block)."""
+    def decode_plan(self, width: int, height: int, degree: int) -> tuple[int, float]:
+        """(devices, seconds) of the decode a group of `degree` devices runs for a request it finishes."""
+        if self.parallel_decode:
+            return self.cost.group_decode(width, height, degree)
+        return 1, self.cost.decode_s(width, height)
+
+    def group_s(self, reqs: Sequence[SchedRequest], degree: int, num_steps: int, cfg: int = 1) -> float:
+        """Expected seconds of a group: the batched steps (in the `cfg` layout), then a decode per
+        request finishing. A batch is costed as cached only when all its requests cache (one uncached
+        row runs every block)."""
         first = reqs[0]
         cached = all(r.cached for r in reqs)
-        t = num_steps * self.cost.step_s(first.width, first.height, degree, len(reqs), cached=cached)
+        t = num_steps * self.cost.step_s(first.width, first.height, degree, len(reqs), cached=cached, cfg=cfg)
         for r in reqs:
             if num_steps >= r.remaining_steps:
-                t += self.cost.decode_s(r.width, r.height)
+                t += self.decode_plan(r.width, r.height, degree)[1]
         return t
 
     def _commit(self, now_s: float, specs: list[GroupSpec], idle: list[int], backfill: bool = False,
@@ -276,10 +293,14 @@ class Policy:
                 raise RuntimeError(f"{self.name}: a batched group must have one resolution")
             if not 1 <= spec.num_steps <= min(r.remaining_steps for r in reqs):
                 raise RuntimeError(f"{self.name}: {spec.num_steps} steps for {spec.request_ids}")
+            if spec.cfg != 1 and (spec.cfg != 2 or len(devs) % 2 or not all(r.cfg for r in reqs)):
+                raise RuntimeError(f"{self.name}: cfg {spec.cfg} on {len(devs)} devices for {spec.request_ids}")
             used.update(devs)
             decode_after = any(spec.num_steps >= r.remaining_steps for r in reqs)
+            decode_degree = self.decode_plan(reqs[0].width, reqs[0].height, len(devs))[0] if decode_after else 1
             group = GroupAssignment(devs, tuple(spec.request_ids), spec.num_steps, decode_after,
-                                    self.group_s(reqs, len(devs), spec.num_steps))
+                                    self.group_s(reqs, len(devs), spec.num_steps, spec.cfg), cfg=spec.cfg,
+                                    decode_degree=decode_degree)
             groups.append(group)
             for d in devs:
                 self._free_at[d] = now_s + group.expected_s
@@ -316,14 +337,21 @@ class Policy:
         """Cannot make its deadline any more, even at the fastest degree from now."""
         if req.deadline_s is None:
             return False
-        key = (req.width, req.height, req.cached)
-        lower_bound = self._fastest_cache.get(key)
-        if lower_bound is None:
-            lower_bound = (self.cost.fastest_step(req.width, req.height, self.max_degree, req.cached)[1],
-                           self.cost.decode_s(req.width, req.height))
-            self._fastest_cache[key] = lower_bound
-        step_s, decode_s = lower_bound
+        step_s, decode_s = self._fastest(req.width, req.height, req.cached, req.cfg and self.cfg_parallel)
         return now_s + req.remaining_steps * step_s + decode_s > req.deadline + 1e-9
+
+    def _fastest(self, width: int, height: int, cached: bool, cfg: bool) -> tuple[float, float]:
+        """(fastest step s, fastest decode s) of a request alone on this machine, with this policy."""
+        key = (width, height, cached, cfg)
+        bound = self._fastest_cache.get(key)
+        if bound is None:
+            bound = (self.cost.fastest_step(width, height, self.max_degree, cached, cfg)[1],
+                     self._decode_bound_s(width, height))
+            self._fastest_cache[key] = bound
+        return bound
+
+    def _decode_bound_s(self, width: int, height: int) -> float:
+        return self.decode_plan(width, height, self.max_degree)[1]
 
 
 def steps_in(seconds: float, step_s: float) -> int:

@@ -23,6 +23,13 @@ This one decides who can make it *together*, and is event-driven. Every `schedul
 6. Placement (`_place`, placement.py): aligned groups, a request keeps the devices its latent is on;
    a group that finds its idle devices fragmented runs at half the degree.
 
+Parallel layouts (issue 16) are options like degrees: on k devices a request runs the fastest layout
+the profile has for it (`cost.step_options`: Ulysses over k, or, with true classifier-free guidance,
+its two guidance branches on k/2 devices each), and the group that finishes it decodes on as many of
+its devices as decode fastest (`cost.group_decode`), so a degree's time, GPU cost and decode are
+those of its best layout everywhere above (hull, triage, scale-up). The plan says which layout each
+group runs (`GroupAssignment.cfg`, `decode_degree`).
+
 No rounds: a group runs about `round_s` seconds of steps (at least one step; `round_s` /
 `round_steps` stay the one tunable: shorter groups react sooner, longer ones regroup less), and
 when it ends its devices are planned again at once while the other groups run on
@@ -48,16 +55,20 @@ SCALE_UP_MIN_GAIN = 0.05  # double a group's degree only if its step gets >= 5% 
 
 @dataclass(frozen=True)
 class _Shape:
-    """Step times of one (width, height, cached), computed once."""
+    """Step times of one (width, height, cached, cfg), computed once."""
 
-    step_s: dict[int, float]  # degree -> seconds per step (batch 1)
+    step_s: dict[int, float]  # degree -> seconds per step (batch 1) in the fastest layout there
+    cfg_at: dict[int, int]  # degree -> the cfg degree of that layout
     options: tuple[tuple[int, float], ...]  # hull: (degree, step_s), cheapest GPU-seconds first
-    decode_s: float
+    decode_s: float  # on one device
+    decodes: tuple[tuple[int, float], ...]  # (group degree, its decode seconds)
 
 
 class TetriPolicy(Policy):
     name = "tetri"
     synchronous_rounds = False
+    parallel_decode = True
+    cfg_parallel = True
 
     def __init__(self, num_devices: int, cost: CostModel, *, round_steps: int = 5, round_s: float | None = None,
                  scale_up: bool = True, give_up: bool = True, rescue_slowdown: float | None = None):
@@ -67,7 +78,7 @@ class TetriPolicy(Policy):
         # Tails vs SAR: a given-up request whose slowdown would reach this even if it ran at its
         # fastest from now is served before protected requests scale up (None: never).
         self.rescue_slowdown = rescue_slowdown
-        self._shapes: dict[tuple[int, int, bool], _Shape] = {}
+        self._shapes: dict[tuple[int, int, bool, bool], _Shape] = {}
         self._given_up: set[str] = set()
         self._slots: dict[str, Slot] = {}  # the virtual schedule of the last triage: request id -> slot
         self._needs: list[float] = []  # triage.first_needs of the last triage
@@ -90,15 +101,16 @@ class TetriPolicy(Policy):
         return finished
 
     def admission_check(self, width: int, height: int, num_steps: int, deadline_s: float, now_s: float,
-                        cached: bool = False) -> Admission:
+                        cached: bool = False, cfg: bool = False) -> Admission:
         """Would a request arriving now (deadline_s absolute) fit alongside the protected ones
         without giving any of them up? If not, `retry_after_s` estimates when it could: the earliest
         moment, as planned now (no further arrivals), at which the same request with the same
         relative deadline would fit; None when it cannot make its deadline even alone."""
         self.cost.check(width, height)
-        shape = self._shape(width, height, cached)
+        shape = self._shape(width, height, cached, cfg)
         release = now_s + self.cost.encode_s()
-        alone = release + num_steps * min(t for _, t in shape.options) + shape.decode_s
+        alone = Job("\0alone", release, deadline_s, num_steps, shape.decode_s, shape.options,
+                    shape.decodes).fastest_end_s()
         if alone > deadline_s + 1e-9:
             return Admission(False, None, "deadline_impossible")
         jobs, free_at = self._jobs(now_s)
@@ -106,7 +118,7 @@ class TetriPolicy(Policy):
 
         def fits_at(t: float) -> bool:
             cand = Job("\0candidate", t + self.cost.encode_s(), deadline_s + (t - now_s), num_steps,
-                       shape.decode_s, shape.options)
+                       shape.decode_s, shape.options, shape.decodes)
             dropped = triage(jobs + [cand], free_at)[1]
             return cand.key not in dropped and len(dropped) <= base_dropped
 
@@ -126,19 +138,34 @@ class TetriPolicy(Policy):
 
     # ---- per-shape step times -------------------------------------------------------------------
 
-    def _shape(self, width: int, height: int, cached: bool) -> _Shape:
+    def _shape(self, width: int, height: int, cached: bool, cfg: bool = False) -> _Shape:
+        cfg = cfg and not cached
         cached = cached and self.cost.cache_step_factor != 1.0
-        key = (width, height, cached)
+        key = (width, height, cached, cfg)
         shape = self._shapes.get(key)
         if shape is None:
-            step = {d: self.cost.step_s(width, height, d, cached=cached) for d in self.degrees}
+            layouts = self.cost.step_options(width, height, self.num_devices, cached, cfg)
+            step = {d: t for d, (t, _) in layouts.items()}
             hull = lower_hull([HullPoint(d, t, d * t) for d, t in step.items()])
-            shape = _Shape(step, tuple((p.degree, p.step_s) for p in hull), self.cost.decode_s(width, height))
+            decodes = tuple((d, self.decode_plan(width, height, d)[1]) for d in step)
+            shape = _Shape(step, {d: c for d, (_, c) in layouts.items()}, tuple((p.degree, p.step_s) for p in hull),
+                           self.cost.decode_s(width, height), decodes)
             self._shapes[key] = shape
         return shape
 
     def _shape_of(self, r: SchedRequest) -> _Shape:
-        return self._shape(r.width, r.height, r.cached)
+        return self._shape(r.width, r.height, r.cached, r.cfg)
+
+    def candidate_groups(self) -> list[tuple[int, ...]]:
+        """The aligned groups, plus the guidance-branch pairs of a CFG-parallel group of 4 or more
+        (device c*sp + j of each branch exchanges its velocity with its twin in the other branch)."""
+        groups = super().candidate_groups()
+        for degree in self.cost.cfg_degrees:
+            if 2 < degree <= self.num_devices:
+                sp = degree // 2
+                for block in (g for g in groups if len(g) == degree):
+                    groups += [(block[j], block[sp + j]) for j in range(sp)]
+        return list(dict.fromkeys(groups))
 
     # ---- 1. triage -----------------------------------------------------------------------------
 
@@ -157,7 +184,7 @@ class TetriPolicy(Policy):
                 if steps <= 0:
                     continue  # ends in the group in flight: nothing left to place
             shape = self._shape_of(r)
-            jobs.append(Job(rid, release, r.deadline, steps, shape.decode_s, shape.options))
+            jobs.append(Job(rid, release, r.deadline, steps, shape.decode_s, shape.options, shape.decodes))
         # (A busy device whose group is overdue is not idle: it frees just after now.)
         free_at = [max(now_s + 1e-6, self._free_at[d]) if d in self._busy else now_s for d in range(self.num_devices)]
         return jobs, free_at
@@ -210,10 +237,9 @@ class TetriPolicy(Policy):
 
     def _projected_slowdown(self, r: SchedRequest, now_s: float) -> float:
         """Its slowdown if it finished as fast as it can from now."""
-        shape = self._shape_of(r)
-        fastest = min(t for _, t in shape.options)
-        iso = self.cost.encode_s() + r.num_steps * fastest + shape.decode_s
-        return (now_s - r.arrival_s + r.remaining_steps * fastest + shape.decode_s) / iso
+        fastest, decode_s = self._fastest(r.width, r.height, r.cached, r.cfg)
+        iso = self.cost.encode_s() + r.num_steps * fastest + decode_s
+        return (now_s - r.arrival_s + r.remaining_steps * fastest + decode_s) / iso
 
     def _steps(self, r: SchedRequest, degree: int, window_s: float = math.inf) -> int:
         """Steps of r at `degree` in one group: about round_s, at most window_s (0: none fit)."""
@@ -308,7 +334,7 @@ class TetriPolicy(Policy):
             for rid, (d, q) in todo.items():
                 devs = placed.get(rid)
                 if devs is not None:
-                    specs.append(GroupSpec(devs, (rid,), q))
+                    specs.append(GroupSpec(devs, (rid,), q, self._shape_of(self._requests[rid]).cfg_at[d]))
                     free = [x for x in free if x not in devs]
                 elif d > 1 and d // 2 in self.degrees:
                     step = self._shape_of(self._requests[rid]).step_s

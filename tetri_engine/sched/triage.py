@@ -45,16 +45,26 @@ class Job:
     steps: int  # steps left after the group in flight
     decode_s: float
     options: tuple[tuple[int, float], ...]
+    # (degree, decode seconds) when its decode depends on the degree it ends at (patch-parallel VAE);
+    # a degree not listed decodes in decode_s.
+    decodes: tuple[tuple[int, float], ...] = ()
+
+    def decode_at(self, degree: int) -> float:
+        """Its decode when its last group runs at `degree`."""
+        for d, seconds in self.decodes:
+            if d == degree:
+                return seconds
+        return self.decode_s
 
     @property
     def cost_s(self) -> float:
         """Device-seconds at its cheapest degree: what giving it up frees."""
         degree, step_s = self.options[0]
-        return degree * step_s * self.steps + self.decode_s
+        return degree * step_s * self.steps + self.decode_at(degree)
 
     def fastest_end_s(self) -> float:
         """Its end alone on the machine, from its release, at its fastest degree."""
-        return self.release_s + self.steps * min(t for _, t in self.options) + self.decode_s
+        return self.release_s + min(self.steps * t + self.decode_at(d) for d, t in self.options)
 
 
 @dataclass(frozen=True)
@@ -81,7 +91,6 @@ def fit(job: Job, free_at: Sequence[float], min_degree: int = 1) -> Slot | None:
     first, as `allocation.allocate`, switching once the wider degree's devices are free), starting
     at min_degree or more."""
     n = len(free_at)
-    budget_end = job.deadline_s - job.decode_s + EPS
     release, steps = job.release_s, job.steps
     prev = None
     for degree, step_s in job.options:
@@ -89,6 +98,8 @@ def fit(job: Job, free_at: Sequence[float], min_degree: int = 1) -> Slot | None:
             continue
         if degree > n:
             break
+        decode_s = job.decode_at(degree)  # (a plan ending at this degree decodes at it)
+        budget_end = job.deadline_s - decode_s + EPS
         start = free_at[degree - 1]
         if start < release:
             start = release
@@ -97,7 +108,7 @@ def fit(job: Job, free_at: Sequence[float], min_degree: int = 1) -> Slot | None:
                 mixed = _two_degrees(job, prev, (degree, step_s), free_at, budget_end)
                 if mixed is not None:
                     return mixed
-            end = start + job.steps * step_s + job.decode_s
+            end = start + job.steps * step_s + decode_s
             return Slot(job.key, degree, start, end, job.steps, degree, end)
         if prev is not None:
             mixed = _two_degrees(job, prev, (degree, step_s), free_at, budget_end)
@@ -110,7 +121,8 @@ def fit(job: Job, free_at: Sequence[float], min_degree: int = 1) -> Slot | None:
 def _two_degrees(job: Job, slow: tuple[int, float], fast: tuple[int, float], free_at: Sequence[float],
                  budget_end: float) -> Slot | None:
     """Most steps at the slow (cheap) degree, the rest at the fast one once its devices are free,
-    ending by budget_end; None when no such split meets it (or it would not use the slow degree)."""
+    ending by budget_end (the deadline less the decode at the fast degree, where the plan ends); None
+    when no such split meets it (or it would not use the slow degree)."""
     (a, t_a), (b, t_b) = slow, fast
     start = max(job.release_s, free_at[a - 1])
     n_slow = min(job.steps - 1, int(math.floor((budget_end - start - job.steps * t_b) / (t_a - t_b))))
@@ -120,7 +132,7 @@ def _two_degrees(job: Job, slow: tuple[int, float], fast: tuple[int, float], fre
     end = switch + (job.steps - n_slow) * t_b
     if end > budget_end:
         return None
-    return Slot(job.key, a, start, end + job.decode_s, n_slow, b, switch)
+    return Slot(job.key, a, start, end + job.decode_at(b), n_slow, b, switch)
 
 
 def occupy(free_at: list[float], slot: Slot) -> list[float]:

@@ -437,7 +437,7 @@ def queued_event(out: GenerationOutput) -> bytes:
 
 def round_event(out: GenerationOutput) -> bytes:
     return sse("tetri.round", {"request_id": out.request_id, "degree": out.degree,
-                               "devices": list(out.devices), "step": out.step,
+                               "devices": list(out.devices), "layout": out.layout, "step": out.step,
                                "total_steps": out.total_steps})
 
 
