@@ -103,3 +103,27 @@ def test_profile_command_writes_a_profile_the_scheduler_loads(tmp_path, capsys):
     cost.check(2048, 2048)  # --extend 64,2048 by default: every size the engine admits can be costed
     text = table.read_text()
     assert "| 128x128 |" in text and "2048x2048" in text and "*" in text
+
+
+def test_the_profile_measures_the_parallel_methods_the_model_offers():
+    """tiny-sd3 (true CFG at its default guidance): each even degree again with the guidance branches side
+    by side, and the decode on 2 devices; a model or settings without a method get no such rows."""
+    from tetri_engine import ops
+    from tetri_engine.executor import Executor
+    from tetri_engine.model import load_runtime
+
+    settings = profiling.ProfileSettings(resolutions=((64, 64),), degrees=(1, 2), batches=(1,), steps=1,
+                                         warmup_steps=0, chunk_steps=1, decode_repeats=1)
+    with Executor(load_runtime("tiny-sd3", DEVICES), DEVICES, ops.CommCache()) as executor:
+        profile = profiling.measure_profile(executor, settings, model_name="tiny-sd3")
+        only_sp = profiling.measure_profile(executor, profiling.ProfileSettings(
+            **{**settings.__dict__, "methods": ("ulysses",)}), model_name="tiny-sd3")
+    layouts = {(e["degree"], e.get("cfg", 1)) for e in profile["step_ms"]}
+    assert layouts == {(1, 1), (2, 1), (2, 2)}
+    assert {e.get("degree", 1) for e in profile["decode_ms"]} == {1, 2}
+    cost = CostModel.from_dict(profile)
+    assert cost.cfg_degrees == (2,) and cost.decode_degrees == (1, 2)
+    assert "cfg 2 x sp 1" in profiling.format_table(profile) and "decode ms (2 dev)" in profiling.format_table(profile)
+    assert {e.get("cfg", 1) for e in only_sp["step_ms"]} == {1} and {e.get("degree", 1) for e in only_sp["decode_ms"]} == {1}
+    merged = profiling.merge_profiles(only_sp, profile)  # layout rows merge in beside the others
+    assert len(merged["step_ms"]) == 3 and len(merged["decode_ms"]) == 2

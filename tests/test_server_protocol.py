@@ -242,9 +242,10 @@ def test_stream_events_parse_with_the_openai_models():
     assert data["metrics"]["deadline_met"] is True
 
     round_out = GenerationOutput(request_id="r", kind="round", degree=2, devices=("cpu:0", "cpu:1"),
-                                 step=0, total_steps=4)
+                                 step=0, total_steps=4, layout={"cfg": 2, "sp": 1, "decode": 2})
     [(event, data)] = sse_frames(protocol.round_event(round_out))
     assert (event, data["degree"], data["devices"]) == ("tetri.round", 2, ["cpu:0", "cpu:1"])
+    assert data["layout"] == {"cfg": 2, "sp": 1, "decode": 2}  # the group's parallel layout (issue 16)
 
 
 def test_failed_final_is_a_server_error_and_cancel_while_draining_is_503():

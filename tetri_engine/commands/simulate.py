@@ -13,6 +13,7 @@ gantt-<label>.png (per-device timeline of one run). Never imports torch.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -59,6 +60,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--round-steps", type=int, default=5, help="TetriServe round: steps of a typical request")
     parser.add_argument("--round-s", type=float, default=None, help="TetriServe round length in seconds (overrides)")
     parser.add_argument("--jitter-cv", type=float, default=0.0, help="Gaussian jitter of simulated group times")
+    parser.add_argument("--cfg", action="store_true",
+                        help="every request has true classifier-free guidance (an SD3 workload at guidance > 1): "
+                             "policies that offer CFG parallel (tetri) may run it where the profile has cfg rows")
+    parser.add_argument("--no-layouts", action="store_true",
+                        help="ignore the profile's CFG-parallel step and patch-parallel decode rows: "
+                             "sequence parallelism only (to compare with and without them)")
     parser.add_argument("--gantt-policy", default="tetri", help="policy whose first run is drawn as a Gantt chart")
     parser.add_argument("--gantt-window-s", type=float, default=60.0, help="seconds of timeline in the Gantt chart")
     parser.add_argument("--output", default="sim-out", help="directory for results.json, traces and plots")
@@ -103,6 +110,8 @@ def run(args: argparse.Namespace) -> int:
     except (OSError, ValueError) as exc:
         print(f"error: cannot load profile {args.profile}: {exc}", file=sys.stderr)
         return 2
+    if args.no_layouts:
+        cost = cost.without_layouts()
     policies = _usable_policies(args, cost)
     if not policies:
         return 2
@@ -112,6 +121,8 @@ def run(args: argparse.Namespace) -> int:
     except (OSError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    if args.cfg:
+        traces = [(label, [dataclasses.replace(r, cfg=True) for r in trace]) for label, trace in traces]
 
     step, close = _progress(len(traces) * len(policies) * len(args.slo_scale), args.quiet)
     t0 = time.perf_counter()

@@ -14,8 +14,10 @@ drops everything that makes scheduling hard:
 Intervals I_j cut time at every release (arrival + prompt encode, as in the simulator), every last
 moment a step can end (deadline - decode) and every deadline; i's steps may only use intervals in
 [release_i, deadline_i - decode_i], its decode those in [release_i, deadline_i]. t_ik is i's step
-time at degree k (batch 1, the fastest a step of i can go), c_ik its cheapest device-seconds per
-step at degree k (k x the step time, or a batched step's share when batching is cheaper). Any real
+time at degree k (batch 1, the fastest a step of i can go: in its fastest layout on k devices, CFG
+parallel included for a request with "cfg"), c_ik its cheapest device-seconds per step at degree k (k x
+the step time, or a batched step's share when batching is cheaper); dec_i its fastest decode on at most
+N devices, counted as one device's time (a k-device decode costs k x its time >= that). Any real
 schedule gives a feasible point (x_i = 1 for each request it serves on time, the steps it ran in
 each interval, fractions of steps where a step straddles a cut), so the LP optimum / requests is
 an upper bound on SAR. Requests that cannot make their deadline even alone (fastest degree, from
@@ -86,10 +88,11 @@ def sar_bound(trace: Sequence[TraceRequest], cost: CostModel, num_devices: int, 
         cached = tr.cache == "auto"
         release = tr.arrival_s + encode
         deadline = tr.arrival_s + slo_scale * tr.slo_ms / 1000.0
-        decode = cost.decode_s(tr.width, tr.height)
+        decode = cost.group_decode(tr.width, tr.height, num_devices)[1]
+        layouts = cost.step_options(tr.width, tr.height, num_devices, cached, tr.cfg)
         per_degree = {}
         for k in degrees:
-            t = cost.step_s(tr.width, tr.height, k, cached=cached)
+            t = layouts[k][0]
             c = min(k * cost.step_s(tr.width, tr.height, k, b, cached=cached) / b
                     for b in cost.batch_sizes(tr.width, tr.height, k) or [1])
             per_degree[k] = (t, min(c, k * t))

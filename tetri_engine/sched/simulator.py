@@ -126,8 +126,10 @@ def simulate(
     slo_scale: float = 1.0,
     jitter_cv: float = 0.0,
     seed: int = 0,
+    cfg: bool = False,
 ) -> SimResult:
-    """Replay `trace` through `policy` (fresh, with no requests) and return what happened."""
+    """Replay `trace` through `policy` (fresh, with no requests) and return what happened. cfg: every
+    request has true classifier-free guidance (an SD3 workload), whatever its trace line says."""
     cost = policy.cost
     rng = random.Random(seed)
     encode_s = cost.encode_s()
@@ -152,7 +154,7 @@ def simulate(
             result = RoundResult(end_s, steps_done={rid: group.num_steps for rid in group.request_ids})
             _record_finished(records, policy.update_from_output(plan, result))
         while i < len(arrivals) and arrivals[i].arrival_s + encode_s <= now:
-            record = _arrive(policy, arrivals[i], i, slo_scale, encode_s)
+            record = _arrive(policy, arrivals[i], i, slo_scale, encode_s, cfg)
             records[record.request_id] = record
             i += 1
         t0 = time.perf_counter()
@@ -177,13 +179,16 @@ def simulate(
     return SimResult(policy.name, policy.num_devices, slo_scale, list(records.values()), busy, rounds, decision_s)
 
 
-def _arrive(policy: Policy, tr: TraceRequest, index: int, slo_scale: float, encode_s: float) -> RequestRecord:
+def _arrive(policy: Policy, tr: TraceRequest, index: int, slo_scale: float, encode_s: float,
+            cfg: bool = False) -> RequestRecord:
     """Add a trace request to the policy (its deadline at this SLO scale) and start its record."""
     rid = tr.request_id or f"req-{index:05d}"
     deadline = tr.arrival_s + slo_scale * tr.slo_ms / 1000.0
-    cached = tr.cache == "auto"
-    policy.add_request(SchedRequest(rid, tr.width, tr.height, tr.steps, tr.arrival_s, deadline, cached=cached))
-    isolated = encode_s + policy.cost.isolated_s(tr.width, tr.height, tr.steps, policy.max_degree, cached)
+    cached, cfg = tr.cache == "auto", (tr.cfg or cfg) and tr.cache != "auto"
+    policy.add_request(SchedRequest(rid, tr.width, tr.height, tr.steps, tr.arrival_s, deadline, cached=cached,
+                                    cfg=cfg))
+    isolated = encode_s + policy.cost.isolated_s(tr.width, tr.height, tr.steps, policy.max_degree, cached,
+                                                 cfg and policy.cfg_parallel)
     return RequestRecord(rid, tr.width, tr.height, tr.steps, tr.arrival_s, deadline, None,
                          SchedState.WAITING.value, {}, 0, 0, isolated)
 

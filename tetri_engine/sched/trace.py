@@ -10,8 +10,9 @@ megapixels) and a step count per request (MIXED_STEPS), both drawn uniformly; it
 same rule (slo.py interpolates in token count and scales by steps).
 
 A trace file has one JSON object per line: {"arrival_s", "width", "height", "steps", "slo_ms"}
-(optionally "request_id", and "cache": "off" | "auto", default "off": the request runs with step
-caching and the policy costs it at the cached step time). slo_ms is the deadline relative to arrival at SLO scale 1.0; a replay
+(optionally "request_id", "cache": "off" | "auto", default "off": the request runs with step
+caching and the policy costs it at the cached step time, and "cfg": true: it has true classifier-free
+guidance, so a policy may run it CFG-parallel, SchedRequest.cfg). slo_ms is the deadline relative to arrival at SLO scale 1.0; a replay
 multiplies it by the scale being tested.
 """
 from __future__ import annotations
@@ -45,6 +46,7 @@ class TraceRequest:
     slo_ms: float  # deadline after arrival, at SLO scale 1.0
     request_id: str = ""
     cache: str = "off"  # "auto": runs with step caching (SchedRequest.cached)
+    cfg: bool = False  # true classifier-free guidance: may run CFG-parallel (SchedRequest.cfg)
 
 
 def mix_probabilities(mix: str, sides_px: Sequence[int] = PAPER_SIDES_PX, alpha: float = 1.0) -> list[float]:
@@ -111,8 +113,10 @@ def write_trace(path: str, trace: Iterable[TraceRequest]) -> None:
     with open(path, "w", encoding="utf-8") as f:
         for r in trace:
             d = asdict(r)
-            if d["cache"] == "off":  # the default: traces without caching keep their format
+            if d["cache"] == "off":  # the defaults: traces without caching or CFG keep their format
                 del d["cache"]
+            if not d["cfg"]:
+                del d["cfg"]
             f.write(json.dumps(d) + "\n")
 
 
@@ -128,11 +132,14 @@ def read_trace(path: str) -> list[TraceRequest]:
                 cache = d.get("cache", "off")
                 if cache not in ("off", "auto"):
                     raise ValueError(f"cache {cache!r} is not 'off' or 'auto'")
+                cfg = d.get("cfg", False)
+                if not isinstance(cfg, bool):
+                    raise ValueError(f"cfg {cfg!r} is not true or false")
                 out.append(TraceRequest(float(d["arrival_s"]), int(d["width"]), int(d["height"]), int(d["steps"]),
                                         float(d["slo_ms"]), str(d.get("request_id") or f"req-{len(out):05d}"),
-                                        cache))
+                                        cache, cfg))
             except (KeyError, TypeError, ValueError) as exc:
                 raise ValueError(f"{path}:{lineno}: bad trace line ({exc}); expected arrival_s, width, height, "
-                                 f"steps, slo_ms (optional request_id, cache)") from exc
+                                 f"steps, slo_ms (optional request_id, cache, cfg)") from exc
     out.sort(key=lambda r: r.arrival_s)
     return out
