@@ -9,6 +9,7 @@ OUT=${OUT:-out/gpu}; mkdir -p "$OUT"
 PY=${PY:-python3}
 stages=${*:-build tests regroup runtime profile cache overhead xdit}
 # Issue 7 (end-to-end SAR, ~25 min on 2xH200): bench/gpu_checks.sh build corun e2e-traces xdit-serve e2e
+# Issue 16 (parallel layouts, sd3-medium, ~25 min on 2xH200): bench/gpu_checks.sh build runtime-sd3 profile-sd3 sim-sd3
 ngpu=$($PY -c "import torch; print(torch.cuda.device_count())")
 devs=$($PY -c "print(','.join(f'cuda:{i}' for i in range($ngpu)))")
 run() {  # run NAME TIMEOUT_S CMD...: log to $OUT/NAME.log, print its tail
@@ -36,7 +37,12 @@ for s in $stages; do case $s in
   profile) run profile 200 $PY bench/profile_steps.py --model flux-dev --devices "$devs" --degrees 1,2 --steps 20 --output "$OUT/flux-dev-${ngpu}xH200.json" --table "$OUT/profile.md" ;;
   cache)   run cache 120 $PY bench/cache_bench.py --model flux-dev --devices "$devs" --size 1024x1024 --steps 28 --seeds 1 --repeats 1 --analysis-prompts 2 --output "$OUT/cache.jsonl" ;;
   overhead) run overhead 90 $PY bench/engine_overhead.py --model flux-dev --devices "$devs" --sizes 512,1024 --steps 20 --profile "$OUT/flux-dev-${ngpu}xH200.json" --output "$OUT/overhead.jsonl" ;;
-  runtime-sd3) run runtime-sd3 200 $PY bench/runtime_check.py --models sd3-medium --devices "$devs" --sizes 512,1024,2048 --output "$OUT/runtime-sd3.jsonl" ;;
+  # Issue 16 (sd3-medium, ~15 min on 2xH200): degree 2 vs 1 per guidance branch, the CFG-parallel step, the
+  # patch-parallel decode (runtime-sd3); the profile with layout rows (profile-sd3); SAR with and without them.
+  runtime-sd3) run runtime-sd3 600 $PY bench/runtime_check.py --models sd3-medium --devices "$devs" --sizes 512,1024,2048 --output "$OUT/runtime-sd3.jsonl" ;;
+  profile-sd3) run profile-sd3 900 $PY -m tetri_engine profile --model sd3-medium --devices "$devs" --resolutions 256,512,1024,2048 \
+           --degrees 1,2 --batches 1 --steps 20 --output "$OUT/sd3-medium-${ngpu}xH200.json" --table "$OUT/profile-sd3.md" ;;
+  sim-sd3) run sim-sd3 600 $PY bench/sim_layouts.py --profile "$OUT/sd3-medium-${ngpu}xH200.json" --gpus "$ngpu" --output "$OUT/sim-layouts" ;;
   corun)   if [ "$ngpu" -ge 2 ]; then run corun 300 $PY bench/corun_interference.py --model flux-dev --devices "$devs" --big 2048 --small 256,512,1024 --small-steps 20 --variants fixed,coupled,cond-on-encoder,python-loop --output "$OUT/corun.jsonl"
            else run corun 240 $PY bench/corun_interference.py --model flux-dev --devices cuda:0 --same-device --big 2048 --small 512 --small-steps 20 --variants fixed,coupled,python-loop --output "$OUT/corun.jsonl"; fi ;;
   # Issue 7: the same traces through xDiT (one launch, both mixes) and through the engine (every policy).

@@ -8,7 +8,16 @@ For each model (random weights of the real architecture, built on the GPUs in bf
   pipeline runs them);
 * ``step`` at degree 1 and at degree 2 (more with --degrees): ``Executor.submit_steps`` of --steps
   consecutive steps (forward + Euler update), per-step time = the call's seconds / steps;
-* ``check``: the model output of one step at degree 2 against degree 1, same inputs (bf16 tolerance);
+* ``check``: the model output of one step at degree 2 against degree 1, same inputs, compared *before*
+  the guidance: each classifier-free-guidance branch (SD3: [uncond, cond]) on its own, with the bf16
+  tolerance FLUX's output meets (issue 16: the guided output `uncond + g (cond - uncond)` multiplies the
+  branches' rounding by up to 2g - 1, 13 at g = 7, which is what SD3's 0.109 was; the guided difference
+  is reported beside its scaled tolerance). Models with true CFG also compare the CFG-parallel layout
+  (the branches on two devices) with degree 1;
+* ``cfg`` (models with true CFG, e.g. sd3-medium): the step in the CFG-parallel layout at each even
+  degree (``cfg2 x sp(k/2)``), and its speed-up over degree 1;
+* ``decode``: the VAE decode on one device and patch-parallel on 2 (more with --degrees), and the
+  largest difference of the decoded image (float, before 8-bit) from the one-device decode;
 * with ``--graphs both`` (the default) every ``step`` is timed twice, eagerly and with CUDA graphs
   (executor/cuda_graphs.py), and ``graph max|d|`` compares the latents after 2 steps with graphs to
   those without, at each degree (expected 0, or bf16 rounding). GPU only; on CPU graphs are never used.
@@ -17,7 +26,10 @@ For each model (random weights of the real architecture, built on the GPUs in bf
 
 Each timing is the median over --repeats calls after --warmup steps. Targets (2xH200, flux-dev):
 our degree-1 step within 3% of the bare forward; degree 2 at least 1.85x faster than degree 1 at
-2048x2048 and 1.6x at 1024x1024. Prints a table; writes one JSON object per line to --output.
+2048x2048 and 1.6x at 1024x1024. Issue 16 (sd3-medium): the branches at degree 2 within the bf16
+tolerance (as FLUX's 0.016); the CFG-parallel step at 1024x1024 at least 1.8x faster than degree 1;
+the 2048x2048 decode on 2 GPUs in at most 0.6 s. Prints a table; writes one JSON object per line to
+--output.
 
   NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 \\
     python bench/runtime_check.py --models flux-dev,sd3-medium --devices cuda:0,cuda:1 \\
@@ -26,8 +38,13 @@ our degree-1 step within 3% of the bare forward; degree 2 at least 1.85x faster 
 The model runs with the engine's options and defaults (--compile, --attention, --dtype, --ulysses-chunks);
 with --compile the bare diffusers forward stays eager (its processors are not the compiled ones).
 
-  # on a CPU (virtual devices, the tiny model): the same code paths, small sizes
-  python bench/runtime_check.py --models tiny --devices cpu:0,cpu:1 --sizes 256,512 --steps 2 --repeats 2 --graphs off
+  # issue 16 (sd3-medium: branches, CFG-parallel step, patch-parallel decode; ~10 min on 2xH200)
+  NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 \\
+    python bench/runtime_check.py --models sd3-medium,flux-dev --devices cuda:0,cuda:1 --sizes 512,1024,2048 \\
+      --output bench/results/runtime-check-issue16-2xH200.jsonl
+
+  # on a CPU (virtual devices, the tiny models): the same code paths, small sizes
+  python bench/runtime_check.py --models tiny,tiny-sd3 --devices cpu:0,cpu:1 --sizes 256,512 --steps 2 --repeats 2 --graphs off
 """
 from __future__ import annotations
 
@@ -54,7 +71,8 @@ from tetri_engine.model import load_runtime, unpack_latents, verify  # noqa: E40
 from tetri_engine.model.flux import latent_image_ids  # noqa: E402
 from tetri_engine.request import GenerationRequest  # noqa: E402
 
-TARGETS = {"step_vs_diffusers_max": 1.03, "speedup_min": {2048: 1.85, 1024: 1.6}}
+TARGETS = {"step_vs_diffusers_max": 1.03, "speedup_min": {2048: 1.85, 1024: 1.6},
+           "cfg_speedup_min": {1024: 1.8}, "decode_2_max_s": {2048: 0.6}}
 
 
 def sync(device: torch.device) -> None:
@@ -104,13 +122,13 @@ def diffusers_forward_s(runtime, prepared, steps: int, warmup: int, repeats: int
     return statistics.median(samples)
 
 
-def step_s(ex, rid: str, group: tuple[int, ...], steps: int, warmup: int, repeats: int) -> float:
-    """Median seconds per step of our runtime on `group` (calls of `steps` steps)."""
-    result = ex.submit_steps([rid], group, warmup).result()  # also moves the latent onto the group
+def step_s(ex, rid: str, group: tuple[int, ...], steps: int, warmup: int, repeats: int, cfg: int = 1) -> float:
+    """Median seconds per step of our runtime on `group` (calls of `steps` steps) in the layout `cfg`."""
+    result = ex.submit_steps([rid], group, warmup, cfg=cfg).result()  # also moves the latent onto the group
     assert result[rid].error is None, result[rid].error
     samples = []
     for _ in range(repeats):
-        result = ex.submit_steps([rid], group, steps).result()
+        result = ex.submit_steps([rid], group, steps, cfg=cfg).result()
         assert result[rid].error is None, result[rid].error
         assert result[rid].steps_done == steps, "the request ran out of steps: raise its num_inference_steps"
         samples.append(result.seconds / steps)
@@ -138,6 +156,86 @@ def graph_vs_eager(executors, rid: str, size: int, degrees: list[int], dtype) ->
     return worst, ok
 
 
+def bf16_tolerance(runtime, scale: float) -> float:
+    """bf16: a few units in the last place of the largest values (diffusers' own Ulysses-2: 0.0156 for
+    values up to ~3); float32: rounding only."""
+    return (2e-2 if runtime.dtype != torch.float32 else 1e-4) * max(1.0, scale)
+
+
+def degree_check(runtime, prepared, devices, comm_cache) -> dict:
+    """Degree 2 against degree 1, per guidance branch (the meaningful comparison), the guided output with
+    its tolerance scaled by the guidance's amplification, and, with true CFG, the CFG-parallel layout."""
+    one = verify.sp_velocity(runtime, prepared, devices[:1], comm_cache, branches=True)
+    two = verify.sp_velocity(runtime, prepared, devices[:2], comm_cache, branches=True)
+    scale = one.abs().max().item()
+    tolerance = bf16_tolerance(runtime, scale)
+    out = {"max_abs_diff": (two - one).abs().max().item(), "mean_abs_diff": (two - one).abs().mean().item(),
+           "max_abs_ref": scale, "tolerance": tolerance, "rows": one.shape[0]}
+    out["ok"] = out["max_abs_diff"] <= tolerance and bool(torch.isfinite(two).all())
+    g = prepared.guidance_scale
+    if prepared.rows == 2:  # the guided velocity: the branches' rounding times up to |1 - g| + |g|
+        guided = [(b[1:] - b[:1]) * g + b[:1] for b in (one, two)]
+        out["guided_max_abs_diff"] = (guided[1] - guided[0]).abs().max().item()
+        out["guided_tolerance"] = tolerance * (abs(1 - g) + abs(g))
+        out["guidance"] = g
+    if runtime.adapter.cfg_parallel(prepared):
+        cfg = verify.sp_velocity(runtime, prepared, devices[:2], comm_cache, cfg=2, branches=True)
+        out["cfg_max_abs_diff"] = (cfg - one).abs().max().item()
+        out["ok"] = out["ok"] and out["cfg_max_abs_diff"] <= tolerance
+    return out
+
+
+def decode_check(ex, runtime, rid: str, degree: int, repeats: int, comm_cache) -> dict:
+    """The decode on one device and patch-parallel on `degree` (median seconds: VAE + PNG, as the
+    executor reports), and the largest difference of the float image from the one-device decode."""
+    times = {}
+    for k in (1, degree):
+        samples = []
+        for _ in range(max(1, repeats)):
+            before = ex.progress(rid).decode_s
+            ex.submit_decode(rid, 0 if k == 1 else tuple(range(k))).result()
+            samples.append(ex.progress(rid).decode_s - before)
+        times[k] = statistics.median(samples)
+    prepared, latent = ex.prepared(rid), ex.latent(rid)
+    devices = runtime.devices
+    whole = verify.patch_decode(runtime, prepared, latent, devices[:1])
+    split = verify.patch_decode(runtime, prepared, latent, devices[:degree], comm_cache)
+    return {"decode_1_s": times[1], f"decode_{degree}_s": times[degree], "degree": degree,
+            "max_abs_diff": (split - whole).abs().max().item(), "tolerance": bf16_tolerance(runtime, 1.0)}
+
+
+def layout_rows(args, model, size, runtime, executors, rid, degrees, times, comm_cache, emit, failures) -> list[str]:
+    """Issue 16's measurements of one size: the CFG-parallel step at each even degree (models with true
+    CFG) and the patch-parallel decode; -> printed lines. The targets' misses go to `failures`."""
+    lines = []
+    best = "graph" if "graph" in executors else "eager"
+    ex = executors[best]
+    prepared = ex.prepared(rid)
+    if "cfg" in args.layouts and runtime.adapter.cfg_parallel(prepared):
+        for degree in (d for d in degrees if d % 2 == 0):
+            with runtime.compiling():
+                cfg_s = step_s(ex, rid, tuple(range(degree)), args.steps, args.warmup, args.repeats, cfg=2)
+            speedup = times[best, 1] / cfg_s
+            emit({"kind": "step", "model": model, "width": size, "height": size, "degree": degree, "cfg": 2,
+                  "graphs": best == "graph", "ms": cfg_s * 1e3, "speedup_vs_1": speedup})
+            lines.append(f"cfg 2 x sp {degree // 2} ({best}): {cfg_s * 1e3:.1f} ms/step, {speedup:.2f}x degree 1")
+            target = TARGETS["cfg_speedup_min"].get(size)
+            if degree == 2 and target is not None and speedup < target:
+                failures.append(f"{model} {size}: CFG-parallel step {speedup:.2f}x degree 1 (target >= {target})")
+    if "decode" in args.layouts and "patch_vae" in runtime.parallel_methods:
+        for degree in (d for d in degrees if d > 1):
+            result = decode_check(ex, runtime, rid, degree, args.repeats, comm_cache)
+            emit({"kind": "decode", "model": model, "width": size, "height": size, **result})
+            lines.append(f"decode: 1 device {result['decode_1_s'] * 1e3:.1f} ms, {degree} devices "
+                         f"{result[f'decode_{degree}_s'] * 1e3:.1f} ms; image max|d| {result['max_abs_diff']:.4f}")
+            limit = TARGETS["decode_2_max_s"].get(size)
+            if degree == 2 and limit is not None and result["decode_2_s"] > limit:
+                failures.append(f"{model} {size}: decode on 2 devices {result['decode_2_s']:.3f} s (target <= {limit})")
+            if result["max_abs_diff"] > result["tolerance"]:
+                failures.append(f"{model} {size}: patch-parallel decode differs by {result['max_abs_diff']}")
+    return lines
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", default="flux-dev", help="comma-separated presets (flux-dev, sd3-medium, tiny)")
@@ -150,6 +248,9 @@ def main() -> int:
     parser.add_argument("--no-check", action="store_true", help="skip the degree 2 vs 1 output check")
     parser.add_argument("--graphs", choices=["on", "off", "both"], default="both",
                         help="time the steps with CUDA graphs (on), without (off), or both (default)")
+    parser.add_argument("--layouts", default="cfg,decode",
+                        help="issue 16's layouts to time: cfg (CFG-parallel step, models with true CFG), decode "
+                             "(patch-parallel decode); 'none' to skip")
     parser.add_argument("--output", default=None, help="JSON lines file (appended)")
     # the engine's model options (EngineConfig / `serve` flags), default as there
     parser.add_argument("--dtype", default="auto", choices=("auto", "bf16", "fp16", "fp32", "fp8"))
@@ -193,7 +294,8 @@ def main() -> int:
         print(f"{'size':>6} {'diffusers ms':>13} " + " ".join(f"{mode[:5] + str(d) + ' ms':>10}" for mode, d in cols)
               + " " + " ".join(f"{mode[:5] + '/diff':>10} {mode[:5] + ' x':>8}" for mode in modes)
               + f" {'check max|d|':>13} {'graph max|d|':>13}")
-        calls = args.warmup + (args.repeats * args.steps + args.warmup) * len(degrees) + 8
+        timed_layouts = len(degrees) + sum(d % 2 == 0 for d in degrees)  # (the CFG layout: even degrees)
+        calls = args.warmup + (args.repeats * args.steps + args.warmup) * timed_layouts + 8
         for size in sizes:
             rid = f"{model}-{size}"
             for ex in executors.values():
@@ -204,7 +306,7 @@ def main() -> int:
             base_s = diffusers_forward_s(runtime, prepared, args.steps, args.warmup, args.repeats)
             emit({"kind": "diffusers_forward", "model": model, "width": size, "height": size, "degree": 1,
                   "ms": base_s * 1e3})
-            times, ratios, speedups = {}, {}, {}
+            times, ratios, speedups, extras = {}, {}, {}, []
             for mode, ex in executors.items():
                 for degree in degrees:
                     with runtime.compiling():  # (a compiled model compiles the shape in the warm-up steps)
@@ -228,21 +330,18 @@ def main() -> int:
 
             check = ""
             if not args.no_check and len(devices) >= 2:
-                one = verify.sp_velocity(runtime, prepared, devices[:1], comm_cache)
-                two = verify.sp_velocity(runtime, prepared, devices[:2], comm_cache)
-                max_diff = (two - one).abs().max().item()
-                scale = one.abs().max().item()
-                # bf16: a few units in the last place of the largest values (diffusers' own Ulysses-2:
-                # 0.0156 for values up to ~3); float32: rounding only
-                tolerance = (2e-2 if runtime.dtype != torch.float32 else 1e-4) * max(1.0, scale)
-                ok = max_diff <= tolerance and torch.isfinite(two).all().item()
-                emit({"kind": "check", "model": model, "width": size, "height": size, "max_abs_diff": max_diff,
-                      "mean_abs_diff": (two - one).abs().mean().item(), "max_abs_ref": scale,
-                      "tolerance": tolerance, "ok": ok})
-                check = f"{max_diff:.4f}{'' if ok else ' FAIL'}"
-                if not ok:
-                    failures.append(f"{model} {size}: degree 2 output differs from degree 1 by {max_diff} "
-                                    f"(tolerance {tolerance})")
+                result = degree_check(runtime, prepared, devices, comm_cache)
+                emit({"kind": "check", "model": model, "width": size, "height": size, **result})
+                check = f"{result['max_abs_diff']:.4f}{'' if result['ok'] else ' FAIL'}"
+                if not result["ok"]:
+                    failures.append(f"{model} {size}: degree 2 (or the CFG layout) differs from degree 1 before "
+                                    f"the guidance: {result}")
+                extras.append(f"check: branches max|d| {result['max_abs_diff']:.4f} (tolerance "
+                              f"{result['tolerance']:.4f}, max|v| {result['max_abs_ref']:.2f})"
+                              + (f"; guided (g={result['guidance']:g}) {result['guided_max_abs_diff']:.4f} (scaled "
+                                 f"tolerance {result['guided_tolerance']:.3f})" if "guidance" in result else "")
+                              + (f"; cfg layout {result['cfg_max_abs_diff']:.4f}" if "cfg_max_abs_diff" in result else ""))
+            extras += layout_rows(args, model, size, runtime, executors, rid, degrees, times, comm_cache, emit, failures)
             graph_check = ""
             if not args.no_check and len(modes) == 2:
                 worst, ok = graph_vs_eager(executors, f"{rid}-graph-check", size, degrees, runtime.dtype)
@@ -257,6 +356,8 @@ def main() -> int:
                   + " ".join(f"{ratios[m]:>10.3f} {(f'{speedups[m]:.2f}x' if speedups[m] else '-'):>8}"
                              for m in modes)
                   + f" {check:>13} {graph_check:>13}")
+            for line in extras:
+                print(f"{'':>6}   {line}")
         for mode, ex in executors.items():
             stats = ex.graph_stats()
             emit({"kind": "graph_stats", "model": model, "mode": mode, **stats})

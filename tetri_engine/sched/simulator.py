@@ -61,6 +61,7 @@ class BusyInterval:
     degree: int
     num_steps: int
     decode: bool
+    cfg: int = 1  # the group's guidance branches side by side (GroupAssignment.cfg)
 
 
 @dataclass
@@ -175,7 +176,7 @@ def simulate(
             seq += 1
             heapq.heappush(events, (now + duration, seq, plan, gi))
             busy.extend(BusyInterval(d, now, now + duration, group.request_ids, group.degree, group.num_steps,
-                                     group.decode_after) for d in group.device_ids)
+                                     group.decode_after, group.cfg) for d in group.device_ids)
     return SimResult(policy.name, policy.num_devices, slo_scale, list(records.values()), busy, rounds, decision_s)
 
 
