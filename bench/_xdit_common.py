@@ -9,8 +9,16 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 from dataclasses import asdict, dataclass, field
-from typing import Callable, Iterable, Sequence
+from pathlib import Path
+from typing import Callable, Sequence
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository (bench/ runs uninstalled)
+from tetri_engine.sched.metrics import percentile  # noqa: E402  (pure Python: no torch here either)
+
+# NVLink multicast stays off on the lent H200 machines; reported by the dry run and in every run's metadata.
+XDIT_ENV_VARS = ("NCCL_NVLS_ENABLE", "TORCH_SYMM_MEM_DISABLE_MULTICAST", "NVSHMEM_DISABLE_NVLS")
 
 # FLUX.1-dev transformer, as in black-forest-labs/FLUX.1-dev/transformer/config.json (11.9 B parameters).
 FLUX_DEV_TRANSFORMER_CONFIG: dict = {
@@ -82,7 +90,6 @@ DEFAULT_STEP_MS_ESTIMATE = {256 * 256: 102.2, 512 * 512: 102.2, 1024 * 1024: 112
 
 # ----------------------------------------------------------------------------------------------- trace
 
-TRACE_FIELDS = ("arrival_s", "width", "height", "steps", "slo_ms")
 
 
 @dataclass(frozen=True)
@@ -116,54 +123,13 @@ def check_size(width: int, height: int) -> None:
         raise ValueError(f"image size {width}x{height}: width and height must be positive multiples of {PATCH_PX}")
 
 
-def parse_trace_lines(lines: Iterable[str], source: str = "<trace>") -> list[TraceRequest]:
-    """Parse trace JSON lines. Blank lines and lines starting with '#' are skipped; unknown keys are
-    ignored (traces may carry e.g. mix or scale); a missing or bad field is an error naming the line."""
-    requests: list[TraceRequest] = []
-    for line_no, line in enumerate(lines, start=1):
-        text = line.strip()
-        if not text or text.startswith("#"):
-            continue
-        where = f"{source}:{line_no}"
-        try:
-            row = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"{where}: not JSON ({exc.msg})") from None
-        if not isinstance(row, dict):
-            raise ValueError(f"{where}: expected a JSON object")
-        missing = [k for k in TRACE_FIELDS if k not in row]
-        if missing:
-            raise ValueError(f"{where}: missing field(s) {', '.join(missing)} (need {', '.join(TRACE_FIELDS)})")
-        try:
-            arrival_s = float(row["arrival_s"])
-            width, height, steps = int(row["width"]), int(row["height"]), int(row["steps"])
-            slo_ms = float(row["slo_ms"])
-        except (TypeError, ValueError):
-            raise ValueError(f"{where}: arrival_s/slo_ms must be numbers, width/height/steps integers") from None
-        if not (math.isfinite(arrival_s) and arrival_s >= 0):
-            raise ValueError(f"{where}: arrival_s must be a finite number >= 0")
-        if steps < 1:
-            raise ValueError(f"{where}: steps must be >= 1")
-        if not (math.isfinite(slo_ms) and slo_ms > 0):
-            raise ValueError(f"{where}: slo_ms must be > 0")
-        try:
-            check_size(width, height)
-        except ValueError as exc:
-            raise ValueError(f"{where}: {exc}") from None
-        index = len(requests)
-        request_id = str(row.get("request_id", row.get("id", f"req-{index:05d}")))
-        requests.append(TraceRequest(index, request_id, arrival_s, width, height, steps, slo_ms))
-    # FCFS: arrival order; a stable sort keeps the file order for equal arrivals.
-    requests.sort(key=lambda r: (r.arrival_s, r.index))
-    return requests
-
-
 def load_trace(path: str) -> list[TraceRequest]:
-    with open(path, encoding="utf-8") as f:
-        requests = parse_trace_lines(f, source=path)
-    if not requests:
-        raise ValueError(f"{path}: no requests in trace")
-    return requests
+    """The trace through the project's one reader (tetri_engine/sched/trace.py: validation, arrival
+    order), each request numbered in that order (FCFS ties keep it)."""
+    from tetri_engine.sched.trace import read_trace
+
+    return [TraceRequest(i, r.request_id, r.arrival_s, r.width, r.height, r.steps, r.slo_ms)
+            for i, r in enumerate(read_trace(path))]
 
 
 def apply_overrides(requests: Sequence[TraceRequest], steps_override: int | None = None,
@@ -304,20 +270,6 @@ def simulate_fcfs(requests: Sequence[TraceRequest], service_s: Callable[[TraceRe
         clock = start + s
         records.append(make_record(r, scales, "completed", start_s=start, finish_s=clock))
     return records
-
-
-def percentile(values: Sequence[float], q: float) -> float | None:
-    """Linear-interpolated percentile (numpy's default), q in [0, 100]; None when empty."""
-    if not values:
-        return None
-    xs = sorted(values)
-    pos = (len(xs) - 1) * q / 100.0
-    lo, hi = math.floor(pos), math.ceil(pos)
-    return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
-
-
-def median(values: Sequence[float]) -> float | None:
-    return percentile(values, 50.0)
 
 
 def summarize(records: Sequence[RequestRecord], scales: Sequence[float] = (1.0,),

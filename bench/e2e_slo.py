@@ -52,15 +52,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from tetri_engine import AsyncEngine, EngineConfig, GenerationRequest  # noqa: E402
 from tetri_engine.engine.async_engine import resolve_devices  # noqa: E402
 from tetri_engine.sched import CostModel, make_policy  # noqa: E402
+from tetri_engine.sched.metrics import distribution, percentile, sar, slowdown  # noqa: E402
 from tetri_engine.sched.simulator import BusyInterval, RequestRecord, SimResult, simulate  # noqa: E402
 from tetri_engine.sched.trace import TraceRequest, generate_trace, read_trace, write_trace  # noqa: E402
-
-
-def percentile(values: list[float], q: float) -> float | None:
-    if not values:
-        return None
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
 async def replay(engine: AsyncEngine, trace: list[TraceRequest], scale: float, compress_idle: bool = True
@@ -99,6 +93,7 @@ async def replay(engine: AsyncEngine, trace: list[TraceRequest], scale: float, c
                 drained.set()
         latency = time.monotonic() - sent
         m = final.metrics if final is not None else None
+        cost = engine.cost_model
         return {
             "request_id": tr.request_id, "width": tr.width, "height": tr.height, "steps": tr.steps,
             "arrival_s": tr.arrival_s, "slo_s": tr.slo_ms / 1000.0, "deadline_s": deadline_s,
@@ -108,6 +103,9 @@ async def replay(engine: AsyncEngine, trace: list[TraceRequest], scale: float, c
             "engine_deadline_met": m.deadline_met if m else None,
             "steps_at_degree": dict(m.steps_at_degree) if m else {},
             "regroups": m.regroups if m else 0,
+            "late": bool(m.late) if m else False,  # the scheduler gave it up (a "late" output said so)
+            # fastest alone on the whole machine (encode not included, as the engine's latency starts after it)
+            "isolated_s": cost.isolated_s(tr.width, tr.height, tr.steps, len(engine.devices)),
             "queue_s": m.queue_s if m else None, "decode_s": m.decode_s if m else None,
             "error": error or (final.error if final is not None else None),
         }
@@ -224,20 +222,24 @@ async def run_all(args, devices: list[str], traces: dict[str, list[TraceRequest]
 def summarize(records: list[dict], wall_s: float, skipped_s: float, elapsed_s: float, stats: dict) -> dict:
     """One run's figures. busy: the devices' mean busy fraction on the trace's own timeline (busy
     seconds over the engine's elapsed time plus the idle seconds that the replay skipped)."""
-    lat = [r["latency_s"] for r in records if r["state"] == "completed"]
+    done = [r for r in records if r["state"] == "completed"]
+    lat = [r["latency_s"] for r in done]
+    slow = distribution([slowdown(r["latency_s"], r["isolated_s"]) for r in done])
     busy = stats.get("device_busy_fraction") or {}
     busy_s = statistics.fmean(busy.values()) * elapsed_s if busy else None
     return {
-        "sar": sum(r["met"] for r in records) / max(1, len(records)),
-        "completed": sum(r["state"] == "completed" for r in records),
+        "sar": sar(r["met"] for r in records),  # met / every request of the trace (sched/metrics.py)
+        "completed": len(done),
+        "given_up": sum(r.get("late", False) for r in records),
         "mean_latency_s": statistics.fmean(lat) if lat else None,
-        "p99_latency_s": percentile(lat, 0.99),
+        "p99_latency_s": percentile(lat, 99),
+        "slowdown_p50": slow["p50"], "slowdown_p90": slow["p90"], "slowdown_p99": slow["p99"],
         "busy_fraction": None if busy_s is None else busy_s / (elapsed_s + skipped_s),
         "regroups_per_request": sum(r["regroups"] for r in records) / max(1, len(records)),
         # engine overhead per round: round wall time minus the busiest group's executor time
-        "round_overhead_p50_ms": _ms(percentile(stats.get("round_overhead_s") or [], 0.5)),
-        "round_overhead_p99_ms": _ms(percentile(stats.get("round_overhead_s") or [], 0.99)),
-        "plan_p99_ms": _ms(percentile(stats.get("plan_latency_s") or [], 0.99)),
+        "round_overhead_p50_ms": _ms(percentile(stats.get("round_overhead_s") or [], 50)),
+        "round_overhead_p99_ms": _ms(percentile(stats.get("round_overhead_s") or [], 99)),
+        "plan_p99_ms": _ms(percentile(stats.get("plan_latency_s") or [], 99)),
         "wall_s": wall_s,
         "skipped_idle_s": skipped_s,
     }
@@ -324,6 +326,8 @@ def main() -> int:
             print(f"  {mix:8s} x{scale:<4g} {policy:7s} SAR {row['sar']:.3f}"
                   + (f" (sim {row['sim_sar']:.3f})" if "sim_sar" in row else "")
                   + f"  mean {_fmt(row['mean_latency_s'])} s  p99 {_fmt(row['p99_latency_s'])} s"
+                  + f"  slowdown p50/p99 {_fmt(row['slowdown_p50'])}/{_fmt(row['slowdown_p99'])}"
+                  + f"  given up {row['given_up']}/{row['n']}"
                   + f"  busy {_fmt(row['busy_fraction'])}  regroups/req {row['regroups_per_request']:.2f}"
                   + f"  wall {wall_s:.0f} s (+{skipped_s:.0f} s idle skipped)" + ("  [shared run]" if shared else ""),
                   flush=True)
@@ -337,14 +341,19 @@ def main() -> int:
 
 
 def render(runs: list[dict], machine: str, args) -> str:
-    lines = [f"model {args.model}, {machine}, {args.num_requests} requests per run ({args.mix}), "
-             f"{args.steps} steps, rate {args.rate_per_min_per_8_gpus:g}/min per 8 GPUs (python {platform.python_version()})",
-             "", "| mix | SLO scale | policy | SAR live | SAR sim | mean latency s | p99 latency s | busy | regroups/req "
-             "| round overhead p50/p99 ms |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    counts = ", ".join(f"{mix} {n}" for mix, n in dict((r["mix"], r["n"]) for r in runs).items())
+    source = f"trace {args.trace}" if args.trace else f"{args.steps} steps, rate {args.rate_per_min_per_8_gpus:g}/min per 8 GPUs"
+    lines = [f"model {args.model}, {machine}, requests per run: {counts}; {source} (python {platform.python_version()})",
+             "SAR = met / every request of the trace; percentiles interpolate linearly; slowdown = latency / "
+             "fastest isolated time (tetri_engine/sched/metrics.py)",
+             "", "| mix | SLO scale | policy | SAR live | SAR sim | mean latency s | p99 latency s "
+             "| slowdown p50/p90/p99 | given up | busy | regroups/req | round overhead p50/p99 ms |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in runs:
         lines.append(f"| {r['mix']} | {r['slo_scale']:g} | {r['policy']} | {r['sar']:.3f} | "
                      f"{_fmt(r.get('sim_sar'))} | {_fmt(r['mean_latency_s'])} | {_fmt(r['p99_latency_s'])} | "
+                     f"{_fmt(r['slowdown_p50'])} / {_fmt(r['slowdown_p90'])} / {_fmt(r['slowdown_p99'])} | "
+                     f"{r['given_up']} | "
                      f"{_fmt(r['busy_fraction'])} | {r['regroups_per_request']:.2f} | "
                      f"{_fmt(r['round_overhead_p50_ms'])} / {_fmt(r['round_overhead_p99_ms'])} |")
     return "\n".join(lines) + "\n"

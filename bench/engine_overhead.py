@@ -28,11 +28,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from tetri_engine import AsyncEngine, EngineConfig, GenerationRequest  # noqa: E402
-
-
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+from tetri_engine.sched.metrics import percentile  # noqa: E402
 
 
 async def run(args) -> dict:
@@ -72,9 +68,9 @@ async def run(args) -> dict:
     summary = {
         "kind": "summary", "model": args.model, "devices": devices, "policy": args.policy,
         "requests": args.requests, "sizes": sides, "steps": args.steps, "rounds": len(rows), "run_s": wall_s,
-        "overhead_ms_median": statistics.median(overhead), "overhead_ms_p90": percentile(overhead, 0.9),
-        "overhead_ms_p99": percentile(overhead, 0.99), "overhead_ms_mean": statistics.mean(overhead),
-        "plan_ms_median": statistics.median(plan), "plan_ms_p99": percentile(plan, 0.99),
+        "overhead_ms_median": statistics.median(overhead), "overhead_ms_p90": percentile(overhead, 90),
+        "overhead_ms_p99": percentile(overhead, 99), "overhead_ms_mean": statistics.mean(overhead),
+        "plan_ms_median": statistics.median(plan), "plan_ms_p99": percentile(plan, 99),
         "round_wall_ms_median": statistics.median(walls),
         "overhead_fraction": sum(overhead) / sum(walls) if sum(walls) else 0.0,
     }

@@ -39,6 +39,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 
 from tetri_engine import ops  # noqa: E402
+from tetri_engine.sched.metrics import percentile  # noqa: E402
 
 RESOLUTIONS = (256, 512, 1024, 2048)
 CHANNELS = 64  # FLUX packed latent: 16 latent channels x 2 x 2 patch
@@ -159,7 +160,7 @@ def bench_comm_creation(b: Bench) -> None:
             hits.append((time.perf_counter() - start) * 1e6)
         hits.sort()
         b.record(dict(op="comm_cache_hit", k_from=k, k_to=k, us=statistics.median(hits),
-                      p99_us=hits[int(0.99 * len(hits))], group=list(group)))
+                      p99_us=percentile(hits, 99), group=list(group)))
 
 
 def bench_all_to_all(b: Bench, resolutions, local_bw: float, peer_bw: float) -> None:

@@ -175,7 +175,6 @@ def main() -> None:
         transformer = build_random_pipeline(preset, device, dtype).transformer
         if "fp8" in variant:
             print(f"{variant}: {to_fp8(transformer)} linears in float8", flush=True)
-        compile_s = None
         if "compiled" in variant:
             torch._dynamo.config.cache_size_limit = 64
             for block in blocks_of(transformer):

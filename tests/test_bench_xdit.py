@@ -24,6 +24,8 @@ def _load(name: str, filename: str):
 
 
 common = _load("_xdit_common", "_xdit_common.py")
+replay = _load("_xdit_replay", "_xdit_replay.py")
+runners = _load("_xdit_runners", "_xdit_runners.py")
 xdit = _load("xdit_baseline", "xdit_baseline.py")
 
 
@@ -133,8 +135,8 @@ def test_unpack_latents_inverts_fluxs_2x2_packing():
     b, c, h, w = 1, 16, 12, 8                      # latent of a 64x96 (w x h) image
     latents = torch.randn(b, c, h, w)
     packed = latents.view(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5).reshape(b, (h // 2) * (w // 2), c * 4)
-    assert torch.equal(xdit.unpack_latents(packed, width=w * 8, height=h * 8), latents)
-    ids = xdit.latent_image_ids(width=w * 8, height=h * 8)
+    assert torch.equal(runners.unpack_latents(packed, width=w * 8, height=h * 8), latents)
+    ids = runners.latent_image_ids(width=w * 8, height=h * 8)
     assert ids.shape == (packed.shape[1], 3) and ids[-1].tolist() == [0.0, h // 2 - 1, w // 2 - 1]
 
 
@@ -186,7 +188,7 @@ GAPPED = [_req(0.0, 512, steps=2, slo_ms=1000), _req(100.0, 512, steps=2, slo_ms
 
 
 def _plan(argv: list[str]) -> list[dict]:
-    return xdit.plan_serve(xdit.parse_args(["serve", "--dry-run", *argv]))
+    return replay.plan_serve(xdit.parse_args(["serve", "--dry-run", *argv]))
 
 
 def test_idle_gaps_are_skipped_and_change_no_outcome(tmp_path, capsys):

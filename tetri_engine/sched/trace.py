@@ -12,8 +12,8 @@ same rule (slo.py interpolates in token count and scales by steps).
 A trace file has one JSON object per line: {"arrival_s", "width", "height", "steps", "slo_ms"}
 (optionally "request_id", "cache": "off" | "auto", default "off": the request runs with step
 caching and the policy costs it at the cached step time, and "cfg": true: it has true classifier-free
-guidance, so a policy may run it CFG-parallel, SchedRequest.cfg). slo_ms is the deadline relative to arrival at SLO scale 1.0; a replay
-multiplies it by the scale being tested.
+guidance, so a policy may run it CFG-parallel, SchedRequest.cfg). slo_ms is the deadline relative to
+arrival at SLO scale 1.0; a replay multiplies it by the scale being tested.
 """
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ import random
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Iterable, Sequence
 
-from tetri_engine.sched.cost import num_tokens
+from tetri_engine.sched.cost import PATCH_PX, num_tokens
 from tetri_engine.sched.slo import REFERENCE_STEPS, slo_s
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -120,26 +120,62 @@ def write_trace(path: str, trace: Iterable[TraceRequest]) -> None:
             f.write(json.dumps(d) + "\n")
 
 
+TRACE_FIELDS = ("arrival_s", "width", "height", "steps", "slo_ms")
+
+
 def read_trace(path: str) -> list[TraceRequest]:
-    out: list[TraceRequest] = []
+    """The one trace reader (the engine's bench, the simulator and the xDiT harness all use it)."""
     with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            line = line.strip()
-            if not line:
-                continue
-            try:
-                d = json.loads(line)
-                cache = d.get("cache", "off")
-                if cache not in ("off", "auto"):
-                    raise ValueError(f"cache {cache!r} is not 'off' or 'auto'")
-                cfg = d.get("cfg", False)
-                if not isinstance(cfg, bool):
-                    raise ValueError(f"cfg {cfg!r} is not true or false")
-                out.append(TraceRequest(float(d["arrival_s"]), int(d["width"]), int(d["height"]), int(d["steps"]),
-                                        float(d["slo_ms"]), str(d.get("request_id") or f"req-{len(out):05d}"),
-                                        cache, cfg))
-            except (KeyError, TypeError, ValueError) as exc:
-                raise ValueError(f"{path}:{lineno}: bad trace line ({exc}); expected arrival_s, width, height, "
-                                 f"steps, slo_ms (optional request_id, cache, cfg)") from exc
-    out.sort(key=lambda r: r.arrival_s)
+        return parse_trace_lines(f, source=path)
+
+
+def parse_trace_lines(lines: Iterable[str], source: str = "<trace>") -> list[TraceRequest]:
+    """Trace JSON lines -> requests in arrival order (equal arrivals keep the file's order). Blank lines
+    and lines starting with '#' are skipped; unknown keys are ignored (a trace may carry e.g. its mix);
+    a missing or bad field is a ValueError naming the line. A request without request_id gets
+    "req-NNNNN" from its position among the requests of the file."""
+    out: list[TraceRequest] = []
+    for lineno, line in enumerate(lines, 1):
+        text = line.strip()
+        if not text or text.startswith("#"):
+            continue
+        try:
+            out.append(_parse_line(text, len(out)))
+        except ValueError as exc:
+            raise ValueError(f"{source}:{lineno}: {exc}") from None
+    out.sort(key=lambda r: r.arrival_s)  # stable: equal arrivals keep the file's order
     return out
+
+
+def _parse_line(text: str, index: int) -> TraceRequest:
+    try:
+        d = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"not JSON ({exc.msg})") from None
+    if not isinstance(d, dict):
+        raise ValueError("expected a JSON object")
+    missing = [k for k in TRACE_FIELDS if k not in d]
+    if missing:
+        raise ValueError(f"missing field(s) {', '.join(missing)} (need {', '.join(TRACE_FIELDS)}; "
+                         f"optional request_id, cache, cfg)")
+    try:
+        arrival_s, slo_ms = float(d["arrival_s"]), float(d["slo_ms"])
+        width, height, steps = int(d["width"]), int(d["height"]), int(d["steps"])
+    except (TypeError, ValueError):
+        raise ValueError("arrival_s/slo_ms must be numbers, width/height/steps integers") from None
+    if not (math.isfinite(arrival_s) and arrival_s >= 0):
+        raise ValueError("arrival_s must be a finite number >= 0")
+    if steps < 1:
+        raise ValueError("steps must be >= 1")
+    if not (math.isfinite(slo_ms) and slo_ms > 0):
+        raise ValueError("slo_ms must be > 0")
+    if width <= 0 or height <= 0 or width % PATCH_PX or height % PATCH_PX:
+        raise ValueError(f"image size {width}x{height}: width and height must be positive multiples of {PATCH_PX}")
+    cache = d.get("cache", "off")
+    if cache not in ("off", "auto"):
+        raise ValueError(f"cache {cache!r} is not 'off' or 'auto'")
+    cfg = d.get("cfg", False)
+    if not isinstance(cfg, bool):
+        raise ValueError(f"cfg {cfg!r} is not true or false")
+    request_id = str(d.get("request_id") or d.get("id") or f"req-{index:05d}")
+    return TraceRequest(arrival_s, width, height, steps, slo_ms, request_id, cache, cfg)
