@@ -28,10 +28,11 @@ import math
 import time
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, AsyncIterator
+from typing import TYPE_CHECKING, Any, AsyncIterator, Callable
 
 from aiohttp import web
 
+from tetri_engine.config import EngineConfig
 from tetri_engine.errors import EngineNotRunning, RejectionReason, RequestRejected
 from tetri_engine.request import GenerationOutput, GenerationRequest, RequestState
 from tetri_engine.server import dashboard
@@ -63,15 +64,19 @@ class ServerState:
 CONFIG = web.AppKey("config", ServerConfig)
 ENGINE: web.AppKey["AsyncEngine"] = web.AppKey("engine")
 STATE = web.AppKey("state", ServerState)
+ENGINE_FACTORY: web.AppKey[Callable[[EngineConfig], Any] | None] = web.AppKey("engine_factory")
 
 
-def create_app(config: ServerConfig) -> web.Application:
-    """The application; raises ValueError for a config it cannot serve with."""
+def create_app(config: ServerConfig, engine_factory: Callable[[EngineConfig], Any] | None = None) -> web.Application:
+    """The application; raises ValueError for a config it cannot serve with. engine_factory(config.engine):
+    what serves the requests, an AsyncEngine by default; the cluster passes a ClusterEngine (cluster/engine.py),
+    which has the same face."""
     check_config(config)
     app = web.Application(client_max_size=config.max_body_bytes,
                           middlewares=[error_middleware, auth_middleware])
     app[CONFIG] = config
     app[STATE] = ServerState()
+    app[ENGINE_FACTORY] = engine_factory
     app.cleanup_ctx.append(engine_context)
     app.on_shutdown.append(mark_draining)
     app.router.add_post("/v1/images/generations", create_images)
@@ -110,7 +115,7 @@ async def engine_context(app: web.Application) -> AsyncIterator[None]:
     from tetri_engine.engine.async_engine import AsyncEngine
 
     config, state = app[CONFIG], app[STATE]
-    engine = AsyncEngine(config.engine)
+    engine = (app[ENGINE_FACTORY] or AsyncEngine)(config.engine)
     app[ENGINE] = engine
     state.start_task = asyncio.create_task(_start_engine(engine, state), name="engine-start")
     try:
