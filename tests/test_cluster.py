@@ -111,6 +111,23 @@ async def test_streaming_names_the_replica_and_completes(client):
     assert png_size(base64.b64decode(events[-1][1]["b64_json"])) == (256, 256)
 
 
+async def test_a_client_that_leaves_cancels_its_request_on_the_replica(client):
+    cluster = cluster_of(client)
+    before = cluster.stats()["states"]["cancelled"]
+    resp = await client.post(GEN, json={"prompt": "left", "size": "256x256", "num_inference_steps": 100,
+                                        "stream": True, "deadline_ms": LONG_DEADLINE_MS})
+    async for line in resp.content:
+        if line.startswith(b"event: tetri.step"):
+            break
+    resp.close()  # the client goes away mid-stream
+    for _ in range(300):  # bounded: the replica cancels it at its next step and frees its devices
+        stats = cluster.stats()
+        if stats["states"]["cancelled"] > before and stats["running"] == 0 and not cluster.busy_devices():
+            break
+        await asyncio.sleep(0.1)
+    assert stats["states"]["cancelled"] == before + 1 and stats["running"] == 0, stats["states"]
+
+
 async def test_a_request_no_replica_can_take_is_refused_by_every_replica(client):
     # A deadline no replica can meet even alone: every replica refuses it, and the answer says so.
     resp = await client.post(GEN, json={"prompt": "x", "size": "256x256", "num_inference_steps": 100,

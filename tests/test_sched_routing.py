@@ -91,6 +91,9 @@ def test_deadline_routing_meets_the_deadline_at_the_least_cost():
     assert choose_by_deadline(tied, rng).replica == "free"
     loaded = [offer("busy", held=5), offer("idle", held=0)]
     assert choose_by_deadline(loaded, rng).replica == "idle"
+    # Costs within COST_TOLERANCE (replicas' profiles differ by measurement noise) count as equal.
+    noisy = [offer("measured-fast", cost=1.0, held=4), offer("measured-slow", cost=1.05, held=0)]
+    assert choose_by_deadline(noisy, rng).replica == "measured-slow"
 
 
 def test_deadline_routing_falls_back_to_the_earliest_finish_then_refuses():

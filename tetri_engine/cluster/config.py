@@ -21,9 +21,9 @@ class ClusterConfig:
                                  "of one host (default: one engine in this process, no Ray)")
     devices_per_replica: int = option(1, "devices of each replica: GPUs when the Ray cluster has GPUs (Ray "
                                      "gives each replica this many), else virtual CPU devices")
-    ray_address: str | None = option(None, "address of a running Ray cluster (e.g. 10.0.0.1:6379 or "
-                                    "ray://head:10001); default: start a local one, bound to loopback, "
-                                    "stopped with the server", metavar="ADDR")
+    ray_address: str | None = option(None, "address of a running Ray cluster this machine belongs to (auto, or "
+                                    "HEAD_IP:6379); default: start a local one, bound to loopback, stopped "
+                                    "with the server", metavar="ADDR")
     routing: str = option("deadline", "how the ingress picks a replica: deadline (each replica's scheduler "
                          "estimates; meet the deadline at the least cost), pow2 (Ray Serve's default: "
                          "power of two choices on queue length), round-robin", choices=ROUTING_POLICIES)

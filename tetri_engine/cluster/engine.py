@@ -187,36 +187,34 @@ class ClusterEngine:
         if request.request_id is None:
             request = dataclasses.replace(request, request_id=uuid.uuid4().hex)
         accepted, stream = await self._admit(request)
-        yield accepted.queued
-        routes = 1
-        while True:
-            progressed, lost = False, None
-            try:
-                async for out in stream:
-                    progressed = progressed or out.kind != OutputKind.QUEUED
-                    yield out
-                    if out.finished:
-                        return
-                lost = "its answer ended without a final output"
-            except Exception as exc:
-                lost = _lost_reason(exc)
-                if lost is None:
-                    raise
-            finally:
+        try:  # whatever ends this (the final, an error, the caller leaving), the replica call is closed
+            yield accepted.queued
+            for routes in range(1, MAX_ROUTES + 1):
+                progressed, lost = False, "its answer ended without a final output"
+                try:
+                    async for out in stream:
+                        progressed = progressed or out.kind != OutputKind.QUEUED
+                        yield out
+                        if out.finished:
+                            return
+                except Exception as exc:
+                    lost = _lost_reason(exc)
+                    if lost is None:
+                        raise
                 self._close(stream)
-            if progressed or routes >= MAX_ROUTES:
-                self._lost += 1
-                yield _lost_final(request, accepted, lost)
-                return
-            log.warning("replica %s was lost before request %s started (%s): routing it again",
-                        accepted.replica, request.request_id, lost)
-            try:
-                accepted, stream = await self._admit(request)
-            except (RequestRejected, EngineNotRunning, ValueError) as exc:
-                self._lost += 1
-                yield _lost_final(request, accepted, f"{lost}; routing it again failed: {exc}")
-                return
-            routes += 1
+                if progressed or routes == MAX_ROUTES:
+                    break
+                log.warning("replica %s was lost before request %s started (%s): routing it again",
+                            accepted.replica, request.request_id, lost)
+                try:
+                    accepted, stream = await self._admit(request)
+                except (RequestRejected, EngineNotRunning, ValueError) as exc:
+                    lost = f"{lost}; routing it again failed: {exc}"
+                    break
+            self._lost += 1
+            yield _lost_final(request, accepted, lost)
+        finally:
+            self._close(stream)
 
     async def _admit(self, request: GenerationRequest) -> tuple[Accepted, Any]:
         """Route the request and open its call on the chosen replica; its first answer is Accepted (returned
@@ -230,9 +228,9 @@ class ClusterEngine:
                 self._streams.add(stream)
                 try:
                     first = await stream.__anext__()
-                except Exception as exc:
+                except BaseException as exc:  # (the caller cancelled too: close the call)
                     self._close(stream)
-                    last = _lost_reason(exc)
+                    last = _lost_reason(exc) if isinstance(exc, Exception) else None
                     if last is None:
                         raise
                     continue  # the replica died before it answered: route again

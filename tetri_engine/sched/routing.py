@@ -4,7 +4,8 @@ the live cluster (tetri_engine.cluster) and the N-host simulator (cluster_sim.py
     deadline      ask every replica what taking the request would do (`Offer`: its scheduler's
                   `Policy.estimate`, and whether its admission would take it); send it to a replica
                   where it meets its deadline (fits) at the least cost (device-seconds the plan grows
-                  by, then the delay it adds to the requests held, then the fewest held, then chance);
+                  by, within COST_TOLERANCE; then the delay it adds to the requests held, then the
+                  fewest held, then chance);
                   when none fits, to the earliest finish among the replicas that would take it; when
                   every replica refuses, refuse it, with the soonest retry any replica estimated.
     pow2          power of two choices on queue length (Ray Serve's default): two replicas at random,
@@ -21,6 +22,9 @@ from dataclasses import dataclass
 from typing import Hashable, Sequence
 
 ROUTING_POLICIES = ("deadline", "pow2", "round-robin")
+# Costs this close count as equal: replicas measure their own profiles, and a few percent of measurement
+# noise must not send every request to the replica that happened to measure fastest.
+COST_TOLERANCE = 0.1
 
 
 @dataclass(frozen=True)
@@ -57,7 +61,9 @@ def choose_by_deadline(offers: Sequence[Offer], rng: random.Random | None = None
     rng = rng or random.Random()
     fitting = [o for o in offers if o.fits and o.accepts]
     if fitting:
-        return min(fitting, key=lambda o: (o.cost_s, o.delay_s, o.held, rng.random()))
+        cheapest = min(o.cost_s for o in fitting)
+        near = [o for o in fitting if o.cost_s <= cheapest * (1.0 + COST_TOLERANCE) + 1e-9]
+        return min(near, key=lambda o: (o.delay_s, o.held, rng.random()))
     taking = [o for o in offers if o.accepts]
     if taking:
         return min(taking, key=lambda o: (o.finish_s, o.cost_s, rng.random()))
