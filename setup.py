@@ -41,7 +41,7 @@ from setuptools import setup
 ROOT = os.path.dirname(os.path.abspath(__file__))
 CSRC = "csrc"
 # Few translation units on purpose: each one that includes torch headers takes tens of seconds.
-CPU_SOURCES = ["bindings.cpp", "latent_ops.cpp", "thread_comm.cpp", "comm_cache.cpp", "devices.cpp"]
+CPU_SOURCES = ["bindings.cpp", "latent_ops.cpp", "thread_comm.cpp", "comm_cache.cpp", "devices.cpp", "step_loop.cpp"]
 CUDA_SOURCES = ["latent_kernels.cu", "nccl_comm.cpp"]
 
 

@@ -18,12 +18,14 @@ run() {  # run NAME TIMEOUT_S CMD...: log to $OUT/NAME.log, print its tail
 }
 for s in $stages; do case $s in
   build)   nvidia-smi topo -m > "$OUT/topo.txt" 2>&1
-           if ls tetri_engine/_C*.so >/dev/null 2>&1; then echo "=== build: using existing $(ls tetri_engine/_C*.so)"
+           # (an existing build is used only if no source is newer: a stale one lacks the newest native code)
+           so=$(ls tetri_engine/_C*.so 2>/dev/null | head -1)
+           if [ -n "$so" ] && [ -z "$(find csrc setup.py -newer "$so" 2>/dev/null)" ]; then echo "=== build: using existing $so"
            # The GPU image's CXX (/opt/gcc/bin/g++) links a private static libstdc++ into the .so, whose
            # iostreams crash on first use: build with the system compiler.
            else CXX=$(command -v g++) CC=$(command -v gcc) TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS=16 run build 600 $PY setup.py build_ext --inplace; fi
            $PY -c "import tetri_engine.ops as o; print(o.backend_info())" ;;
-  tests)   run gpu-tests 300 $PY -m pytest -q -p no:cacheprovider -rs tests/test_ops_gpu.py tests/test_cuda_graphs.py tests/test_model_gpu.py tests/test_speed_gpu.py ;;
+  tests)   run gpu-tests 300 $PY -m pytest -q -p no:cacheprovider -rs tests/test_ops_gpu.py tests/test_cuda_graphs.py tests/test_model_gpu.py tests/test_speed_gpu.py tests/test_executor_gpu.py ;;
   # Issue 17: the step per speed option (compiled, fp8, eager; degree 2 with chunked exchanges on 2+ GPUs),
   # FP8 quality, and a fresh profile of the compiled model (all degrees of this machine).
   speed)   run speed 900 $PY bench/step_bench.py --devices "$devs" --degrees $([ "$ngpu" -ge 2 ] && echo 1,2 || echo 1) \
@@ -35,7 +37,8 @@ for s in $stages; do case $s in
   cache)   run cache 120 $PY bench/cache_bench.py --model flux-dev --devices "$devs" --size 1024x1024 --steps 28 --seeds 1 --repeats 1 --analysis-prompts 2 --output "$OUT/cache.jsonl" ;;
   overhead) run overhead 90 $PY bench/engine_overhead.py --model flux-dev --devices "$devs" --sizes 512,1024 --steps 20 --profile "$OUT/flux-dev-${ngpu}xH200.json" --output "$OUT/overhead.jsonl" ;;
   runtime-sd3) run runtime-sd3 200 $PY bench/runtime_check.py --models sd3-medium --devices "$devs" --sizes 512,1024,2048 --output "$OUT/runtime-sd3.jsonl" ;;
-  corun)   run corun 240 $PY bench/corun_interference.py --model flux-dev --devices "$devs" --big 2048 --big-steps 12 --small 512 --small-steps 20 --encodes 3 --output "$OUT/corun.jsonl" ;;
+  corun)   if [ "$ngpu" -ge 2 ]; then run corun 300 $PY bench/corun_interference.py --model flux-dev --devices "$devs" --big 2048 --small 256,512,1024 --small-steps 20 --variants fixed,coupled,cond-on-encoder,python-loop --output "$OUT/corun.jsonl"
+           else run corun 240 $PY bench/corun_interference.py --model flux-dev --devices cuda:0 --same-device --big 2048 --small 512 --small-steps 20 --variants fixed,coupled,python-loop --output "$OUT/corun.jsonl"; fi ;;
   # Issue 7: the same traces through xDiT (one launch, both mixes) and through the engine (every policy).
   e2e-traces) $PY bench/e2e_slo.py --traces-only --profile bench/profiles/flux-dev-${ngpu}xH200.json --devices "$devs" \
            --mix ${E2E_MIX:-skewed,uniform} --num-requests ${E2E_N:-8,6} --output "$OUT/e2e" ;;

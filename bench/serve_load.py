@@ -9,8 +9,8 @@ Arrivals are Poisson at --request-rate (inf: all at once), or the `arrival_s` of
 --size at --steps steps and its deadline is the server's SLO table x --slo-scale; with a trace it is
 slo_ms x --slo-scale, sent as deadline_ms.
 
-SAR = requests that finished by their deadline / all requests sent (a 429, an error or a late image
-counts against it), as in the TetriServe paper. "Met" is the server's own verdict (the
+SAR = requests that finished by their deadline / all requests sent (a refusal: 429 queue_full or
+400 deadline_impossible, an error or a late image counts against it), as in the TetriServe paper. "Met" is the server's own verdict (the
 `metrics[].deadline_met` field of tetri-engine's answer, measured from arrival in the engine); the
 client-side latency is reported beside it.
 
@@ -127,6 +127,11 @@ def percentile(values: list[float], q: float) -> float | None:
     return ordered[low] + (ordered[high] - ordered[low]) * (pos - low)
 
 
+def refused(o: Outcome) -> bool:
+    """Admission said no: the queue is full (429), or the deadline cannot be met (400 deadline_impossible)."""
+    return o.status == 429 or (o.status == 400 and o.error == "deadline_impossible")
+
+
 def summarize(outcomes: list[Outcome], wall_s: float) -> dict:
     ok = [o for o in outcomes if o.status == 200]
     latencies = [o.latency_s for o in ok]
@@ -137,8 +142,8 @@ def summarize(outcomes: list[Outcome], wall_s: float) -> dict:
     return {
         "requests": len(outcomes),
         "completed": len(ok),
-        "rejected_429": sum(o.status == 429 for o in outcomes),
-        "errors": sum(o.status not in (200, 429) for o in outcomes),
+        "rejected": sum(refused(o) for o in outcomes),
+        "errors": sum(o.status != 200 and not refused(o) for o in outcomes),
         "wall_s": wall_s,
         "throughput_img_per_s": len(ok) / wall_s if wall_s > 0 else None,
         "latency_s": {f"p{q}": percentile(latencies, q) for q in (50, 90, 95, 99)}
@@ -157,7 +162,7 @@ def print_table(summary: dict, args: argparse.Namespace) -> None:
     rate = "trace" if args.trace else f"{args.request_rate:g}/s"
     print(f"requests {summary['requests']}  rate {rate}  max-concurrency "
           f"{args.max_concurrency or '-'}  slo-scale {args.slo_scale:g}")
-    print(f"completed {summary['completed']}  429 {summary['rejected_429']}  "
+    print(f"completed {summary['completed']}  rejected {summary['rejected']}  "
           f"errors {summary['errors']}  wall {summary['wall_s']:.1f} s")
     thr = summary["throughput_img_per_s"]
     print(f"throughput {thr:.2f} img/s" if thr is not None else "throughput -")

@@ -26,7 +26,7 @@ FLAGS="$STD -idirafter $OUT/shim -O2 -fPIC -DTETRI_WITH_CUDA=1 -DTORCH_EXTENSION
 
 echo "nvcc latent_kernels.cu (sm_90)"
 "$CUDA_HOME/bin/nvcc" $STD -O3 -arch=sm_90 -Xcompiler -fPIC -Xcompiler -Wall -Icsrc -c csrc/latent_kernels.cu -o "$OUT/latent_kernels.o"
-for src in nccl_comm.cpp latent_ops.cpp comm_cache.cpp bindings.cpp; do
+for src in nccl_comm.cpp latent_ops.cpp comm_cache.cpp step_loop.cpp bindings.cpp; do
   echo "c++ $src (TETRI_WITH_CUDA)"
   ${CXX:-c++} $FLAGS -c "csrc/$src" -o "$OUT/${src%.cpp}.o"
 done

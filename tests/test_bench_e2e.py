@@ -62,7 +62,9 @@ def test_overlapping_requests_are_not_compressed(tmp_path):
     long, short = records
     assert long["latency_s"] > 0.3, "the test needs the first request still running at the second arrival"
     assert skipped == 0.0
-    assert short["sent_engine_s"] - long["sent_engine_s"] == pytest.approx(0.3, abs=0.1)
+    # Not compressed: the second request goes out 0.3 s after the first, never sooner. (It may go out
+    # a little later: on a loaded CPU the tiny model's eager steps hold the GIL and the loop wakes late.)
+    assert 0.28 <= short["sent_engine_s"] - long["sent_engine_s"] <= 0.3 + 0.5
 
 
 def test_harness_one_engine_all_runs(tmp_path):

@@ -1,6 +1,7 @@
 """CUDA graphs of the denoising step (executor/cuda_graphs.py): graph replay gives the eager result, at
 degree 1 and 2, across degree changes, padded shards, batches, eviction, and a capture that fails
-(eager fallback, reported once). GPU tests; the CPU test only checks that CPU executors never use them."""
+(eager fallback, reported once); the native loop's launches give what the Python loop's replays give.
+GPU tests; the CPU test only checks that CPU executors never use them."""
 from __future__ import annotations
 
 import dataclasses
@@ -10,6 +11,7 @@ import torch
 
 from tetri_engine import ops
 from tetri_engine.executor import Executor
+from tetri_engine.executor.options import StepOptions
 from tetri_engine.model import load_runtime
 from tetri_engine.model.presets import FLUX_DEV_TRANSFORMER, PRESETS
 from tetri_engine.request import GenerationRequest
@@ -50,6 +52,51 @@ def test_cpu_executors_never_use_graphs():
         assert ex.graphs is None and ex.graph_stats() == {"enabled": False}
 
 
+@pytest.mark.parametrize("degree", [1, 2])
+def test_the_captured_step_is_the_eager_step(degree):
+    """What a graph captures (`Graph.step`: the forward, the Euler update, the step index + 1, all on
+    static buffers, the timestep and sigmas read at the step index held as tensor data), run eagerly
+    on CPU ranks: the executor's eager steps, bit for bit, padded shards included (48x80: 15 tokens),
+    across a reload of the buffers (`Graph.begin`) between two batches of steps."""
+    import rank_threads
+
+    from tetri_engine.executor.cuda_graphs import Graph, _StaticRequest
+    from tetri_engine.model import SPContext
+    from tetri_engine.model.ulysses import valid_tokens
+
+    devices = ["cpu:0", "cpu:1"][:degree]
+    runtime = load_runtime("tiny", devices)
+    with Executor(runtime, devices) as ex:
+        for rid in ("eager", "graph"):
+            ex.submit_encode(rid, GenerationRequest(prompt="a boat", width=48, height=80, seed=3,
+                                                    num_inference_steps=5)).result()
+        assert ex.submit_steps(["eager"], tuple(range(degree)), 4).result().errors == {}
+        reference = ex.latent("eager")
+        prepared = ex.prepared("graph")
+    cache = ops.CommCache()
+    comm = cache.get(tuple(devices)) if degree > 1 else None
+    shards = ops.shard(prepared.noise, degree, devices)
+    lengths = {"image": prepared.image_tokens, "text": prepared.text_tokens}
+
+    def rank(r):
+        device = torch.device("cpu")
+        inputs = runtime.adapter.rank_inputs([prepared], device, r, degree)
+        graph = Graph(None, device, [shards[r].clone()], [_StaticRequest(prepared, device)],
+                      {k: v.clone() for k, v in inputs.items()}, valid_tokens(prepared.image_tokens, degree, r))
+        context = SPContext(comm, r, degree, lengths)
+        transformer = runtime.transformer_on(device)
+        graph.begin([shards[r]], [prepared], [0], inputs)
+        for _ in range(3):
+            graph.step(runtime.adapter, transformer, context)
+        after_3 = graph.end()[0]
+        graph.begin([after_3], [prepared], [3], inputs)
+        graph.step(runtime.adapter, transformer, context)
+        return graph.end()[0]
+
+    out = rank_threads.run_ranks(rank, range(degree))
+    torch.testing.assert_close(ops.gather(out, prepared.image_tokens), reference, rtol=0, atol=0)
+
+
 # --- one GPU ----------------------------------------------------------------------------------------------
 
 
@@ -67,6 +114,25 @@ def test_degree_1_graph_equals_eager(tiny_gpu, size):
     assert off == {"enabled": False}
     assert stats["failures"] == [] and stats["captures"] == 1 and stats["replays"] == 5, stats
     assert_same(graphed, eager, torch.float32)
+
+
+@pytest.mark.gpu
+def test_native_loop_launches_equal_python_replays_and_eager(tiny_gpu):
+    """The whole step (forward, Euler update, step index) in one graph, launched from C++ by the native
+    loop or replayed from Python by its twin, for a batch of two over two calls: the eager latents, and
+    every launch of the native loop made natively."""
+    schedule = [((0,), 3), ((0,), 3)]
+    eager, _ = run_schedule(tiny_gpu, ["cuda:0"], schedule, graphs=False, rids=("a", "b"))
+    results = {}
+    for loop in ("native", "python"):
+        results[loop] = run_schedule(tiny_gpu, ["cuda:0"], schedule, graphs=True, rids=("a", "b"),
+                                     step_options=StepOptions(loop=loop))
+    for loop, (graphed, stats) in results.items():
+        assert stats["failures"] == [] and stats["captures"] == 1 and stats["replays"] == 6, (loop, stats)
+        assert_same(graphed, eager, torch.float32)
+    assert results["native"][1]["native_launches"] == 6 and results["python"][1]["native_launches"] == 0
+    for rid in ("a", "b"):
+        assert torch.equal(results["native"][0][rid], results["python"][0][rid])
 
 
 @pytest.mark.gpu

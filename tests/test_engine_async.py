@@ -98,11 +98,26 @@ async def test_invalid_input_raises_value_error_with_what_to_change(engine):
         (dict(num_inference_steps=1000), "num_inference_steps"),
         (dict(deadline_s=-1.0), "deadline_s"),
         (dict(cache="always"), "cache"),
+        # What an embedded caller can send that JSON never would, and the bounds the HTTP API has too.
+        (dict(guidance_scale=1e308), "guidance_scale"),
+        (dict(guidance_scale=True), "guidance_scale"),
+        (dict(deadline_s=True), "deadline_s"),
+        (dict(slo_scale=True), "slo_scale"),
+        (dict(preview_every=True), "preview_every"),
+        (dict(prompt="a \ud800 b"), "lone surrogate"),
+        (dict(negative_prompt="\udfff"), "negative_prompt"),
+        (dict(prompt="x" * 32_001), "at most 32000"),
+        (dict(prompt=b"bytes"), "prompt must be a string"),
     ]
+    before = engine.stats()["states"]
     for fields, words in cases:
+        fields = {"prompt": "x", **fields}
         with pytest.raises(ValueError, match=words):
-            await engine.generate(GenerationRequest(prompt="x", **fields)).__anext__()
-    assert engine.stats()["queue_depth"] == 0
+            await engine.generate(GenerationRequest(**fields)).__anext__()
+    stats = engine.stats()
+    assert stats["queue_depth"] == 0
+    # Bad input is refused before anything is queued: it fails no request and misses no deadline.
+    assert stats["states"]["failed"] == before["failed"] and stats["states"]["rejected"] == before["rejected"]
 
 
 async def test_impossible_deadline_is_rejected_or_best_effort(engine, monkeypatch):
@@ -160,9 +175,18 @@ async def test_queue_full_rejection(engine, monkeypatch):
     with pytest.raises(RequestRejected) as info:
         await engine.generate(GenerationRequest(prompt="one too many", width=64, height=64)).__anext__()
     assert info.value.reason == "queue_full" and info.value.retry_after_s > 0
-    for r, stream in zip(long, streams):
-        assert await engine.abort(r.request_id)
-        await stream.aclose()
+    # Sent together (an HTTP request's n images), requests are taken all or none: a group of two
+    # that does not fit is refused whole and counted as two rejected, none cancelled.
+    await engine.abort(long[1].request_id)
+    await streams[1].aclose()
+    before = engine.stats()["states"]
+    group = engine.generate(GenerationRequest(prompt="pair", width=64, height=64), group_size=2)
+    with pytest.raises(RequestRejected, match="comes with 1 more"):
+        await group.__anext__()
+    after = engine.stats()["states"]
+    assert after["rejected"] - before["rejected"] == 2 and after["cancelled"] == before["cancelled"]
+    assert await engine.abort(long[0].request_id)
+    await streams[0].aclose()
     assert engine.stats()["states"]["rejected"] >= 1
 
 

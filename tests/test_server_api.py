@@ -10,13 +10,14 @@ import asyncio
 import base64
 import io
 import json
+import logging
 
 import numpy as np
 import pytest
 import pytest_asyncio
-from aiohttp.test_utils import TestClient, TestServer
+from aiohttp.test_utils import TestClient
 
-from test_server_support import CPU_DEVICES, parse_sse, png_size, small_config, wait_until_idle
+from test_server_support import CPU_DEVICES, ServingTestServer, parse_sse, png_size, small_config, wait_until_idle
 from tetri_engine.server import create_app, wait_until_ready
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
@@ -27,8 +28,8 @@ GEN = "/v1/images/generations"
 @pytest_asyncio.fixture(loop_scope="module", scope="module")
 async def client():
     app = create_app(small_config())
-    # TestServer runs handlers with handler_cancellation=True, as `tetri-engine serve` does.
-    async with TestClient(TestServer(app, host="127.0.0.1")) as test_client:
+    # Served as `tetri-engine serve` serves it (connection.make_runner: handler_cancellation, bounds).
+    async with TestClient(ServingTestServer(app, host="127.0.0.1")) as test_client:
         await wait_until_ready(app)
         yield test_client
 
@@ -115,12 +116,13 @@ async def test_oversized_body_is_a_413(client):
     assert (await error_of(resp, 413))["code"] == "request_too_large"
 
 
-async def test_impossible_deadline_is_a_429_with_retry_after(client):
+async def test_impossible_deadline_is_a_400_that_says_the_fastest_time(client):
+    # Not 429: the official client retries 429 (and 408, 409, 5xx), and this can never succeed.
     resp = await client.post(GEN, json={"prompt": "x", "size": "256x256",
                                         "num_inference_steps": 20, "deadline_ms": 1})
-    error = await error_of(resp, 429)
-    assert error["code"] == "deadline_impossible"
-    assert int(resp.headers["Retry-After"]) >= 1
+    error = await error_of(resp, 400)
+    assert error["code"] == "deadline_impossible" and error["param"] == "deadline_ms"
+    assert "takes at least" in error["message"] and "Retry-After" not in resp.headers
 
 
 async def test_stream_read_to_completion(client):
@@ -256,11 +258,60 @@ async def test_the_openai_client_works_unchanged(client):
     json.dumps(bad.body)  # the error envelope came through as JSON
 
 
+class ListHandler(logging.Handler):
+    def __init__(self):
+        super().__init__(logging.DEBUG)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+
+async def test_logs_say_why_a_request_ended_badly_and_never_carry_the_prompt(client, caplog):
+    caplog.set_level(logging.INFO)
+    # diffusers and transformers log through their own handlers (caplog does not see them): listen there too.
+    libraries = ListHandler()
+    for name in ("diffusers", "transformers"):
+        logging.getLogger(name).addHandler(libraries)
+    secret = "SECRET-PROMPT-TEXT " * 1500  # 28 500 characters: far beyond what the encoders read
+    ok = await client.post(GEN, json={"prompt": secret, "size": "64x64", "num_inference_steps": 2})
+    assert ok.status == 200 and (await ok.json())["data"]
+    caplog.clear()
+    bad = await client.post(GEN, json={"prompt": secret, "size": "²x64"})
+    assert bad.status == 400 and (await bad.json())["error"]["param"] == "size"
+    lines = [r.getMessage() for r in caplog.records if r.name == "tetri_engine.server"]
+    assert len(lines) == 1 and "400 invalid_value (param size)" in lines[0], lines
+    # A client that leaves: one line saying so.
+    caplog.clear()
+    request = asyncio.create_task(client.post(GEN, json={
+        "prompt": secret, "size": "256x256", "num_inference_steps": 20, "slo_scale": 100}))
+    for _ in range(400):
+        health = await (await client.get("/health")).json()
+        if health["running"] + health["queue_depth"] > 0:
+            break
+        await asyncio.sleep(0.05)
+    request.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await request
+    await wait_until_idle(client)
+    for _ in range(200):  # the handler ends once its request has (bounded polls)
+        lines = [r.getMessage() for r in caplog.records if r.name == "tetri_engine.server"]
+        if lines:
+            break
+        await asyncio.sleep(0.05)
+    assert len(lines) == 1 and "went away" in lines[0], lines
+    # The prompt reached no log line, and nothing printed it (the pipelines' truncation warnings).
+    for name in ("diffusers", "transformers"):
+        logging.getLogger(name).removeHandler(libraries)
+    assert "SECRET" not in caplog.text
+    assert not [message for message in libraries.messages if "SECRET" in message]
+
+
 async def test_a_request_given_up_streams_tetri_late_and_reports_it():
     """admission=best_effort takes a deadline no schedule can meet; the scheduler gives it up at once
     and the stream says so before its steps, with `late` in its metrics."""
     app = create_app(small_config(admission="best_effort"))
-    async with TestClient(TestServer(app, host="127.0.0.1")) as late_client:
+    async with TestClient(ServingTestServer(app, host="127.0.0.1")) as late_client:
         await wait_until_ready(app)
         resp = await late_client.post(GEN, json={"prompt": "hurry", "size": "64x64", "stream": True,
                                                  "num_inference_steps": 4, "deadline_ms": 1})

@@ -9,7 +9,7 @@ import base64
 import json
 import re
 
-from test_server_support import small_config, wait_until_idle
+from test_server_support import ServingTestServer, small_config, wait_until_idle
 from tetri_engine.server import ServerConfig, create_app, wait_until_ready
 from tetri_engine.server import dashboard_feed
 from tetri_engine.server.app import ENGINE
@@ -59,7 +59,7 @@ def basic(user: str, key: str) -> dict:
 
 async def test_page_loads_only_files_the_server_serves(aiohttp_client):
     app = create_app(small_config())
-    client = await aiohttp_client(app)
+    client = await aiohttp_client(ServingTestServer(app))
     resp = await client.get("/dashboard")
     assert resp.status == 200 and resp.content_type == "text/html"
     assert resp.headers["Content-Security-Policy"] == "default-src 'self'"
@@ -77,7 +77,7 @@ async def test_page_loads_only_files_the_server_serves(aiohttp_client):
 
 async def test_stream_shows_the_groups_queue_and_counters_of_what_ran(aiohttp_client):
     app = create_app(small_config(max_steps=200, admission="best_effort"))
-    client = await aiohttp_client(app)
+    client = await aiohttp_client(ServingTestServer(app))
     await wait_until_ready(app)
     sizes = {"a": (256, 256), "b": (128, 128), "c": (192, 128)}
     answers = await asyncio.gather(*(client.post(GEN, json={
@@ -135,7 +135,7 @@ async def test_stream_shows_the_groups_queue_and_counters_of_what_ran(aiohttp_cl
 
 async def test_api_key_covers_page_files_and_stream(aiohttp_client):
     app = create_app(small_config(api_key="k3y"))
-    client = await aiohttp_client(app)
+    client = await aiohttp_client(ServingTestServer(app))
     for path in ("/dashboard", "/dashboard/dashboard.js", "/dashboard/dashboard.css", "/dashboard/stream"):
         for headers in ({}, basic("me", "wrong"), {"Authorization": "Bearer wrong"},
                         {"Authorization": "Basic !!notbase64"}, basic("k3y", "")):
@@ -158,13 +158,13 @@ async def test_no_dashboard_flag_leaves_the_routes_out(aiohttp_client):
     assert ServerConfig.from_args(parser.parse_args([])).dashboard is True
     config = ServerConfig.from_args(parser.parse_args(["--no-dashboard"]))
     assert config.dashboard is False
-    client = await aiohttp_client(create_app(small_config(dashboard=False)))
+    client = await aiohttp_client(ServingTestServer(create_app(small_config(dashboard=False))))
     for path in ("/dashboard", "/dashboard/stream", "/dashboard/dashboard.js"):
         assert (await client.get(path)).status == 404
 
 
 async def test_bad_window_is_a_400_that_says_what_to_send(aiohttp_client):
-    client = await aiohttp_client(create_app(small_config()))
+    client = await aiohttp_client(ServingTestServer(create_app(small_config())))
     for value in ("5", "301", "abc", "nan", "inf", ""):
         resp = await client.get("/dashboard/stream", params={"window_s": value})
         assert resp.status == 400, value
@@ -176,7 +176,7 @@ async def test_memory_stays_bounded_and_streams_end_on_shutdown(aiohttp_client, 
     monkeypatch.setattr(dashboard_feed, "MAX_GROUPS", 3)
     monkeypatch.setattr(dashboard_feed, "MAX_KNOWN", 2)
     app = create_app(small_config())
-    client = await aiohttp_client(app)
+    client = await aiohttp_client(ServingTestServer(app))
     await wait_until_ready(app)
     for i in range(6):
         resp = await client.post(GEN, json={"prompt": f"r{i}", "size": "128x128", "num_inference_steps": 4})

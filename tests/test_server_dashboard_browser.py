@@ -13,7 +13,7 @@ import random
 import pytest
 
 from browser_support import MISSING, READ_BLOCKS, find_binaries, headless_chromium, save_page_png, with_key
-from test_server_support import small_config
+from test_server_support import ServingTestServer, small_config
 from tetri_engine.server import create_app, wait_until_ready
 from tetri_engine.server.app import ENGINE
 
@@ -45,7 +45,7 @@ async def test_dashboard_in_headless_chromium_shows_the_burst(aiohttp_client, tm
     # the page must draw blocks that span two lanes.
     app = create_app(small_config(api_key=KEY, policy="fixed2", max_steps=200, max_queue=16,
                                   admission="best_effort"))
-    client = await aiohttp_client(app)
+    client = await aiohttp_client(ServingTestServer(app))
     await wait_until_ready(app)
     auth = {"Authorization": f"Bearer {KEY}"}
     chrome = await asyncio.to_thread(headless_chromium, 1280, 860)

@@ -78,11 +78,69 @@ def test_openai_client_fields_are_accepted():
     ({"prompt": "x", "cache": "on"}, "cache"),
     ({"prompt": "x", "cache": True}, "cache"),
     ({"prompt": "x", "cache": ""}, "cache"),
+    # Digits str.isdigit() takes and int() does not, or numbers too long to mean a size (issue 15).
+    ({"prompt": "x", "size": "²x64"}, "size"),
+    ({"prompt": "x", "size": "64x²"}, "size"),
+    ({"prompt": "x", "size": "٦٤x٦٤"}, "size"),
+    ({"prompt": "x", "size": "1" * 5000 + "x64"}, "size"),
+    ({"prompt": "x", "size": "64x64x64"}, "size"),
+    ({"prompt": "a \ud800 b"}, "prompt"),
+    ({"prompt": "x", "negative_prompt": "\udfff"}, "negative_prompt"),
+    ({"prompt": "x", "user": "\ud800"}, "user"),
+    ({"prompt": "x" * 32_001}, "prompt"),
+    ({"prompt": "x", "negative_prompt": "x" * 32_001}, "negative_prompt"),
+    ({"prompt": "x", "guidance_scale": 1e308}, "guidance_scale"),
+    ({"prompt": "x", "guidance_scale": 10**400}, "guidance_scale"),
+    ({"prompt": "x", "deadline_ms": 10**400}, "deadline_ms"),
+    ({"prompt": "x", "deadline_ms": True}, "deadline_ms"),
+    ({"prompt": "x", "slo_scale": 1e308}, "slo_scale"),
+    # The OpenAI fields that change nothing here take only what OpenAI takes.
+    ({"prompt": "x", "quality": 5}, "quality"),
+    ({"prompt": "x", "quality": "ultra"}, "quality"),
+    ({"prompt": "x", "style": ["vivid"]}, "style"),
+    ({"prompt": "x", "moderation": True}, "moderation"),
+    ({"prompt": "x", "safety_identifier": {"id": 1}}, "safety_identifier"),
+    ({"prompt": "x", "output_compression": 101}, "output_compression"),
+    ({"prompt": "x", "output_compression": "high"}, "output_compression"),
+    ({"prompt": "x", "priority": 1}, "priority"),  # removed from the API: unknown
 ])
 def test_bad_input_names_the_parameter(body, param):
     error = rejected(body)
     assert error.param == param
     assert error.body()["error"]["type"] == "invalid_request_error"
+    json.dumps(error.body())  # always serialisable
+    assert len(error.message) < 400  # client values are quoted capped
+
+
+def test_valid_values_of_the_ignored_openai_fields_are_accepted():
+    params = parse(prompt="a cat", quality="hd", style="natural", moderation="low", safety_identifier="u-7",
+                   output_compression=0, size=" 64 X 128 ")
+    assert params.size == "64x128"
+
+
+def test_client_values_are_quoted_back_capped_and_ascii():
+    assert protocol.shown("64x64") == "'64x64'"
+    long = protocol.shown("9" * 5000)
+    assert len(long) <= protocol.MAX_SHOWN_CHARS and long.endswith("chars)")
+    assert protocol.shown("a\ud800\x00") == "'a\\ud800\\x00'"
+
+
+def test_every_engine_refusal_has_its_http_answer():
+    from tetri_engine.errors import RejectionReason, RequestRejected
+
+    assert set(protocol.REJECTIONS) == set(RejectionReason)  # a new reason needs a row
+    queue_full = protocol.rejection_error(RequestRejected("queue full", RejectionReason.QUEUE_FULL, 2.2))
+    assert (queue_full.status, queue_full.headers["Retry-After"]) == (429, "3")  # the engine's estimate
+    no_hint = protocol.rejection_error(RequestRejected("queue full", RejectionReason.QUEUE_FULL, None))
+    assert "Retry-After" not in no_hint.headers
+    impossible = protocol.rejection_error(
+        RequestRejected("deadline 0.001 s cannot be met: takes at least 0.3 s", RejectionReason.DEADLINE_IMPOSSIBLE),
+        "deadline_ms")
+    # The official client retries 408, 409, 429 and 5xx: a request that can never succeed gets none.
+    assert impossible.status == 400 and impossible.param == "deadline_ms" and not impossible.headers
+    assert "at least 0.3 s" in impossible.message
+    draining = protocol.rejection_error(RequestRejected("draining", RejectionReason.DRAINING))
+    assert draining.status == 503
 
 
 def test_url_format_explains_why():
@@ -207,8 +265,29 @@ def test_server_config_maps_onto_engine_config_and_documents_every_flag():
     assert config.host == "127.0.0.1"
     help_text = parser.format_help()
     for flag in ("--host", "--port", "--model", "--devices", "--profile", "--max-queue", "--api-key",
-                 "--max-n", "--max-body-bytes", "--drain-timeout-s"):
+                 "--max-n", "--max-body-bytes", "--drain-timeout-s", "--allowed-hosts", "--cors-origins",
+                 "--max-connections", "--keepalive-timeout-s", "--header-timeout-s", "--body-timeout-s",
+                 "--write-timeout-s"):
         assert flag in help_text
+    config = ServerConfig.from_args(parser.parse_args(["--allowed-hosts", "gpu-box.lan,10.0.0.7",
+                                                      "--cors-origins", "https://app.example"]))
+    assert config.allowed_hosts == ["gpu-box.lan", "10.0.0.7"] and config.cors_origins == ["https://app.example"]
+
+
+def test_connection_bounds_are_checked_and_the_cap_leaves_descriptors_for_the_rest(monkeypatch):
+    import resource
+
+    for flags, words in ((["--write-timeout-s", "0"], "write-timeout-s"), (["--header-timeout-s", "-1"], "header"),
+                         (["--max-connections", "0"], "max-connections")):
+        parser = argparse.ArgumentParser()
+        ServerConfig.add_arguments(parser)
+        with pytest.raises(ValueError, match=words):
+            ServerConfig.from_args(parser.parse_args(flags))
+    assert ServerConfig(max_connections=7).resolved_max_connections == 7
+    monkeypatch.setattr(resource, "getrlimit", lambda _: (256, 4096))  # `ulimit -n 256`
+    assert ServerConfig().resolved_max_connections == 128  # 128 descriptors kept for the engine
+    monkeypatch.setattr(resource, "getrlimit", lambda _: (1 << 20, 1 << 20))
+    assert ServerConfig().resolved_max_connections == 1024
 
 
 def test_every_engine_option_is_a_serve_flag_and_bad_values_are_refused():

@@ -1,4 +1,5 @@
-"""Shared pieces of the server tests (no tests here): a small config, SSE parsing, waiting for idle.
+"""Shared pieces of the server tests (no tests here): a small config, the app served as `serve`
+serves it, raw HTTP on a socket, SSE parsing, waiting for idle.
 
 Every server test runs the real engine with the tiny model on virtual CPU devices, on loopback.
 """
@@ -9,8 +10,11 @@ import dataclasses
 import io
 import json
 
+from aiohttp import web
+from aiohttp.test_utils import TestServer
+
 from tetri_engine.config import EngineConfig
-from tetri_engine.server import ServerConfig
+from tetri_engine.server import ServerConfig, make_runner
 
 CPU_DEVICES = ["cpu:0", "cpu:1", "cpu:2", "cpu:3"]
 
@@ -60,3 +64,46 @@ async def wait_until_idle(client, max_polls: int = 400) -> dict:
             return body
         await asyncio.sleep(0.05)
     raise AssertionError(f"the engine did not become idle: {body}")
+
+
+class ServingTestServer(TestServer):
+    """aiohttp's TestServer, running the app on the runner `tetri-engine serve` uses (its bounded
+    connections): `await aiohttp_client(ServingTestServer(app))`."""
+
+    async def _make_runner(self, **kwargs):
+        return make_runner(self.app, **kwargs)
+
+
+async def serve_on_loopback(app: web.Application) -> tuple[web.AppRunner, int]:
+    """The app served as `tetri-engine serve` serves it, on 127.0.0.1 and a free port: (runner, port).
+    Stop it with `lifecycle.stop(runner)` (the drain) or `runner.cleanup()`."""
+    runner = make_runner(app)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    return runner, runner.addresses[0][1]
+
+
+async def raw_http(port: int, data: bytes, max_wait_s: float = 20.0) -> bytes:
+    """Send raw bytes on a new connection; everything the server sends until it closes (bounded)."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(data)
+        await writer.drain()
+        return await asyncio.wait_for(reader.read(), max_wait_s)
+    finally:
+        writer.close()
+
+
+def split_answer(raw: bytes) -> tuple[int, dict[str, str], bytes]:
+    """A raw HTTP answer -> (status, headers with lower-case names, body)."""
+    head, _, body = raw.partition(b"\r\n\r\n")
+    status_line, *lines = head.decode("latin-1").split("\r\n")
+    headers = {k.strip().lower(): v.strip() for k, _, v in (line.partition(":") for line in lines)}
+    return int(status_line.split()[1]), headers, body
+
+
+def envelope(body: bytes) -> dict:
+    """The OpenAI error envelope of an answer body; fails unless it is one."""
+    error = json.loads(body)["error"]
+    assert set(error) == {"message", "type", "param", "code"}, error
+    return error

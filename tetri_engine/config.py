@@ -20,7 +20,7 @@ class AdmissionMode(StrEnum):
     """What admission does with a deadline the policy says cannot be met: not even alone at full width,
     or not alongside the requests already accepted (policy.admission_check)."""
 
-    REJECT = "reject"  # RequestRejected("deadline_impossible" / "busy" with the policy's retry estimate)
+    REJECT = "reject"  # RequestRejected("deadline_impossible": HTTP 400 / "busy" with the policy's retry estimate: 429)
     BEST_EFFORT = "best_effort"  # accept it; the policy gives up whom it must (a "late" output says so)
 
 
@@ -53,8 +53,9 @@ class EngineConfig:
     max_queue: int = option(64, "at most this many requests waiting or running; more are refused "
                            "(queue_full, HTTP 429)")
     admission: AdmissionMode = option(AdmissionMode.REJECT, "a deadline that cannot be met (even alone, "
-                                     "or alongside the accepted requests): reject (refused at once) or "
-                                     "best_effort (accepted; the scheduler gives up whom it must)",
+                                     "or alongside the accepted requests): reject (refused at once: HTTP 400, "
+                                     "or 429 while busy) or best_effort (accepted; the scheduler gives up "
+                                     "whom it must)",
                                      choices=tuple(m.value for m in AdmissionMode))
     slo_scale: float = option(1.0, "default deadline = the SLO table's target for the resolution x this "
                              "scale (requests may send their own deadline or scale)")

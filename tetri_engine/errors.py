@@ -16,8 +16,8 @@ class RejectionReason(StrEnum):
 class RequestRejected(Exception):
     """Admission refused the request; nothing was queued.
 
-    `reason` is a RejectionReason. `retry_after_s` is a hint for clients (HTTP 429 Retry-After), None
-    when retrying will not help.
+    `reason` is a RejectionReason (server/protocol.py REJECTIONS maps each to an HTTP answer).
+    `retry_after_s` is a hint for clients (HTTP Retry-After), None when retrying will not help.
     """
 
     def __init__(self, message: str, reason: RejectionReason, retry_after_s: float | None = None):

@@ -14,6 +14,10 @@ from typing import Any
 PATCH_PX = 16
 # Below this an image is a handful of tokens: a degree-4 shard would be mostly padding.
 MIN_SIZE_PX = 64
+# OpenAI's limit for image prompts. The text encoders read far less (CLIP 77 tokens, T5 512), but
+# tokenizing costs time linear in the text: an unbounded prompt held admission for seconds.
+MAX_PROMPT_CHARS = 32_000
+MAX_GUIDANCE_SCALE = 100.0  # classifier-free guidance far beyond any model's useful range (3..10)
 
 
 class StrEnum(str, enum.Enum):

@@ -2,9 +2,10 @@
 --replicas N, in front of N engine replicas on Ray Serve (tetri_engine.cluster).
 
 The port opens at once and answers 503 while the engine starts; when the engine is ready a `curl`
-line that works against this server is printed. SIGINT / SIGTERM: stop listening, let in-flight
-requests finish (at most --drain-timeout-s), shut the engine down, exit 0. A second signal exits
-at once. Runs on uvloop when it is installed.
+line that works against this server is printed. SIGINT / SIGTERM: drain (the port stays open and
+answers 503; in-flight requests get --drain-timeout-s, then are cut with a 503 or an `error` event:
+server/lifecycle.py), stop listening, shut the engine down, exit 0. A second signal exits at once.
+Runs on uvloop when it is installed.
 """
 from __future__ import annotations
 
@@ -35,6 +36,7 @@ def run(args: argparse.Namespace) -> int:
         return 2
     logging.basicConfig(level=config.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    _quiet_model_libraries(config.log_level)
     return run_event_loop(serve(config, cluster))
 
 
@@ -49,6 +51,15 @@ def engine_factory(config: ServerConfig, cluster: ClusterConfig | None):
     return lambda engine_config: ClusterEngine(engine_config, cluster, drain_timeout_s=config.drain_timeout_s)
 
 
+def _quiet_model_libraries(level: str) -> None:
+    """diffusers and transformers log through their own handlers, blind to the root logger's level:
+    --log-level applies to them too (at least warning: their info lines are per-call noise). They
+    read these variables when first imported (later, in the engine's start); one set by the user wins."""
+    verbosity = "warning" if level in ("debug", "info") else level
+    for variable in ("DIFFUSERS_VERBOSITY", "TRANSFORMERS_VERBOSITY"):
+        os.environ.setdefault(variable, verbosity)
+
+
 def run_event_loop(main) -> int:
     try:
         import uvloop
@@ -61,14 +72,11 @@ async def serve(config: ServerConfig, cluster: ClusterConfig | None = None) -> i
     # Imported here so that `tetri-engine serve --help` stays quick.
     from aiohttp import web
 
-    from tetri_engine.server import create_app, wait_until_ready
+    from tetri_engine.server import create_app, lifecycle, make_runner, wait_until_ready
 
-    # handler_cancellation: a client that disconnects cancels its handler, which aborts its
-    # requests in the engine. shutdown_timeout: how long in-flight requests may take to drain.
     try:
         app = create_app(config, engine_factory(config, cluster))
-        runner = web.AppRunner(app, handler_cancellation=True,
-                               shutdown_timeout=config.drain_timeout_s, handle_signals=False)
+        runner = make_runner(app)  # a client that disconnects cancels its requests in the engine
         await runner.setup()  # creates the engine: a bad device list or policy fails here
     except ValueError as exc:
         print(f"tetri-engine serve: {exc}", file=sys.stderr)
@@ -103,7 +111,7 @@ async def serve(config: ServerConfig, cluster: ClusterConfig | None = None) -> i
     stopped.cancel()
     print(f"tetri-engine: shutting down (in-flight requests get up to {config.drain_timeout_s:g} s; "
           "signal again to exit now) ...", flush=True)
-    await runner.cleanup()
+    await lifecycle.stop(runner)
     print("tetri-engine: stopped.", flush=True)
     return status
 

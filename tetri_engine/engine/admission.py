@@ -23,7 +23,7 @@ from typing import Any
 
 from tetri_engine.config import AdmissionMode, EngineConfig
 from tetri_engine.errors import RejectionReason, RequestRejected
-from tetri_engine.request import CacheMode, GenerationRequest, SizeRule
+from tetri_engine.request import MAX_GUIDANCE_SCALE, MAX_PROMPT_CHARS, CacheMode, GenerationRequest, SizeRule
 
 MAX_SEED = 2**63 - 1
 
@@ -41,10 +41,9 @@ def validate_request(request: GenerationRequest, config: EngineConfig, limits: M
     """Return a copy of `request` with every default filled in, or raise ValueError saying what is wrong."""
     if not isinstance(request, GenerationRequest):
         raise TypeError(f"expected a GenerationRequest, got {type(request).__name__}")
-    if not isinstance(request.prompt, str):
-        raise ValueError(f"prompt must be a string, got {type(request.prompt).__name__}")
-    if request.negative_prompt is not None and not isinstance(request.negative_prompt, str):
-        raise ValueError("negative_prompt must be a string or None")
+    check_text("prompt", request.prompt)
+    if request.negative_prompt is not None:
+        check_text("negative_prompt", request.negative_prompt)
     limits.size_rule.check(request.width, request.height)
 
     steps = limits.default_steps if request.num_inference_steps is None else request.num_inference_steps
@@ -53,9 +52,8 @@ def validate_request(request: GenerationRequest, config: EngineConfig, limits: M
                          f"from 1 to {config.max_steps}")
 
     guidance = limits.default_guidance if request.guidance_scale is None else request.guidance_scale
-    if not isinstance(guidance, (int, float)) or isinstance(guidance, bool) or not math.isfinite(guidance) \
-            or guidance < 0:
-        raise ValueError(f"guidance_scale={guidance!r} must be a finite number >= 0")
+    if not _is_number(guidance) or not 0 <= guidance <= MAX_GUIDANCE_SCALE:
+        raise ValueError(f"guidance_scale={guidance!r} must be a number from 0 to {MAX_GUIDANCE_SCALE:g}")
 
     seed = request.seed
     if seed is None:
@@ -63,16 +61,15 @@ def validate_request(request: GenerationRequest, config: EngineConfig, limits: M
     elif not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed <= MAX_SEED:
         raise ValueError(f"seed={seed!r} must be an integer from 0 to {MAX_SEED}")
 
-    if request.deadline_s is not None:
-        if not isinstance(request.deadline_s, (int, float)) or not math.isfinite(request.deadline_s) \
-                or request.deadline_s <= 0:
-            raise ValueError(f"deadline_s={request.deadline_s!r} must be a positive number of seconds")
+    if request.deadline_s is not None and not (_is_number(request.deadline_s) and request.deadline_s > 0):
+        raise ValueError(f"deadline_s={request.deadline_s!r} must be a positive number of seconds")
     slo_scale = config.slo_scale if request.slo_scale is None else request.slo_scale
-    if not isinstance(slo_scale, (int, float)) or not math.isfinite(slo_scale) or slo_scale <= 0:
+    if not _is_number(slo_scale) or slo_scale <= 0:
         raise ValueError(f"slo_scale={slo_scale!r} must be a positive number")
 
     cache = CacheMode.parse(request.cache, "cache")
-    if not isinstance(request.preview_every, int) or request.preview_every < 0:
+    if not isinstance(request.preview_every, int) or isinstance(request.preview_every, bool) \
+            or request.preview_every < 0:
         raise ValueError(f"preview_every={request.preview_every!r} must be an integer >= 0")
 
     request_id = request.request_id
@@ -85,6 +82,25 @@ def validate_request(request: GenerationRequest, config: EngineConfig, limits: M
                    slo_scale=float(slo_scale), request_id=request_id, cache=cache)
 
 
+def check_text(name: str, text: object) -> None:
+    """A prompt is a string of at most MAX_PROMPT_CHARS characters that UTF-8 can encode (a lone
+    UTF-16 surrogate, which JSON's \\ud800 escapes can carry, would fail in the tokenizer)."""
+    if not isinstance(text, str):
+        raise ValueError(f"{name} must be a string, got {type(text).__name__}")
+    if len(text) > MAX_PROMPT_CHARS:
+        raise ValueError(f"{name} is {len(text)} characters long; at most {MAX_PROMPT_CHARS} are accepted")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ValueError(f"{name} is not valid Unicode text: it holds a lone surrogate "
+                         f"({text[exc.start]!r}) at character {exc.start}") from None
+
+
+def _is_number(value: object) -> bool:
+    """A finite int or float; not a bool (True is an int to Python, never a number to a user)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
 class Admission:
     """Whether a request is taken, and its deadline. `cost` is the sched.CostModel the engine plans with."""
 
@@ -94,9 +110,11 @@ class Admission:
         self.cost = cost
 
     def check(self, request: GenerationRequest, *, policy: Any, live: dict[str, Any], draining: bool,
-              now_s: float | None = None) -> tuple[GenerationRequest, float]:
+              now_s: float | None = None, group_size: int = 1) -> tuple[GenerationRequest, float]:
         """-> (the validated request, its deadline in seconds from now), or raise ValueError /
-        RequestRejected. `live`: request_id -> TrackedRequest of the requests waiting or running."""
+        RequestRejected. `live`: request_id -> TrackedRequest of the requests waiting or running.
+        `group_size`: the request is the first of that many sent together (an HTTP request's n
+        images): the queue must hold all of them, or none is taken."""
         req = validate_request(request, self.config, self.limits)
         try:
             self.cost.check(req.width, req.height)
@@ -107,9 +125,10 @@ class Admission:
         if draining:
             raise RequestRejected("the engine is draining (shutting down) and takes no new requests",
                                   reason=RejectionReason.DRAINING)
-        if len(live) >= self.config.max_queue:
+        if len(live) + group_size > self.config.max_queue:
+            also = f", and this request comes with {group_size - 1} more" if group_size > 1 else ""
             raise RequestRejected(
-                f"queue full: {len(live)} requests are waiting or running (max_queue={self.config.max_queue})",
+                f"queue full: {len(live)} requests are waiting or running (max_queue={self.config.max_queue}){also}",
                 reason=RejectionReason.QUEUE_FULL, retry_after_s=self._retry_after_s(live, policy))
         deadline_s = self._deadline_s(req, policy)
         self._check_deadline(req, deadline_s, policy, time.monotonic() if now_s is None else now_s)

@@ -327,15 +327,17 @@ class AsyncEngine:
 
     # ---- requests ------------------------------------------------------------------------------
 
-    async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationOutput]:
+    async def generate(self, request: GenerationRequest, *, group_size: int = 1) -> AsyncIterator[GenerationOutput]:
         """Outputs of one request: "queued" first, then "round"/"step"/"preview", then one "final".
 
         Admission errors raise from the first __anext__: RequestRejected (queue_full,
         deadline_impossible, draining) or ValueError (invalid input). Leaving the iterator early
         (break + aclose, task cancelled, client gone) cancels the request; a running one stops at its
-        next step boundary and its devices go back to the scheduler.
+        next step boundary and its devices go back to the scheduler. group_size > 1: this request is
+        the first of that many sent together, admitted only if the queue holds them all (a refusal
+        counts all of them as rejected); the caller submits the others right after.
         """
-        tracked = self._admit(request)
+        tracked = self._admit(request, group_size)
         try:
             while True:
                 output = await tracked.outputs.get()
@@ -365,7 +367,7 @@ class AsyncEngine:
         await tracked.ended.wait()
         return True
 
-    def _admit(self, request: GenerationRequest) -> TrackedRequest:
+    def _admit(self, request: GenerationRequest, group_size: int = 1) -> TrackedRequest:
         if self._phase in (EnginePhase.CREATED, EnginePhase.STARTING):
             raise EngineNotRunning("the engine is not started: use `async with engine:` or `await engine.start()`")
         if self._phase == EnginePhase.STOPPED:
@@ -373,9 +375,10 @@ class AsyncEngine:
         now_s = time.monotonic()
         try:
             req, deadline_s = self._admission.check(request, policy=self._core.policy, live=self._core.tracker.live,
-                                                    draining=self._phase == EnginePhase.DRAINING, now_s=now_s)
+                                                    draining=self._phase == EnginePhase.DRAINING, now_s=now_s,
+                                                    group_size=group_size)
         except RequestRejected:
-            self._core.tracker.count_rejected()
+            self._core.tracker.count_rejected(group_size)
             raise
         tracked = TrackedRequest(request=req, arrival_s=now_s, deadline_s=deadline_s)
         self._core.add(tracked)

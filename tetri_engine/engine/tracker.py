@@ -99,8 +99,9 @@ class RequestTracker:
         self.all_ended.clear()
         tracked.outputs.put_nowait(tracked.output(OutputKind.QUEUED, queue_position=waiting_ahead))
 
-    def count_rejected(self) -> None:
-        self.counters.record(RequestState.REJECTED)
+    def count_rejected(self, count: int = 1) -> None:
+        for _ in range(count):
+            self.counters.record(RequestState.REJECTED)
 
     def start_group(self, tracked: TrackedRequest, devices: tuple[str, ...]) -> None:
         """Its steps are about to run on `devices`."""

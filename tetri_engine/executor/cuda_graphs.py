@@ -1,5 +1,5 @@
-"""CUDA graphs of one rank's transformer forward, so that a denoising step costs one graph launch
-instead of thousands of kernel launches through Python.
+"""CUDA graphs of one rank's denoising step, so that a step costs one graph launch instead of
+thousands of kernel launches through Python.
 
 Why: one process drives every GPU, one executor thread each. A FLUX forward launches ~57 blocks x
 dozens of kernels through PyTorch's dispatcher, which holds the GIL, so the threads of a group
@@ -8,34 +8,39 @@ twice the launch time. A replayed graph launches the whole forward, NCCL exchang
 (NCCL >= 2.9 captures grouped ncclSend/ncclRecv; the extension issues them on torch's *current*
 stream, which during capture is the capture stream), with the GIL released.
 
-What is captured: `adapter.velocity(...)` of one batch on one rank (the forward and the model output
-of each request); the Euler update stays outside. One graph per key
+What is captured: one whole step of one batch on one rank: `adapter.velocity(...)` (the forward and
+the model output of each request), the Euler update of each request's latent shard (its padding kept
+zero), written back into the shard's static buffer, and each request's step index + 1. One graph per key
 
     (model, device, group devices, rank, degree, per request: shard shape, dtype, rows, CFG scale,
      width, height, text tokens)
 
-with static inputs (the latent shards, the timesteps, every tensor of `rank_inputs`: prompt
-embeddings, pooled projections, guidance, position ids / embeddings of the shard) and static outputs.
-A step copies its inputs in (the `rank_inputs` tensors only when they are new objects), replays, and
-clones the outputs out (all graphs of a device share one memory pool, so an output is only valid
-until the device's next replay).
+with static inputs (the latent shards, every tensor of `rank_inputs`: prompt embeddings, pooled
+projections, guidance, position ids / embeddings of the shard), and per request its schedule
+(timesteps, sigmas: static buffers of SCHEDULE_CAPACITY entries) and its step index `position`
+([i, i + 1], device data). A batch's steps copy the latents, schedules and step indices in once
+(`Graph.begin`), launch the graph once per step (the executor's native loop launches it with the GIL
+released: `Graph.exec_handle`), and copy the latents out once at the end (`Graph.end`): no Python,
+allocation or host sync per step.
 
-The timestep is made an input by running `velocity` on stand-in requests (`_StaticRequest`) whose
-schedule is a one-element device buffer read at step index 0; `rows` and, with two rows (true CFG),
-`guidance_scale` are Python numbers `velocity` uses, so they are part of the key.
+The timestep and sigmas are read inside the graph from the schedule at `position`, through stand-in
+requests (`_StaticRequest`) whose `on(device)["timesteps"]` is that one-element slice, read by
+`velocity` at step index 0; `rows` and, with two rows (true CFG), `guidance_scale` are Python numbers
+`velocity` uses, so they are part of the key. The Euler update is `flow_match_euler_step` with the
+sigma pair at `position`: the same arithmetic as the eager step.
 
 Collectives: NCCL requires that a captured exchange is captured on both sides, and a launched graph
 containing one is launched on both sides. So every decision here is taken by the whole group at once
-(`StepsJob._graph` votes over a barrier): all ranks replay, or all capture, or all run eager. Capture,
-on each rank's device at the same time (thread-local capture mode, so the other threads' CUDA calls
-are allowed): 1 eager warm-up forward on a side stream (real exchanges: it connects NCCL peers,
+(`segments.graph_for_batch` votes through the job's `RankAgreement`): all ranks replay, or all
+capture, or all run eager. Capture, on each rank's device at the same time (thread-local capture mode, so the other threads' CUDA calls
+are allowed): 1 eager warm-up step on a side stream (real exchanges: it connects NCCL peers,
 allocates cuBLAS workspaces of that stream, builds attention plans and the key index of padded
 shards), then the capture on that stream into the device's pool. A rank whose warm-up fails catches
 up on the exchanges (`ulysses.catch_up`), and the group runs that batch eagerly. A capture that fails
 (an op that cannot be captured, ...) is logged once, remembered, and that key runs eagerly from then
 on: a bug here costs speed, not correctness. A rank whose input copy fails still replays (its
-peers' exchanges need it) and then reports the failure, so a failing request fails alone as in eager
-mode.
+peers' exchanges need it) and then reports the failure at the batch's first step, so a failing request
+fails alone as in eager mode. Requests whose schedule is longer than SCHEDULE_CAPACITY run eagerly.
 
 Graphs are never used on CPU devices, nor for steps with the step cache (cache="auto": its forward
 decides per step which blocks run).
@@ -46,15 +51,18 @@ import os
 import sys
 import threading
 import traceback
+import weakref
 from collections import OrderedDict
 from typing import Any, Callable
 
 import torch
 
+from tetri_engine.model.adapter import flow_match_euler_step
 from tetri_engine.model.ulysses import catch_up, sequence_parallel
 
-WARMUP_FORWARDS = 1  # eager forwards on the capture stream before each capture
+WARMUP_FORWARDS = 1  # eager steps on the capture stream before each capture
 DEFAULT_MAX_GRAPHS = 32  # per device; least recently used beyond it are dropped
+SCHEDULE_CAPACITY = 1024  # schedule entries (steps) a graph holds; longer schedules run eagerly
 
 
 def graphs_wanted(cuda_graphs: bool | None, devices: list[torch.device]) -> bool:
@@ -66,21 +74,45 @@ def graphs_wanted(cuda_graphs: bool | None, devices: list[torch.device]) -> bool
     return bool(cuda_graphs)
 
 
+def fits(prepared: list[Any]) -> bool:
+    """Whether these requests' schedules fit a graph's static buffers."""
+    return all(len(p.sigmas) <= SCHEDULE_CAPACITY for p in prepared)
+
+
 class _StaticRequest:
-    """A request as the captured forward sees it: its schedule is a one-element device buffer (step
-    index 0) that each replay refills; everything else is the request's own (while capturing only)."""
+    """A request as the captured step sees it: its schedule in static device buffers, its step index as
+    device data (`position` = [i, i + 1], advanced by the graph), and (while capturing only) the
+    request's other attributes."""
 
     def __init__(self, prepared: Any, device: torch.device):
         self._prepared = prepared
         self._device = str(device)
-        self.timestep = prepared.on(device)["timesteps"][:1].clone()
+        schedule = prepared.on(device)
+        self.timesteps = torch.zeros(SCHEDULE_CAPACITY, dtype=schedule["timesteps"].dtype, device=device)
+        self.sigmas = torch.zeros(SCHEDULE_CAPACITY, dtype=schedule["sigmas"].dtype, device=device)
+        self.position = torch.zeros(2, dtype=torch.long, device=device)
         self.rows = prepared.rows
         self.guidance_scale = prepared.guidance_scale
+        self._source: weakref.ref | None = None  # the request whose schedule is loaded
+
+    def load(self, prepared: Any, step_index: int) -> None:
+        """The request's schedule (when it is another request's) and its step index, into the buffers."""
+        if self._source is None or self._source() is not prepared:
+            schedule = prepared.on(torch.device(self._device))
+            self.timesteps[:len(schedule["timesteps"])].copy_(schedule["timesteps"])
+            self.sigmas[:len(schedule["sigmas"])].copy_(schedule["sigmas"])
+            self._source = weakref.ref(prepared)
+        self.position[0].fill_(step_index)  # (fills from host numbers: no sync)
+        self.position[1].fill_(step_index + 1)
 
     def on(self, device: torch.device) -> dict[str, torch.Tensor]:
         if str(device) != self._device:
             raise RuntimeError(f"a graph of {self._device} asked for inputs on {device}")
-        return {"timesteps": self.timestep}
+        return {"timesteps": self.timesteps.index_select(0, self.position[:1])}  # read at index 0
+
+    def sigma_pair(self) -> torch.Tensor:
+        """[sigma_i, sigma_i+1]: `flow_match_euler_step(..., pair, 0)` is the update at step i."""
+        return self.sigmas.index_select(0, self.position)
 
     def __getattr__(self, name: str) -> Any:  # other attributes (seed, sizes, ...) during capture only
         prepared = self.__dict__.get("_prepared")
@@ -93,57 +125,58 @@ class _StaticRequest:
 
 
 class Graph:
-    """One captured forward and its static buffers."""
+    """One captured step and its static buffers. `valid`: real (not padding) tokens of the shards."""
 
     def __init__(self, key: tuple, device: torch.device, latents: list[torch.Tensor],
-                 requests: list[_StaticRequest], inputs: dict[str, torch.Tensor]):
+                 requests: list[_StaticRequest], inputs: dict[str, torch.Tensor], valid: int):
         self.key = key
         self.device = device
         self.latents = latents
         self.requests = requests
         self.inputs = inputs
+        self.valid = valid
         self.sources: dict[str, torch.Tensor] = {}  # the tensors last copied into `inputs`
         self.graph: torch.cuda.CUDAGraph | None = None
-        self.outputs: list[torch.Tensor] = []
-        self.exchanges: list = []  # the exchange log of one forward (what a replay does)
+        self.exchanges: list = []  # the exchange log of one step (what a launch does)
         self.keepalive: list = []  # tensors and objects the graph's kernels point into
-        self.replays = 0
+        self.exec_handle = 0  # the cudaGraphExec_t the native loop launches (0: replay from Python)
+        self.replays = 0  # launches, from Python or from the native loop
+        self.native_launches = 0
 
-    def forward(self, adapter: Any, transformer: torch.nn.Module, context: Any) -> list[torch.Tensor]:
-        """The eager forward on the static buffers (warm-up and capture run exactly this)."""
+    def step(self, adapter: Any, transformer: torch.nn.Module, context: Any) -> None:
+        """One whole step on the static buffers (warm-up and capture run exactly this)."""
         with sequence_parallel(context):
-            return adapter.velocity(transformer, self.latents, self.requests, [0] * len(self.requests),
-                                    self.inputs)
+            velocities = adapter.velocity(transformer, self.latents, self.requests, [0] * len(self.requests),
+                                          self.inputs)
+        for latent, request, velocity in zip(self.latents, self.requests, velocities):
+            new = flow_match_euler_step(latent, velocity, request.sigma_pair(), 0)
+            if self.valid < latent.shape[1]:
+                new[:, self.valid:] = 0  # padding stays zero, as ops.shard made it
+            latent.copy_(new)
+            request.position.add_(1)
 
-    def copy_in(self, shards: list[torch.Tensor], prepared: list[Any], step_indices: list[int],
-                inputs: dict[str, torch.Tensor]) -> None:
+    def begin(self, shards: list[torch.Tensor], prepared: list[Any], step_indices: list[int],
+              inputs: dict[str, torch.Tensor]) -> None:
+        """Copy a batch's latents, schedules and step indices in (the `rank_inputs` tensors only when
+        they are new objects). Once per batch; then `launch`/the native loop, then `end`."""
         for static, shard in zip(self.latents, shards):
             static.copy_(shard)
         for request, p, i in zip(self.requests, prepared, step_indices):
-            request.timestep.copy_(p.on(self.device)["timesteps"][i:i + 1])
+            request.load(p, i)
         for name, static in self.inputs.items():
             source = inputs[name]
             if self.sources.get(name) is not source:  # unchanged while the batch is (held: no id reuse)
                 static.copy_(source)
                 self.sources[name] = source
 
-    def run(self, shards: list[torch.Tensor], prepared: list[Any], step_indices: list[int],
-            inputs: dict[str, torch.Tensor], context: Any) -> list[torch.Tensor]:
-        """One step's model outputs (new tensors). The replay happens even when copying the inputs
-        failed: the group's other ranks replay their half of the exchanges and would wait for ever."""
-        error = None
-        try:
-            self.copy_in(shards, prepared, step_indices, inputs)
-        except Exception as exc:
-            error = exc
-        # Logged before the launch: a failed replay must not be caught up with eager exchanges (NCCL:
-        # a captured exchange is matched by a captured one only).
-        context.exchange_log.extend(self.exchanges)
+    def replay(self) -> None:
+        """One step, launched from Python."""
         self.graph.replay()
         self.replays += 1
-        if error is not None:
-            raise error
-        return [out.clone() for out in self.outputs]
+
+    def end(self) -> list[torch.Tensor]:
+        """The latents after the steps launched since `begin` (new tensors)."""
+        return [latent.clone() for latent in self.latents]
 
 
 class _DeviceGraphs:
@@ -172,7 +205,7 @@ class CudaGraphs:
         self._log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
         self._devices: dict[str, _DeviceGraphs] = {}
         self._lock = threading.Lock()
-        self._stats = {"captures": 0, "replays": 0, "evictions": 0, "warmup_failures": 0,
+        self._stats = {"captures": 0, "replays": 0, "native_launches": 0, "evictions": 0, "warmup_failures": 0,
                        "capture_failures": 0, "capture_s": 0.0}
         self._failures: list[dict] = []  # {"key", "device", "error"}: capture failures, once per key
 
@@ -188,11 +221,13 @@ class CudaGraphs:
             self._stats[name] += n
 
     def stats(self) -> dict:
-        """captures, replays, evictions, warmup_failures, capture_failures, capture_s, graphs (held now),
-        failures: [{"key", "device", "error"}] of the captures that failed (those keys run eagerly)."""
+        """captures, replays (native_launches of them launched by the native loop), evictions,
+        warmup_failures, capture_failures, capture_s, graphs (held now), failures: [{"key", "device",
+        "error"}] of the captures that failed (those keys run eagerly)."""
         with self._lock:
-            replays = sum(g.replays for d in self._devices.values() for g in list(d.graphs.values()))
-            return {**self._stats, "replays": self._stats["replays"] + replays,
+            held = [g for d in self._devices.values() for g in list(d.graphs.values())]
+            return {**self._stats, "replays": self._stats["replays"] + sum(g.replays for g in held),
+                    "native_launches": self._stats["native_launches"] + sum(g.native_launches for g in held),
                     "graphs": sum(len(d.graphs) for d in self._devices.values()),
                     "failures": [dict(f) for f in self._failures]}
 
@@ -221,10 +256,11 @@ class CudaGraphs:
             dev.graphs.move_to_end(key)
             return dev.graphs[key]
 
-    # -- capture, in two halves with a group vote between them (StepsJob._graph)
+    # -- capture, in two halves with a group vote between them (segments.graph_for_batch)
     def prepare(self, device: torch.device, key: tuple, shards: list[torch.Tensor], prepared: list[Any],
-                inputs: dict[str, torch.Tensor]) -> Graph:
-        """Static buffers for a new graph of `key` (any old one is dropped first, freeing its memory)."""
+                inputs: dict[str, torch.Tensor], valid: int) -> Graph:
+        """Static buffers for a new graph of `key` (any old one is dropped first, freeing its memory).
+        valid: real tokens of each shard (the rest is padding)."""
         dev = self._device(device)
         with self._lock:
             dev.graphs.pop(key, None)
@@ -232,14 +268,15 @@ class CudaGraphs:
         latents = [s.clone() for s in shards]
         requests = [_StaticRequest(p, device) for p in prepared]
         static_inputs = {name: t.clone() for name, t in inputs.items()}
-        graph = Graph(key, device, latents, requests, static_inputs)
+        graph = Graph(key, device, latents, requests, static_inputs, valid)
         graph.sources = dict(inputs)
         return graph
 
     def warm_up(self, graph: Graph, adapter: Any, transformer: torch.nn.Module, context: Any,
                 dtype: torch.dtype) -> tuple[str | None, int]:
-        """Eager forwards on the capture stream -> (first error or None, exchanges done). A failed
-        forward catches up with the group's exchanges, so every rank does the same number of them."""
+        """Eager steps on the capture stream -> (first error or None, exchanges done). A failed step
+        catches up with the group's exchanges, so every rank does the same number of them. (They move
+        the static buffers; `Graph.begin` loads them before the graph runs.)"""
         dev = self._device(graph.device)
         current = torch.cuda.current_stream(graph.device)
         dev.stream.wait_stream(current)
@@ -249,7 +286,7 @@ class CudaGraphs:
             for _ in range(self.warmup):
                 context.exchange_log = []
                 try:
-                    graph.forward(adapter, transformer, context)
+                    graph.step(adapter, transformer, context)
                 except Exception as exc:
                     error = error or _describe(exc)
                     if context.degree > 1:
@@ -266,7 +303,7 @@ class CudaGraphs:
         return error, exchanges
 
     def capture(self, graph: Graph, adapter: Any, transformer: torch.nn.Module, context: Any) -> str | None:
-        """Capture the forward on this rank -> None, or the error (the key then runs eagerly)."""
+        """Capture the step on this rank -> None, or the error (the key then runs eagerly)."""
         import time
 
         dev = self._device(graph.device)
@@ -285,7 +322,7 @@ class CudaGraphs:
                 error = f"capture_begin: {_describe(exc)}"
             if error is None:
                 try:
-                    outputs = graph.forward(adapter, transformer, context)
+                    graph.step(adapter, transformer, context)
                 except Exception as exc:
                     error = _describe(exc)
                     if os.environ.get("TETRI_CUDA_GRAPHS_DEBUG"):
@@ -303,7 +340,7 @@ class CudaGraphs:
             dev.failed_graphs.append(cuda_graph)
             return error
         graph.graph = cuda_graph
-        graph.outputs = list(outputs)
+        graph.exec_handle = _exec_handle(cuda_graph)
         graph.exchanges = exchanges
         # The communicator (NCCL handles in the graph) and the key index of padded shards (made during
         # the warm-up, read by index_select in the graph) must live as long as the graph.
@@ -320,6 +357,7 @@ class CudaGraphs:
             while len(dev.graphs) > self.max_graphs:
                 _, old = dev.graphs.popitem(last=False)
                 self._stats["replays"] += old.replays
+                self._stats["native_launches"] += old.native_launches
                 self._stats["evictions"] += 1
 
     def mark_failed(self, device: torch.device, key: tuple, error: str) -> None:
@@ -346,6 +384,16 @@ def _release_pool(device: torch.device, pool: Any) -> None:
         end(device.index, pool)
     except Exception:  # already released, or a torch without this signature: nothing more to do
         pass
+
+
+def _exec_handle(cuda_graph: torch.cuda.CUDAGraph) -> int:
+    """The graph's cudaGraphExec_t for a launch from C++ (torch's replay() is that launch, plus RNG
+    bookkeeping a step does not use: it draws no random numbers), or 0 where this torch does not give
+    it (the step is then replayed from Python)."""
+    try:
+        return int(cuda_graph.raw_cuda_graph_exec())
+    except (AttributeError, RuntimeError):
+        return 0
 
 
 def _describe(exc: BaseException) -> str:

@@ -13,7 +13,8 @@ always run to the end.
 
 Worked example with devices ["cuda:0", "cuda:1", "cuda:2", "cuda:3"] (indices 0..3):
 
-    submit_encode("a", ...)                      encode thread: prompt embeddings on cuda:0, noise on CPU
+    submit_encode("a", ...)                      encode thread: prompt embeddings made on cuda:0, kept in
+                                                 host memory (latents.py says why), noise on CPU
     submit_steps(["a"], (2, 3), 5)               threads 2 and 3: shard the noise onto cuda:2/cuda:3, 5 steps
     submit_steps(["a"], (0, 1, 2, 3), 5)         threads 0..3: regroup 2 -> 4 shards once the first job is
                                                  done (rank 0 = cuda:0 does it), 5 steps at degree 4
@@ -35,8 +36,11 @@ from typing import Any, Callable, Sequence
 import torch
 
 from tetri_engine.executor.cuda_graphs import DEFAULT_MAX_GRAPHS, CudaGraphs, graphs_wanted
-from tetri_engine.executor.state import DenoiseState, EncodeResult, ModelInfo, RequestProgress, StepsResult
-from tetri_engine.executor.steps import StepsJob, describe_error, encode_png
+from tetri_engine.executor.latents import LatentPlacer, conditioning_to_host
+from tetri_engine.executor.options import StepEnv, StepOptions
+from tetri_engine.executor.state import (DenoiseState, EncodeResult, ModelInfo, RequestProgress, StepsResult,
+                                         describe_error)
+from tetri_engine.executor.steps import StepsJob
 from tetri_engine.model.runtime import ModelRuntime, torch_device
 from tetri_engine.model.ulysses import check_heads
 from tetri_engine.request import CacheMode
@@ -85,14 +89,15 @@ class Executor:
     log_errors: print the traceback of a failed step (the request's error carries the message).
     cache_plan: the `model.step_cache.CachePlan` of requests with cache="auto" (default: the model's
     saved plan, `step_cache.load_plan(runtime.name)`, else the default plan; read on first use).
-    cuda_graphs: replay each batch's forward as a CUDA graph (executor/cuda_graphs.py); None: on for
+    cuda_graphs: launch each batch's step as a CUDA graph (executor/cuda_graphs.py); None: on for
     CUDA devices unless the environment sets TETRI_CUDA_GRAPHS=0; never on CPU devices. max_graphs:
-    graphs kept per device (least recently used beyond it are dropped).
+    graphs kept per device (least recently used beyond it are dropped). step_options: how the ranks
+    run their steps (`StepOptions`; default: `StepOptions.from_env()`, the native loop).
     """
 
     def __init__(self, runtime: ModelRuntime, devices: Sequence[str] | None = None, comm_cache: Any = None,
                  log_errors: bool = False, cache_plan: Any = None, cuda_graphs: bool | None = None,
-                 max_graphs: int = DEFAULT_MAX_GRAPHS):
+                 max_graphs: int = DEFAULT_MAX_GRAPHS, step_options: StepOptions | None = None):
         from tetri_engine import ops
 
         self.runtime = runtime
@@ -109,11 +114,16 @@ class Executor:
         self._cache_plan = cache_plan
         self._torch_devices = [torch_device(d) for d in self.devices]
         self.graphs = CudaGraphs(max_graphs) if graphs_wanted(cuda_graphs, self._torch_devices) else None
+        self.step_options = step_options if step_options is not None else StepOptions.from_env()
+        self.latents = LatentPlacer(runtime, self.devices, self.step_options.private_reads)
         self._states: dict[str, DenoiseState] = {}
         self._lock = threading.Lock()  # states, and queuing a job on all of its threads at once
         self._closed = False
         # Set at interpreter exit without shutdown(): every steps job stops at its next step boundary.
-        self.exiting = threading.Event()
+        self.exiting = ops.StopFlag()
+        self._env = StepEnv(runtime=runtime, devices=self.devices, torch_devices=self._torch_devices,
+                            comm_cache=self.comm_cache, graphs=self.graphs, latents=self.latents,
+                            exiting=self.exiting, options=self.step_options, log_errors=log_errors)
         self._workers = [_Worker(f"tetri-{d}", td) for d, td in zip(self.devices, self._torch_devices)]
         self._encoder = _Worker("tetri-encode", runtime.encode_device)
         self._encode_stream = None  # created on first use by the encoder thread (CUDA only)
@@ -127,15 +137,17 @@ class Executor:
 
     @classmethod
     def load(cls, model: str, devices: Sequence[str], *, dtype: str = "auto", comm_cache_size: int = 64,
-             cuda_graphs: bool | None = None, **model_options: Any) -> Executor:
+             cuda_graphs: bool | None = None, step_options: StepOptions | None = None,
+             **model_options: Any) -> Executor:
         """Load `model` (a preset or a local diffusers directory: `model.load_runtime`, which takes
         `model_options`: attention, ulysses_chunks, compile, cache_dir) on `devices` and start an
-        executor there, with a communicator cache of `comm_cache_size` groups."""
+        executor there, with a communicator cache of `comm_cache_size` groups and `step_options`."""
         from tetri_engine import ops
         from tetri_engine.model import load_runtime
 
         runtime = load_runtime(model, devices=list(devices), dtype=dtype, **model_options)
-        return cls(runtime, devices, ops.CommCache(capacity=comm_cache_size), cuda_graphs=cuda_graphs)
+        return cls(runtime, devices, ops.CommCache(capacity=comm_cache_size), cuda_graphs=cuda_graphs,
+                   step_options=step_options)
 
     @staticmethod
     def visible_devices(num_cpu_devices: int) -> list[str]:
@@ -144,24 +156,6 @@ class Executor:
         if num_gpus:
             return [f"cuda:{i}" for i in range(num_gpus)]
         return [f"cpu:{i}" for i in range(num_cpu_devices)]
-
-    # -- helpers used by jobs
-    def torch_device(self, device_index: int) -> torch.device:
-        return self._torch_devices[device_index]
-
-    def whole_latent(self, state: DenoiseState, device: str) -> torch.Tensor:
-        """A request's whole latent [1, L, C] on `device` (a new tensor)."""
-        from tetri_engine import ops
-
-        if state.shards is None:  # no steps run: the noise itself
-            return state.prepared.noise.to(torch_device(device), copy=True)
-        return ops.gather(state.shards, state.prepared.image_tokens, device)
-
-    def decode_state(self, state: DenoiseState, device_index: int):
-        """Gather a request's latent onto a device and decode it there -> (PIL image, PNG bytes)."""
-        latent = self.whole_latent(state, self.devices[device_index])
-        image = self.runtime.decode(latent, state.width, state.height)
-        return image, encode_png(image)
 
     def cache_plan(self):
         """The plan of requests with cache="auto" (see the class docstring)."""
@@ -209,12 +203,15 @@ class Executor:
 
                     state.cache = StepCache(self.cache_plan())
                 with self._encode_stream_context() as stream:
-                    state.prepared = self.runtime.prepare(
+                    prepared = self.runtime.prepare(
                         prompt=request.prompt, width=state.width, height=state.height, seed=state.seed,
                         num_steps=request.num_inference_steps, guidance_scale=request.guidance_scale,
                         negative_prompt=request.negative_prompt)
+                    if self.step_options.host_conditioning:  # off the encode device (latents.py says why)
+                        conditioning_to_host(prepared)
                     if stream is not None:
                         stream.synchronize()
+                    state.prepared = prepared
                 state.encode_s = time.perf_counter() - start
                 future.set_result(EncodeResult(request_id, state.seed, state.prepared.num_steps,
                                                state.prepared.image_tokens, state.encode_s))
@@ -264,7 +261,7 @@ class Executor:
             for s in states:
                 s.idle = threading.Event()
                 release.append(s.idle)
-            job = StepsJob(self, states, device_indices, int(num_steps), on_step, decode_after, wait_for, release)
+            job = StepsJob(self._env, states, device_indices, int(num_steps), on_step, decode_after, wait_for, release)
             for rank, index in enumerate(device_indices):
                 self._workers[index].tasks.put(lambda rank=rank: job.run(rank))
         return job.future
@@ -273,7 +270,7 @@ class Executor:
         """Gather the request's latent onto `device_index` and decode it there -> (PIL image, PNG bytes)."""
         def decode(state: DenoiseState) -> tuple[Any, bytes]:
             start = time.perf_counter()
-            result = self.decode_state(state, device_index)
+            result = self.latents.decode(state, device_index)
             state.decode_s += time.perf_counter() - start
             return result
 
@@ -285,8 +282,7 @@ class Executor:
         that asks never waits, and its next steps wait for the preview (it shows this boundary)."""
         with self._lock:
             placement = self._state(request_id).placement
-        return self._submit_after(request_id, placement[0] if placement else 0, lambda state: self.runtime.preview(
-            self.whole_latent(state, "cpu:0"), state.width, state.height))
+        return self._submit_after(request_id, placement[0] if placement else 0, self.latents.preview)
 
     def _submit_after(self, request_id: str, device_index: int, work: Callable[[DenoiseState], Any]) -> Future:
         """Run `work(state)` on `device_index`'s thread after the request's earlier jobs, before later ones."""
@@ -326,7 +322,7 @@ class Executor:
             state = self._states.get(request_id)
         if state is None:
             return False
-        state.cancelled = True  # read by rank 0 of its job at each step boundary (steps.py, `_agree`)
+        state.stop.set()  # read by rank 0 of its job at each step boundary (csrc/step_loop.cpp, segments.py)
         return True
 
     def graph_stats(self) -> dict[str, Any]:
@@ -386,7 +382,7 @@ class Executor:
             idle = state.idle
         if not idle.wait(timeout_s):
             raise TimeoutError(f"request {request_id!r} is still busy")
-        return self.whole_latent(state, "cpu:0")
+        return self.latents.whole_latent(state, "cpu:0")
 
     def release(self, request_id: str) -> None:
         """Forget a request (its latent is freed once no queued job uses it). Unknown ids are ignored."""

@@ -12,8 +12,16 @@ from typing import Any
 
 import torch
 
+from tetri_engine import ops
 from tetri_engine.model.adapter import PreparedRequest
 from tetri_engine.request import SizeRule
+
+
+def describe_error(exc: BaseException) -> str:
+    """The message a request that failed of `exc` carries."""
+    if isinstance(exc, torch.cuda.OutOfMemoryError):
+        return f"CUDA out of memory: {exc}"
+    return f"{type(exc).__name__}: {exc}"
 
 
 @dataclass(frozen=True)
@@ -65,8 +73,8 @@ class DenoiseState:
     step: int = 0
     error: str | None = None  # set once the request failed; it then stays failed
     # Executor.cancel: its steps stop at the next step boundary, in this call and every later one.
-    # Written by any thread, read by rank 0 of the job that owns the request (a bool: no lock).
-    cancelled: bool = False
+    # Set by any thread, read by rank 0 of the job that owns the request (in the native loop too).
+    stop: ops.StopFlag = field(default_factory=ops.StopFlag)
     steps_at_degree: dict[int, int] = field(default_factory=dict)
     regroups: int = 0
     peak_memory_bytes: int = 0  # GPU: max torch.cuda.max_memory_allocated over its jobs' devices; CPU: 0
@@ -77,6 +85,10 @@ class DenoiseState:
     # Set when no job owns the request. Each new job takes the current event to wait on and leaves a
     # fresh one, so the jobs of one request run one after the other, in submission order.
     idle: threading.Event = field(default_factory=threading.Event)
+
+    @property
+    def cancelled(self) -> bool:
+        return self.stop.is_set()
 
     @property
     def num_steps(self) -> int:
@@ -141,6 +153,7 @@ class StepsResult:
     seconds: float = 0.0
     regroup_s: float = 0.0
     decode_s: float = 0.0
+    trace: dict[str, Any] | None = None  # StepOptions.trace: per-phase timings of each rank (executor/trace.py)
 
     @property
     def degree(self) -> int:

@@ -239,6 +239,8 @@ def load_runtime(name_or_path: str = "tiny", devices: list[str] | None = None, d
     `compile_backend`; with inductor only on GPUs (on CPU it is skipped, saying so in the log);
     cache_dir: where inductor caches (`cache_dir`/inductor).
     """
+    # The pipelines warn with the cut-off part of every long prompt: client text must not reach the logs.
+    logging.getLogger("diffusers.pipelines").setLevel(logging.ERROR)
     devices = list(devices or ["cpu:0"])
     if len(set(devices)) != len(devices):
         raise ValueError(f"devices must be distinct, got {devices}")

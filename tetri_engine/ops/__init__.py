@@ -1,5 +1,6 @@
-"""Python face of the native extension `tetri_engine._C`: latent shard/gather/regroup/pack and
-communicators. Thin on purpose: the work and the argument checks are in csrc/.
+"""Python face of the native extension `tetri_engine._C`: latent shard/gather/regroup/pack,
+communicators, and the native step loop of the executor's ranks (ops/step_loop.py). Thin on purpose:
+the work and the argument checks are in csrc/.
 
 Devices are strings: ``"cuda:N"`` is a GPU; ``"cpu:N"`` is a *virtual* device, always the host CPU
 (torch device ``cpu``), whose index only says which executor thread / communicator rank owns a
@@ -54,16 +55,26 @@ __all__ = [
     "CommCache",
     "CommTimeoutError",
     "Communicator",
+    "DeviceQueue",
+    "GroupAbortedError",
+    "SegmentSpec",
+    "StepGroup",
+    "StopFlag",
     "backend_info",
     "gather",
     "pack",
     "regroup",
     "regroup_bytes_moved",
+    "run_segment",
     "shard",
     "shard_length",
     "shard_range",
+    "step_verdict",
     "unpack",
 ]
+
+from tetri_engine.ops.step_loop import (  # noqa: E402  (the native step loop: ops/step_loop.py)
+    DeviceQueue, GroupAbortedError, SegmentSpec, StepGroup, StopFlag, run_segment, step_verdict)
 
 Device = str | torch.device
 

@@ -7,64 +7,39 @@ Routes
   GET  /metrics                 Prometheus text exposition
   GET  /dashboard, /dashboard/*  the live dashboard (dashboard.py; --no-dashboard leaves it out)
 
-The engine is created and started in `app.cleanup_ctx`; the start (model load, profiling) runs as a
-background task so the port answers at once: /health says "starting" and generation answers 503
-until the engine is ready. On shutdown aiohttp stops listening, `on_shutdown` marks the server
-draining (new requests: 503), in-flight handlers get `shutdown_timeout` to finish, then the engine
-is shut down (drain=True). Nothing is done at import time.
-
-Client disconnects: run the app with `handler_cancellation=True` (the `serve` command and aiohttp's
-test server do). A cancelled handler leaves its `engine.generate()` iterators early, which aborts
-those requests in the engine and frees their devices.
+Around the handlers: middleware.py (who may call; errors in OpenAI's envelope; one log line per
+refused, failed or cancelled request), connection.py (time and count bounds on every connection;
+malformed HTTP), lifecycle.py (the engine's start in the background; the drain). Run the app with
+`connection.make_runner(app)` and stop it with `lifecycle.stop(runner)`, as `tetri-engine serve`
+does; a client that disconnects cancels its handler, which leaves its `engine.generate()`
+iterators early: that aborts its requests in the engine and frees their devices. Nothing is done
+at import time.
 """
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import hmac
 import io
 import logging
-import math
 import time
-from collections import Counter
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, AsyncIterator, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 from aiohttp import web
 
 from tetri_engine.config import EngineConfig
-from tetri_engine.errors import EngineNotRunning, RejectionReason, RequestRejected
+from tetri_engine.errors import EngineNotRunning, RequestRejected
 from tetri_engine.request import GenerationOutput, GenerationRequest, RequestState
-from tetri_engine.server import dashboard
+from tetri_engine.server import connection, dashboard, lifecycle, middleware
 from tetri_engine.server import metrics as prom
 from tetri_engine.server import protocol
 from tetri_engine.server.config import ServerConfig
 from tetri_engine.server.protocol import APIError
+from tetri_engine.server.state import CONFIG, ENGINE, ENGINE_FACTORY, REQUEST_ID, STATE, ServerState
 
 if TYPE_CHECKING:  # pragma: no cover
     from tetri_engine.engine.async_engine import AsyncEngine
 
 log = logging.getLogger("tetri_engine.server")
-
-STARTING_RETRY_AFTER_S = 5
-
-
-@dataclass
-class ServerState:
-    """What the server itself keeps (the engine keeps the rest)."""
-
-    started_unix: int = field(default_factory=lambda: int(time.time()))
-    start_task: asyncio.Task | None = None
-    start_error: str | None = None
-    draining: bool = False
-    responses: Counter = field(default_factory=Counter)  # (route, status) -> count
-    latency: prom.LatencyHistograms = field(default_factory=prom.LatencyHistograms)
-
-
-CONFIG = web.AppKey("config", ServerConfig)
-ENGINE: web.AppKey["AsyncEngine"] = web.AppKey("engine")
-STATE = web.AppKey("state", ServerState)
-ENGINE_FACTORY: web.AppKey[Callable[[EngineConfig], Any] | None] = web.AppKey("engine_factory")
 
 
 def create_app(config: ServerConfig, engine_factory: Callable[[EngineConfig], Any] | None = None) -> web.Application:
@@ -73,12 +48,14 @@ def create_app(config: ServerConfig, engine_factory: Callable[[EngineConfig], An
     which has the same face."""
     check_config(config)
     app = web.Application(client_max_size=config.max_body_bytes,
-                          middlewares=[error_middleware, auth_middleware])
+                          middlewares=[middleware.error_middleware, middleware.access_middleware],
+                          handler_args=connection.handler_args(config))
     app[CONFIG] = config
     app[STATE] = ServerState()
     app[ENGINE_FACTORY] = engine_factory
-    app.cleanup_ctx.append(engine_context)
-    app.on_shutdown.append(mark_draining)
+    app.cleanup_ctx.append(lifecycle.engine_context)
+    app.on_shutdown.append(lifecycle.mark_draining)
+    app.on_response_prepare.append(middleware.add_cors_headers)
     app.router.add_post("/v1/images/generations", create_images)
     app.router.add_get("/v1/models", list_models)
     app.router.add_get("/v1/models/{model_id:.+}", get_model)
@@ -95,146 +72,40 @@ def check_config(config: ServerConfig) -> None:
         protocol.parse_size(size, size, config.engine.size_rule(), param="default_size")
     except APIError as exc:
         raise ValueError(f"--default-size: {exc.message}") from None
-    if config.max_n < 1 or config.max_body_bytes < 1:
-        raise ValueError("--max-n and --max-body-bytes must be at least 1")
-
-
-async def wait_until_ready(app: web.Application) -> None:
-    """Wait for the engine start begun by the app's start-up; raise if it failed."""
-    task = app[STATE].start_task
-    if task is None:
-        raise RuntimeError("the app has not started (run it with an AppRunner or a test client)")
-    await asyncio.shield(task)
-
-
-# --- engine lifetime ----------------------------------------------------------------------------
-
-
-async def engine_context(app: web.Application) -> AsyncIterator[None]:
-    # Imported here, not at module level: the engine pulls in torch and the model runtime.
-    from tetri_engine.engine.async_engine import AsyncEngine
-
-    config, state = app[CONFIG], app[STATE]
-    engine = (app[ENGINE_FACTORY] or AsyncEngine)(config.engine)
-    app[ENGINE] = engine
-    state.start_task = asyncio.create_task(_start_engine(engine, state), name="engine-start")
-    try:
-        yield
-    finally:
-        state.draining = True
-        # Not cancelled: the model loads in a thread that cannot be interrupted; shutdown() waits
-        # for a start in progress, then stops the engine (drain=True: accepted requests finish).
-        await engine.shutdown(drain=True)
-        with contextlib.suppress(Exception):
-            await state.start_task  # its failure, if any, was logged and is in /health
-
-
-async def _start_engine(engine: "AsyncEngine", state: ServerState) -> None:
-    try:
-        await engine.start()
-    except Exception as exc:
-        state.start_error = f"{type(exc).__name__}: {exc}"
-        log.exception("engine failed to start")
-        raise
-
-
-async def mark_draining(app: web.Application) -> None:
-    app[STATE].draining = True
-
-
-def require_serving(app: web.Application) -> "AsyncEngine":
-    """The engine, or APIError(503) while it starts, drains or after it failed to start."""
-    state, engine = app[STATE], app.get(ENGINE)
-    if state.start_error is not None:
-        raise APIError(503, f"The engine failed to start: {state.start_error}",
-                       type="server_error", code="engine_failed")
-    if state.draining or (engine is not None and engine.is_draining):
-        raise APIError(503, "The server is shutting down and takes no new requests.",
-                       type="server_error", code="server_draining")
-    if engine is None or not engine.is_ready:
-        raise APIError(503, "The engine is starting (loading the model); retry shortly.",
-                       type="server_error", code="engine_starting",
-                       headers={"Retry-After": str(STARTING_RETRY_AFTER_S)})
-    return engine
-
-
-# --- middlewares --------------------------------------------------------------------------------
-
-
-@web.middleware
-async def error_middleware(request: web.Request, handler) -> web.StreamResponse:
-    """Every error leaves in OpenAI's envelope; every answer is counted for /metrics."""
-    route = request.match_info.route.resource
-    route_name = route.canonical if route is not None else "unmatched"
-    try:
-        response = await handler(request)
-    except APIError as exc:
-        response = error_response(exc)
-    except web.HTTPException as exc:  # aiohttp's own: 404, 405, 413 ...
-        if exc.status < 400:
-            raise
-        response = error_response(_from_http_exception(exc))
-    except (asyncio.CancelledError, ConnectionResetError):
-        raise  # the client went away: nothing to answer
-    except Exception:
-        log.exception("unhandled error in %s %s", request.method, request.path)
-        response = error_response(APIError(500, "Internal server error; see the server log.",
-                                           type="server_error", code="internal_error"))
-    request.app[STATE].responses[(route_name, response.status)] += 1
-    return response
-
-
-def _from_http_exception(exc: web.HTTPException) -> APIError:
-    if exc.status == 413:
-        return APIError(413, f"The request body is too large ({exc.text}).",
-                        code="request_too_large")
-    if exc.status == 404:
-        return APIError(404, "Not found. Routes: POST /v1/images/generations, GET /v1/models, "
-                        "GET /health, GET /metrics.", code="not_found")
-    if exc.status == 405:
-        return APIError(405, f"Method not allowed: {exc.text}", code="method_not_allowed",
-                        headers={"Allow": exc.headers.get("Allow", "")})
-    return APIError(exc.status, exc.reason, code=None)
-
-
-def error_response(exc: APIError) -> web.Response:
-    return web.json_response(exc.body(), status=exc.status, headers=exc.headers)
-
-
-@web.middleware
-async def auth_middleware(request: web.Request, handler) -> web.StreamResponse:
-    """With --api-key, /v1/* needs `Authorization: Bearer KEY`; /health and /metrics stay open
-    for probes and scrapers."""
-    key = request.app[CONFIG].api_key
-    if key and request.path.startswith("/v1/"):
-        header = request.headers.get("Authorization", "")
-        scheme, _, given = header.partition(" ")
-        # compare_digest: the time taken does not tell how much of the key was right.
-        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), key.encode()):
-            raise APIError(401, "Missing or invalid API key: send 'Authorization: Bearer <key>'.",
-                           code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
-    return await handler(request)
 
 
 # --- images ---------------------------------------------------------------------------------------
 
 
 async def create_images(request: web.Request) -> web.StreamResponse:
-    app = request.app
-    engine = require_serving(app)
-    config = app[CONFIG]
-    body = protocol.parse_json_body(await request.read())
+    engine = lifecycle.require_serving(request.app)
+    with lifecycle.Flight(request.app[STATE]) as flight:
+        try:
+            return await _create_images(request, engine, flight)
+        except asyncio.CancelledError:
+            if not flight.was_cut():
+                raise  # the client left
+            raise lifecycle.cut_error() from None
+
+
+async def _create_images(request: web.Request, engine: "AsyncEngine",
+                         flight: lifecycle.Flight) -> web.StreamResponse:
+    config = request.app[CONFIG]
+    body = protocol.parse_json_body(await connection.read_body(request, config.body_timeout_s))
     params = protocol.parse_generation_request(body, limits(config, engine))
-    # default_steps is the model's; it sizes the preview interval when num_inference_steps is absent.
     request_id = protocol.new_request_id()
+    request[REQUEST_ID] = request_id  # for the log line, if it ends badly
+    # default_steps is the model's; it sizes the preview interval when num_inference_steps is absent.
     gen_requests = params.to_requests(default_steps=engine.default_steps, request_id=request_id)
+    deadline_param = "deadline_ms" if params.deadline_ms is not None else \
+        "slo_scale" if params.slo_scale is not None else None
+    flight.working()
     if params.stream:
-        return await stream_image(request, engine, params, gen_requests[0])
-    finals = await generate_all(engine, gen_requests)
-    draining = app[STATE].draining
+        return await stream_image(request, engine, params, gen_requests[0], deadline_param, flight)
+    finals = await generate_all(engine, gen_requests, deadline_param)
     for final in finals:
         if final.state != RequestState.COMPLETED:
-            raise protocol.final_error(final, draining)
+            raise protocol.final_error(final, request.app[STATE].draining)
     return web.json_response(protocol.images_response(params, finals),
                              headers={"X-Request-Id": request_id})
 
@@ -245,41 +116,45 @@ def limits(config: ServerConfig, engine: "AsyncEngine") -> protocol.Limits:
                            default_size=config.resolved_default_size)
 
 
-async def generate_all(engine: "AsyncEngine",
-                       requests: list[GenerationRequest]) -> list[GenerationOutput]:
+async def generate_all(engine: "AsyncEngine", requests: list[GenerationRequest],
+                       deadline_param: str | None) -> list[GenerationOutput]:
     """Run the requests concurrently; return their final outputs in order.
 
-    All or nothing at admission: if one is refused, the others are aborted and the refusal raised.
-    If the caller is cancelled (client gone), every request is aborted before this returns.
+    All or nothing at admission: the first is admitted as the first of a group (the engine takes it
+    only if its queue holds them all; a refusal counts every one as rejected), the others right
+    after. If the caller is cancelled (client gone), every request is aborted before this returns.
     """
-    tasks = [asyncio.create_task(_run_to_final(engine, r)) for r in requests]
+    streams = [engine.generate(r, group_size=len(requests) if i == 0 else 1) for i, r in enumerate(requests)]
+    tasks: list[asyncio.Task] = []
     try:
+        for stream in streams:
+            await admit(stream, deadline_param)
+        tasks = [asyncio.create_task(_final_of(stream, r.request_id)) for stream, r in zip(streams, requests)]
         return list(await asyncio.gather(*tasks))
     finally:
         for task in tasks:
             task.cancel()
-        # Wait until every generator is closed, i.e. every unfinished request is cancelled in the
-        # engine (a running one stops at its next step boundary and its devices go back).
         await asyncio.gather(*tasks, return_exceptions=True)
+        # Leaving a stream early cancels its request in the engine (a running one stops at its next
+        # step boundary and its devices go back); one never started admitted nothing.
+        for stream in streams:
+            await stream.aclose()
 
 
-async def _run_to_final(engine: "AsyncEngine", request: GenerationRequest) -> GenerationOutput:
-    outputs = engine.generate(request)
-    async with contextlib.aclosing(outputs):  # leaving early aborts the request in the engine
-        await admit(outputs)
-        async for out in outputs:
-            if out.finished:
-                return out
-    raise APIError(500, f"Request {request.request_id} ended without a final output.",
+async def _final_of(outputs, request_id: str) -> GenerationOutput:
+    async for out in outputs:
+        if out.finished:
+            return out
+    raise APIError(500, f"Request {request_id} ended without a final output.",
                    type="server_error", code="internal_error")
 
 
-async def admit(outputs) -> GenerationOutput:
+async def admit(outputs, deadline_param: str | None = None) -> GenerationOutput:
     """The first output (kind="queued"), or the admission refusal as an APIError."""
     try:
         return await outputs.__anext__()
     except RequestRejected as exc:
-        raise rejection_error(exc) from None
+        raise protocol.rejection_error(exc, deadline_param) from None
     except EngineNotRunning as exc:
         raise APIError(503, f"The engine is not running: {exc}", type="server_error",
                        code="engine_not_running") from None
@@ -287,25 +162,15 @@ async def admit(outputs) -> GenerationOutput:
         raise protocol.bad_request(str(exc)) from None
 
 
-def rejection_error(exc: RequestRejected) -> APIError:
-    if exc.reason == RejectionReason.DRAINING:
-        return APIError(503, str(exc), type="server_error", code="server_draining")
-    # queue_full, deadline_impossible: 429. Retry-After is required by clients that back off
-    # (the openai client honours it); 1 s when the engine gives no hint.
-    retry_after = max(1, math.ceil(exc.retry_after_s or 1))
-    return APIError(429, str(exc), type="rate_limit_error", code=exc.reason.value,
-                    headers={"Retry-After": str(retry_after)})
-
-
-async def stream_image(request: web.Request, engine: "AsyncEngine",
-                       params: protocol.ImageGenerationParams,
-                       gen_request: GenerationRequest) -> web.StreamResponse:
+async def stream_image(request: web.Request, engine: "AsyncEngine", params: protocol.ImageGenerationParams,
+                       gen_request: GenerationRequest, deadline_param: str | None,
+                       flight: lifecycle.Flight) -> web.StreamResponse:
     """SSE: tetri.queued, tetri.round, tetri.step, tetri.late (unless progress_events=false: a client that
     expects only OpenAI's event types), image_generation.partial_image, then
-    image_generation.completed (or an `error` event)."""
+    image_generation.completed, or an `error` event (the request failed, or the drain cut it)."""
     outputs = engine.generate(gen_request)
-    async with contextlib.aclosing(outputs):  # leaving early (client gone) aborts the request
-        queued = await admit(outputs)  # refusals still get a proper status code
+    async with contextlib.aclosing(outputs):  # leaving early (client gone, cut) aborts the request
+        queued = await admit(outputs, deadline_param)  # refusals still get a proper status code
         response = web.StreamResponse(headers={
             "Content-Type": "text/event-stream",
             "Cache-Control": "no-cache",
@@ -313,32 +178,51 @@ async def stream_image(request: web.Request, engine: "AsyncEngine",
         })
         await response.prepare(request)
         try:
-            progress = params.progress_events
-            if progress:
-                await response.write(protocol.queued_event(queued))
-            previews_sent = 0
-            async for out in outputs:
-                if out.kind == "round" and progress:
-                    await response.write(protocol.round_event(out))
-                elif out.kind == "step" and progress:
-                    await response.write(protocol.step_event(out))
-                elif out.kind == "late" and progress:
-                    await response.write(protocol.late_event(out))
-                elif out.kind == "preview" and _preview_wanted(params, previews_sent):
-                    png = out.png or await asyncio.to_thread(encode_png, out.image)
-                    await response.write(protocol.partial_image_event(params, png, previews_sent, out))
-                    previews_sent += 1
-                elif out.finished:
-                    if out.state == RequestState.COMPLETED:
-                        await response.write(protocol.completed_event(params, out))
-                    else:
-                        error = protocol.final_error(out, request.app[STATE].draining)
-                        await response.write(protocol.error_event(error))
-                    break
-            await response.write_eof()
+            error = await _stream_events(request, response, params, outputs, queued)
+        except asyncio.CancelledError:
+            if not flight.was_cut():
+                raise  # the client left
+            error = lifecycle.cut_error()
         except ConnectionResetError:
-            log.info("client left the stream of %s; request aborted", gen_request.request_id)
+            log.info("%s: the client left the stream; its request was cancelled", gen_request.request_id)
+            return response
+    try:
+        with contextlib.suppress(ConnectionResetError):
+            if error is not None:
+                middleware.log_error(request, error, "error event")
+                await response.write(protocol.error_event(error))
+            await response.write_eof()
+    except asyncio.CancelledError:  # the drain's cut, while the last event went out: the stream ends
+        if not flight.was_cut():
+            raise
     return response
+
+
+async def _stream_events(request: web.Request, response: web.StreamResponse,
+                         params: protocol.ImageGenerationParams, outputs,
+                         queued: GenerationOutput) -> APIError | None:
+    """Write the events until the final one; return the error to send instead, if it failed."""
+    progress = params.progress_events
+    if progress:
+        await response.write(protocol.queued_event(queued))
+    previews_sent = 0
+    async for out in outputs:
+        if out.kind == "round" and progress:
+            await response.write(protocol.round_event(out))
+        elif out.kind == "step" and progress:
+            await response.write(protocol.step_event(out))
+        elif out.kind == "late" and progress:
+            await response.write(protocol.late_event(out))
+        elif out.kind == "preview" and _preview_wanted(params, previews_sent):
+            png = out.png or await asyncio.to_thread(encode_png, out.image)
+            await response.write(protocol.partial_image_event(params, png, previews_sent, out))
+            previews_sent += 1
+        elif out.finished:
+            if out.state == RequestState.COMPLETED:
+                await response.write(protocol.completed_event(params, out))
+                return None
+            return protocol.final_error(out, request.app[STATE].draining)
+    return APIError(500, "The stream ended without a final output.", type="server_error", code="internal_error")
 
 
 def _preview_wanted(params: protocol.ImageGenerationParams, sent: int) -> bool:
@@ -367,7 +251,7 @@ async def list_models(request: web.Request) -> web.Response:
 async def get_model(request: web.Request) -> web.Response:
     model_id = request.match_info["model_id"]
     if model_id != request.app[CONFIG].model_name:
-        raise APIError(404, f"The model '{model_id}' does not exist here; see GET /v1/models.",
+        raise APIError(404, f"The model {protocol.shown(model_id)} does not exist here; see GET /v1/models.",
                        param="model", code="model_not_found")
     return web.json_response(_model_card(request.app))
 
@@ -394,5 +278,5 @@ async def metrics(request: web.Request) -> web.Response:
     state, engine = app[STATE], app.get(ENGINE)
     stats = engine.stats() if engine is not None and engine.is_ready else None
     text = prom.render(stats=stats, responses=state.responses, latency=state.latency,
-                       ready=stats is not None, draining=state.draining)
+                       ready=stats is not None, draining=state.draining, connections=state.open_connections)
     return web.Response(body=text.encode(), headers={"Content-Type": prom.CONTENT_TYPE})

@@ -18,6 +18,9 @@ from tetri_engine.config import EngineConfig, option
 
 # Read when the server starts (not at import), so a key need not appear in `ps` output.
 API_KEY_ENV = "TETRI_ENGINE_API_KEY"
+DEFAULT_MAX_CONNECTIONS = 1024
+RESERVED_DESCRIPTORS = 128  # open files the process needs beside client sockets (model, threads, logs)
+MIN_CONNECTIONS = 16
 
 
 @dataclass
@@ -42,9 +45,56 @@ class ServerConfig:
                              "the API key too when one is set); --no-dashboard leaves it out")
     max_body_bytes: int = option(1 << 20, "largest request body accepted, in bytes (larger: HTTP 413)")
     drain_timeout_s: float = option(60.0, "on SIGINT/SIGTERM, wait at most this long for in-flight "
-                                   "requests before cancelling them")
+                                   "requests, then cut them (503, or an `error` event on a stream)")
+    # Who may call from a browser (README, "Security defaults").
+    allowed_hosts: list[str] | None = option(None, "Host header values accepted besides localhost, "
+                                             "127.0.0.1 and [::1] (always accepted), e.g. myhost.lan; "
+                                             "checked when bound to loopback or when this is set: a web "
+                                             "page cannot reach the server through DNS rebinding",
+                                             metavar="LIST")
+    cors_origins: list[str] | None = option(None, "web origins allowed to call the API from a browser "
+                                            "(CORS), e.g. https://app.example.com, or * for any (default: "
+                                            "none: a request from another site's page is refused, 403)",
+                                            metavar="LIST")
+    # Connections: every way a client can hold a connection open is bounded in time or count.
+    max_connections: int | None = option(None, "most client connections open at once; one more closes the "
+                                         "oldest idle one, or is answered 503 when each has a request in "
+                                         "progress (default: 1024, fewer when the open-file limit "
+                                         f"leaves less than {RESERVED_DESCRIPTORS} descriptors for the rest)")
+    keepalive_timeout_s: float = option(15.0, "close a connection idle this long between requests")
+    header_timeout_s: float = option(10.0, "a request's headers must arrive within this time of its "
+                                     "first byte (else 408 and the connection is closed)")
+    body_timeout_s: float = option(30.0, "a request's body must arrive within this time (else 408)")
+    write_timeout_s: float = option(30.0, "close a connection whose client has read nothing of its "
+                                    "answer for this long (a slow reader no longer holds memory)")
     log_level: str = option("info", "logging level: debug, info, warning, error",
                            choices=("debug", "info", "warning", "error"))
+
+    def __post_init__(self) -> None:
+        for name in ("drain_timeout_s", "keepalive_timeout_s", "header_timeout_s", "body_timeout_s",
+                     "write_timeout_s"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+                raise ValueError(f"--{name.replace('_', '-')}={value!r} must be a number of seconds > 0")
+        for name in ("max_n", "max_body_bytes", "max_connections"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ValueError(f"--{name.replace('_', '-')}={value!r} must be an integer >= 1")
+
+    @property
+    def resolved_max_connections(self) -> int:
+        """max_connections, or the default: 1024, fewer when `ulimit -n` leaves less than
+        RESERVED_DESCRIPTORS for the engine, its threads and files."""
+        if self.max_connections is not None:
+            return self.max_connections
+        try:
+            import resource
+        except ImportError:  # not POSIX: no descriptor limit to read
+            return DEFAULT_MAX_CONNECTIONS
+        soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if soft == resource.RLIM_INFINITY:
+            return DEFAULT_MAX_CONNECTIONS
+        return max(MIN_CONNECTIONS, min(DEFAULT_MAX_CONNECTIONS, soft - RESERVED_DESCRIPTORS))
 
     @property
     def model_name(self) -> str:

@@ -10,7 +10,8 @@
 loads comes from these routes: no CDN, users may be offline, and a Content-Security-Policy of 'self'
 makes the browser refuse anything else.
 
-API key: when the server has one, every route here needs it, as `Authorization: Bearer KEY`
+Host, Origin and CORS rules are the app's (middleware.py), as for every route. API key: when the
+server has one, every route here needs it, as `Authorization: Bearer KEY`
 (scripts, curl) or HTTP Basic with the key as the password, any user name (browsers). Basic because
 a browser asks for it itself and then sends it with every request of the page, the EventSource
 stream included (an EventSource cannot set headers): the key never goes into a URL, where it would
@@ -20,10 +21,8 @@ plain text on the wire: put TLS in front of a server that is reachable from othe
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextlib
 import functools
-import hmac
 import json
 import math
 from pathlib import Path
@@ -32,6 +31,7 @@ from typing import Any, AsyncIterator, Callable
 from aiohttp import web
 
 from tetri_engine.server.dashboard_feed import HISTORY_S, DashboardFeed
+from tetri_engine.server.middleware import key_matches, presented_key
 from tetri_engine.server.protocol import APIError, bad_request
 
 STATIC_DIR = Path(__file__).parent / "static"
@@ -91,27 +91,11 @@ def _guarded(api_key: str | None, handler):
 
 
 def check_key(request: web.Request, api_key: str) -> None:
-    given = presented_key(request.headers.get("Authorization", ""))
-    # compare_digest: the time taken does not tell how much of the key was right.
-    if given is None or not hmac.compare_digest(given.encode(), api_key.encode()):
+    if not key_matches(presented_key(request, basic=True), api_key):
         raise APIError(401, "The dashboard needs the server's API key: give it as the password (any "
                        "user name) when the browser asks, or send 'Authorization: Bearer <key>'.",
                        code="invalid_api_key",
                        headers={"WWW-Authenticate": f'Basic realm="{REALM}", charset="UTF-8"'})
-
-
-def presented_key(header: str) -> str | None:
-    """The key in `Bearer KEY` or in `Basic base64(user:KEY)`; None for anything else."""
-    scheme, _, value = header.partition(" ")
-    if scheme.lower() == "bearer":
-        return value.strip()
-    if scheme.lower() == "basic":
-        try:
-            user_and_key = base64.b64decode(value.strip(), validate=True).decode("utf-8")
-        except (ValueError, UnicodeDecodeError):  # binascii.Error is a ValueError
-            return None
-        return user_and_key.partition(":")[2]
-    return None
 
 
 # --- handlers -------------------------------------------------------------------------------------

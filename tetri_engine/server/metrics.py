@@ -71,7 +71,7 @@ class LatencyHistograms:
 
 
 def render(stats: dict[str, Any] | None, responses: Counter, latency: LatencyHistograms,
-           ready: bool, draining: bool) -> str:
+           ready: bool, draining: bool, connections: int = 0) -> str:
     """The exposition text. `stats` is `AsyncEngine.stats()`, None before the engine is ready."""
     s = stats or {}
     if stats is not None:
@@ -88,9 +88,11 @@ def render(stats: dict[str, Any] | None, responses: Counter, latency: LatencyHis
            [({}, int(ready))])
     family("tetri_server_draining", "gauge", "1 while the server shuts down.",
            [({}, int(draining))])
-    family("tetri_http_responses_total", "counter", "HTTP answers by route and status code.",
+    family("tetri_http_responses_total", "counter",
+           "HTTP answers by route and status code (route \"malformed\": refused before routing).",
            [({"route": route, "status": str(status)}, n)
             for (route, status), n in sorted(responses.items())])
+    family("tetri_http_open_connections", "gauge", "Client connections open now.", [({}, connections)])
 
     states = Counter(s.get("states") or {})
     family("tetri_requests_total", "counter", "Engine requests by terminal state.",

@@ -11,23 +11,33 @@ from __future__ import annotations
 import base64
 import json
 import math
+import re
 import time
 import uuid
 from dataclasses import dataclass
 from typing import Any
 
-from tetri_engine.request import PATCH_PX, CacheMode, GenerationOutput, GenerationRequest, SizeRule
+from tetri_engine.errors import RejectionReason, RequestRejected
+from tetri_engine.request import (MAX_GUIDANCE_SCALE, MAX_PROMPT_CHARS, PATCH_PX, CacheMode, GenerationOutput,
+                                  GenerationRequest, SizeRule)
 
-MAX_PROMPT_CHARS = 32000  # OpenAI's limit for image prompts
 MAX_SEED = 2**63 - 1
 MAX_PARTIAL_IMAGES = 3  # OpenAI's limit
+MAX_DEADLINE_MS = 86_400_000.0  # a day: beyond it a deadline means nothing to a serving engine
+MAX_SLO_SCALE = 1000.0
+MAX_SHOWN_CHARS = 60  # of a client's value quoted back in an error message (and so in the log)
+# ASCII digits only ('²' and '٦' are digits to str.isdigit(), not to int()), five at most.
+SIZE_PATTERN = re.compile(r" *([0-9]{1,5}) *[xX] *([0-9]{1,5}) *")
 
-# OpenAI parameters we accept. Those in IGNORED_OPENAI change nothing here (a DiT has no quality
-# knob or moderation pass); they are accepted so that clients written for OpenAI work unchanged.
+# OpenAI parameters we accept. Those in IGNORED_CHOICES and IGNORED_OTHER change nothing here (a DiT
+# has no quality knob or moderation pass); they are accepted so that clients written for OpenAI work
+# unchanged, and checked against OpenAI's spec (openai.types.ImageGenerateParams) so that a wrong
+# value is a 400 as it would be there.
+IGNORED_CHOICES = {"quality": ("low", "medium", "high", "xhigh", "max", "auto", "standard", "hd"),
+                   "style": ("vivid", "natural"), "moderation": ("low", "auto")}
+IGNORED_OTHER = {"safety_identifier", "output_compression"}  # a string; an integer 0..100
 OPENAI_PARAMS = {"prompt", "n", "size", "response_format", "model", "user", "output_format",
-                 "stream", "partial_images", "background", "quality", "moderation", "style",
-                 "safety_identifier", "output_compression"}
-IGNORED_OPENAI = {"quality", "moderation", "style", "safety_identifier", "output_compression"}
+                 "stream", "partial_images", "background", *IGNORED_CHOICES, *IGNORED_OTHER}
 GENERATION_EXTENSIONS = {"num_inference_steps", "guidance_scale", "negative_prompt", "seed",
                          "deadline_ms", "slo_scale", "preview_every", "progress_events", "cache"}
 
@@ -57,6 +67,45 @@ def error_body(message: str, type: str, param: str | None = None,
 
 def bad_request(message: str, param: str | None = None, code: str = "invalid_value") -> APIError:
     return APIError(400, message, param=param, code=code)
+
+
+def shown(value: Any) -> str:
+    """A client's value as quoted back to it: repr (ASCII-safe for any string), at most
+    MAX_SHOWN_CHARS characters."""
+    text = ascii(value)
+    if len(text) <= MAX_SHOWN_CHARS:
+        return text
+    suffix = f"...({len(text)} chars)"
+    return text[:MAX_SHOWN_CHARS - len(suffix)] + suffix
+
+
+# --- engine refusals ----------------------------------------------------------------------------
+
+# How each RejectionReason is answered: (status, error type). The one table: a new reason gets a row
+# here (tests/test_server_protocol.py checks every reason has one). The official `openai` client
+# retries 408, 409, 429 and 5xx (its `_should_retry`) and nothing else, so a refusal that waiting
+# cannot cure must be another 4xx.
+REJECTIONS: dict[RejectionReason, tuple[int, str]] = {
+    RejectionReason.QUEUE_FULL: (429, "rate_limit_error"),  # Retry-After: the engine's estimate
+    RejectionReason.DEADLINE_IMPOSSIBLE: (400, "invalid_request_error"),  # never retried: it cannot succeed
+    RejectionReason.DRAINING: (503, "server_error"),  # another replica may take it
+    RejectionReason.BUSY: (429, "rate_limit_error"),  # not alongside the accepted: Retry-After, the policy's estimate
+}
+
+
+def rejection_error(exc: RequestRejected, deadline_param: str | None = None) -> APIError:
+    """The answer to an admission refusal. deadline_param: the request's field that set its
+    deadline ('deadline_ms' or 'slo_scale'), named in a deadline_impossible answer."""
+    status, error_type = REJECTIONS.get(exc.reason, (503, "server_error"))
+    headers = {}
+    if exc.retry_after_s is not None and status in (429, 503):
+        headers["Retry-After"] = str(max(1, math.ceil(exc.retry_after_s)))  # whole seconds
+    message = str(exc)
+    param = None
+    if exc.reason == RejectionReason.DEADLINE_IMPOSSIBLE:
+        message += ". Send a later 'deadline_ms' or a larger 'slo_scale'."
+        param = deadline_param
+    return APIError(status, message, type=error_type, param=param, code=exc.reason.value, headers=headers)
 
 
 # --- request ----------------------------------------------------------------------------------
@@ -139,14 +188,17 @@ def new_request_id() -> str:
 
 
 def parse_json_body(raw: bytes) -> Any:
-    """JSON text -> value; NaN / Infinity (which Python's json accepts) are malformed here."""
+    """JSON text (UTF-8) -> value; NaN / Infinity (which Python's json accepts) are malformed here."""
     def reject_constant(name: str):
         raise ValueError(f"{name} is not valid JSON")
 
     try:
         return json.loads(raw.decode("utf-8"), parse_constant=reject_constant)
-    except (UnicodeDecodeError, ValueError) as exc:  # json.JSONDecodeError is a ValueError
-        raise bad_request(f"The request body is not valid JSON: {exc}", code="invalid_json") from None
+    except UnicodeDecodeError as exc:
+        raise bad_request(f"The request body is not UTF-8 text (byte {exc.start}); JSON must be UTF-8.",
+                          code="invalid_json") from None
+    except ValueError as exc:  # json.JSONDecodeError is a ValueError
+        raise bad_request(f"The request body is not valid JSON: {str(exc)[:200]}", code="invalid_json") from None
     except RecursionError:  # e.g. [[[[...]]]] nested deeper than the parser's stack
         raise bad_request("The request body is nested too deeply.", code="invalid_json") from None
 
@@ -157,11 +209,11 @@ def parse_size(text: Any, default_size: str, size_rule: SizeRule, param: str = "
         text = default_size
     if not isinstance(text, str):
         raise bad_request(f"'{param}' must be a string like '512x512'.", param)
-    parts = text.lower().split("x")
-    if len(parts) != 2 or not all(p.strip().isdigit() for p in parts):
+    match = SIZE_PATTERN.fullmatch(text)
+    if match is None:
         raise bad_request(f"'{param}' must look like '512x512' (WIDTHxHEIGHT) or 'auto', "
-                          f"got {text!r}.", param)
-    width, height = int(parts[0]), int(parts[1])
+                          f"got {shown(text)}.", param)
+    width, height = int(match.group(1)), int(match.group(2))
     try:
         size_rule.check(width, height)
     except ValueError as exc:
@@ -175,9 +227,10 @@ def parse_generation_request(body: Any, limits: Limits) -> ImageGenerationParams
         raise bad_request("The request body must be a JSON object.", code="invalid_json")
     unknown = sorted(set(body) - OPENAI_PARAMS - GENERATION_EXTENSIONS)
     if unknown:
-        raise bad_request(f"Unknown parameter: '{unknown[0]}'. Supported extensions: "
-                          f"{', '.join(sorted(GENERATION_EXTENSIONS))}.", unknown[0],
+        raise bad_request(f"Unknown parameter: {shown(unknown[0])}. Supported extensions: "
+                          f"{', '.join(sorted(GENERATION_EXTENSIONS))}.", shown(unknown[0]).strip("'"),
                           code="unknown_parameter")
+    _check_unicode(body)
 
     prompt = body.get("prompt")
     if prompt is None:
@@ -190,6 +243,7 @@ def parse_generation_request(body: Any, limits: Limits) -> ImageGenerationParams
                           "prompt")
 
     _check_model_and_format(body, limits)
+    _check_ignored(body)
     n = _int(body, "n", 1, 1, limits.max_n)
     width, height = parse_size(body.get("size"), limits.default_size, limits.size_rule)
     stream = _bool(body, "stream")
@@ -198,14 +252,12 @@ def parse_generation_request(body: Any, limits: Limits) -> ImageGenerationParams
         raise bad_request("Streaming returns one image: send n=1 with stream=true (or several "
                           "requests).", "n")
     steps = _int(body, "num_inference_steps", None, 1, limits.max_steps)
-    guidance = _float(body, "guidance_scale", 0.0, 100.0)
-    negative = body.get("negative_prompt")
-    if negative is not None and not isinstance(negative, str):
-        raise bad_request("'negative_prompt' must be a string.", "negative_prompt")
+    guidance = _float(body, "guidance_scale", 0.0, MAX_GUIDANCE_SCALE)
+    negative = _string(body, "negative_prompt", MAX_PROMPT_CHARS)
     n_seed_max = MAX_SEED - (n - 1)  # image i gets seed + i
     seed = _int(body, "seed", None, 0, n_seed_max)
-    deadline_ms = _float(body, "deadline_ms", 0.0, None, positive=True)
-    slo_scale = _float(body, "slo_scale", 0.0, None, positive=True)
+    deadline_ms = _float(body, "deadline_ms", 0.0, MAX_DEADLINE_MS, positive=True)
+    slo_scale = _float(body, "slo_scale", 0.0, MAX_SLO_SCALE, positive=True)
     if deadline_ms is not None and slo_scale is not None:
         raise bad_request("Send either 'deadline_ms' or 'slo_scale', not both.", "slo_scale")
     partial_images = _int(body, "partial_images", None, 0, MAX_PARTIAL_IMAGES)
@@ -213,10 +265,8 @@ def parse_generation_request(body: Any, limits: Limits) -> ImageGenerationParams
     cache = CacheMode.OFF if body.get("cache") is None else body["cache"]
     if not isinstance(cache, str) or cache not in set(CacheMode):
         raise bad_request(f"'cache' must be 'off' (every step computed) or 'auto' (step caching with "
-                          f"the model's cache plan), got {cache!r}.", "cache")
-    user = body.get("user")
-    if user is not None and not isinstance(user, str):
-        raise bad_request("'user' must be a string.", "user")
+                          f"the model's cache plan), got {shown(cache)}.", "cache")
+    user = _string(body, "user")
 
     return ImageGenerationParams(
         prompt=prompt, n=n, width=width, height=height, stream=stream,
@@ -229,7 +279,7 @@ def _check_model_and_format(body: dict, limits: Limits) -> None:
     """The model asked for must be the one served, and the answer a PNG in base64 JSON."""
     model = body.get("model")
     if model is not None and model != limits.model_name:
-        raise bad_request(f"The model '{model}' is not served here; this server serves "
+        raise bad_request(f"The model {shown(model)} is not served here; this server serves "
                           f"'{limits.model_name}' (GET /v1/models).", "model",
                           code="model_not_found")
 
@@ -239,16 +289,48 @@ def _check_model_and_format(body: dict, limits: Limits) -> None:
                           "image files. Use 'b64_json' (the default).", "response_format",
                           code="unsupported_value")
     if response_format not in (None, "b64_json"):
-        raise bad_request(f"'response_format' must be 'b64_json', got {response_format!r}.",
+        raise bad_request(f"'response_format' must be 'b64_json', got {shown(response_format)}.",
                           "response_format")
     output_format = body.get("output_format")
     if output_format not in (None, "png"):
-        raise bad_request(f"'output_format' {output_format!r} is not supported; only 'png'.",
+        raise bad_request(f"'output_format' {shown(output_format)} is not supported; only 'png'.",
                           "output_format", code="unsupported_value")
     background = body.get("background")
     if background not in (None, "auto", "opaque"):
-        raise bad_request(f"'background' {background!r} is not supported; images are opaque.",
+        raise bad_request(f"'background' {shown(background)} is not supported; images are opaque.",
                           "background", code="unsupported_value")
+
+
+def _check_ignored(body: dict) -> None:
+    """The OpenAI parameters that change nothing here still take only the values OpenAI takes."""
+    for name, choices in IGNORED_CHOICES.items():
+        value = body.get(name)
+        if value is not None and (not isinstance(value, str) or value not in choices):
+            raise bad_request(f"'{name}' must be one of {', '.join(choices)} (it changes nothing here), "
+                              f"got {shown(value)}.", name)
+    _string(body, "safety_identifier")
+    _int(body, "output_compression", None, 0, 100)
+
+
+def _check_unicode(body: dict) -> None:
+    """Every string must be text UTF-8 can carry: JSON's \\ud800 escapes can smuggle a lone
+    surrogate in, which the tokenizer (or a log line) would choke on."""
+    for name, value in body.items():
+        if isinstance(value, str):
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError as exc:
+                raise bad_request(f"'{name}' is not valid Unicode text: it holds a lone surrogate "
+                                  f"({ascii(value[exc.start])}) at character {exc.start}.", name) from None
+
+
+def _string(body: dict, name: str, max_chars: int | None = None) -> str | None:
+    value = body.get(name)
+    if value is not None and not isinstance(value, str):
+        raise bad_request(f"'{name}' must be a string.", name)
+    if value is not None and max_chars is not None and len(value) > max_chars:
+        raise bad_request(f"'{name}' is {len(value)} characters; at most {max_chars}.", name)
+    return value
 
 
 def _int(body: dict, name: str, default, low: int, high: int):
@@ -261,21 +343,24 @@ def _int(body: dict, name: str, default, low: int, high: int):
     if isinstance(value, bool) or not isinstance(value, int):
         raise bad_request(f"'{name}' must be an integer.", name)
     if not low <= value <= high:
-        raise bad_request(f"'{name}' must be between {low} and {high}, got {value}.", name)
+        raise bad_request(f"'{name}' must be between {low} and {high}, got {shown(value)}.", name)
     return value
 
 
-def _float(body: dict, name: str, low: float, high: float | None, positive: bool = False):
+def _float(body: dict, name: str, low: float, high: float, positive: bool = False):
     value = body.get(name)
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise bad_request(f"'{name}' must be a number.", name)
-    if (positive and value <= low) or value < low or (high is not None and value > high):
+    try:  # an integer of 400 digits is valid JSON, and too large for a float
+        finite = not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
+    except OverflowError:
+        finite = False
+    if not finite:
+        raise bad_request(f"'{name}' must be a number, got {shown(value)}.", name)
+    if (positive and value <= low) or value < low or value > high:
         bound = f"greater than {low:g}" if positive else f"at least {low:g}"
-        if high is not None:
-            bound += f" and at most {high:g}"
-        raise bad_request(f"'{name}' must be {bound}, got {value}.", name)
+        bound += f" and at most {high:g}"
+        raise bad_request(f"'{name}' must be {bound}, got {shown(value)}.", name)
     return float(value)
 
 
@@ -391,6 +476,6 @@ def final_error(final: GenerationOutput, draining: bool) -> APIError:
     if state == "cancelled" and draining:
         return APIError(503, f"Request {final.request_id} was cancelled: the server is shutting down.",
                         type="server_error", code="server_shutting_down")
-    reason = final.error or state
+    reason = (final.error or state)[:500]
     return APIError(500, f"Request {final.request_id} {state}: {reason}", type="server_error",
                     code=f"request_{state}")
