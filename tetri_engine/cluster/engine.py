@@ -26,6 +26,8 @@ import contextlib
 import dataclasses
 import logging
 import random
+import signal
+import threading
 import uuid
 from typing import Any, AsyncIterator
 
@@ -126,6 +128,7 @@ class ClusterEngine:
         self._phase = "starting"
         try:
             self._ray = await asyncio.to_thread(ray_cluster.connect, self.cluster)
+            _restore_python_signal_handlers()
             self._handle = await asyncio.to_thread(ray_cluster.deploy, self.config, self.cluster, self.drain_timeout_s)
             await self._poll()
             if not self._stats.live:
@@ -277,6 +280,17 @@ class ClusterEngine:
         """Cancel the call if it is still running (a no-op once it has ended)."""
         stream.cancel()
         self._streams.discard(stream)
+
+
+def _restore_python_signal_handlers() -> None:
+    """ray.init puts Ray's C++ crash handler on SIGTERM (it logs a stack, then the process dies), over the
+    server's drain: put the Python handlers that were there back (from the main thread only)."""
+    if threading.current_thread() is not threading.main_thread():
+        return
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        handler = signal.getsignal(signum)
+        if callable(handler):
+            signal.signal(signum, handler)
 
 
 async def _result(call: Any) -> Any:
