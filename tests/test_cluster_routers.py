@@ -1,6 +1,7 @@
 """The baselines of deadline-aware routing are Ray Serve's own routers: power of two choices on queue
 length (Serve's default) and round robin. Both serve the same replicas (tiny model, 1 CPU device each)
-through a ClusterEngine; one local Ray cluster (loopback) for the module, one deployment per router."""
+through a ClusterEngine; one local Ray cluster (loopback) for the module, one deployment per router. And a
+deployment whose replicas cannot start fails with the replicas' own error."""
 from __future__ import annotations
 
 import asyncio
@@ -53,3 +54,10 @@ async def test_ray_serve_routers_serve_every_request(ray_running, routing):
         assert engine.stats()["routing"] == routing
     finally:
         await engine.shutdown()
+
+
+async def test_replicas_that_cannot_start_say_why(ray_running):
+    engine = ClusterEngine(EngineConfig(model="/no/such/model"), ClusterConfig(replicas=1, devices_per_replica=1))
+    with pytest.raises(RuntimeError, match="replicas failed to start: ValueError: unknown model '/no/such/model'"):
+        await asyncio.wait_for(engine.start(), 300)
+    assert not engine.is_ready and engine.stats()["phase"] == "stopped"

@@ -42,7 +42,8 @@ from tetri_engine.sched.routing import Refusal, choose_by_deadline
 log = logging.getLogger("tetri_engine.cluster")
 
 STATUS_PERIOD_S = 0.5
-CALL_TIMEOUT_S = 10.0  # an estimate or status poll a replica has not answered by then is left out
+CALL_TIMEOUT_S = 10.0  # a status poll not answered by then is skipped (the last view stays)
+ESTIMATE_TIMEOUT_S = 2.0  # a replica that has not answered an estimate by then is left out of the decision
 MAX_ROUTES = 3  # routings of one request: a lost race for a replica's last slot, or a replica that died
 
 
@@ -255,7 +256,7 @@ class ClusterEngine:
         if errors:
             raise ValueError(errors[0])
         if not by_replica:
-            raise EngineNotRunning(f"no replica answered an estimate within {CALL_TIMEOUT_S:g} s")
+            raise EngineNotRunning(f"no replica answered an estimate within {ESTIMATE_TIMEOUT_S:g} s")
         choice = choose_by_deadline([a.offer() for a in by_replica.values()], self._rng)
         if isinstance(choice, Refusal):
             reasons = sorted({a.estimate.reason for a in by_replica.values()})
@@ -268,7 +269,7 @@ class ClusterEngine:
     async def _estimate(self, name: str | None, request: GenerationRequest) -> ReplicaEstimate | None:
         call = self._handle.options(method_name="estimate").remote(request, replica=name)
         try:
-            return await asyncio.wait_for(_result(call), CALL_TIMEOUT_S)
+            return await asyncio.wait_for(_result(call), ESTIMATE_TIMEOUT_S)
         except Exception as exc:  # timed out, or the replica is gone: leave it out
             if _lost_reason(exc) is None and not isinstance(exc, asyncio.TimeoutError):
                 raise

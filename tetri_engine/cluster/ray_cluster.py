@@ -30,6 +30,9 @@ LOCAL_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",  # single machine: bind 1
 # Calls beyond the engine's own queue bound that a replica takes at once: estimates and status polls
 # are calls too, and the engine answers "queue full" itself (429), so Serve must not queue in front of it.
 EXTRA_ONGOING_CALLS = 64
+# A replica whose engine fails to start (a bad model path, out of memory) fails again: give up after 3 failed
+# starts in all (Serve's default: 3 per replica, at most 20: with 8 replicas, 20 model loads before it says so).
+CONSTRUCTOR_ATTEMPTS = 3
 
 
 def connect(config: ClusterConfig) -> tuple[bool, bool]:
@@ -76,12 +79,25 @@ def deploy(engine: EngineConfig, config: ClusterConfig, drain_timeout_s: float) 
         ray_actor_options={"num_cpus": config.cpus_per_replica, "num_gpus": gpus},
         max_ongoing_requests=engine.max_queue + EXTRA_ONGOING_CALLS,
         graceful_shutdown_timeout_s=drain_timeout_s, graceful_shutdown_wait_loop_s=0.5,
+        max_constructor_retry_count=CONSTRUCTOR_ATTEMPTS,
         request_router_config=RequestRouterConfig(request_router_class=ROUTER_CLASSES[config.routing]))
     log.info("deploying %d replicas of %d %s each, routing %s", config.replicas, config.devices_per_replica,
              "GPUs" if gpus else "CPU devices", config.routing)
-    # No access log: every estimate and status poll would be a line.
-    return serve.run(deployment.bind(replica_engine_config(engine, config)), name=APP_NAME, route_prefix=None,
-                     logging_config={"enable_access_log": False})
+    try:  # no access log: every estimate and status poll would be a line
+        return serve.run(deployment.bind(replica_engine_config(engine, config)), name=APP_NAME, route_prefix=None,
+                         logging_config={"enable_access_log": False})
+    except RuntimeError as exc:
+        raise RuntimeError(f"the replicas failed to start: {_replica_error(serve) or exc}") from exc
+
+
+def _replica_error(serve) -> str | None:
+    """The last line of the deployment's status message: a replica constructor's exception."""
+    try:
+        message = serve.status().applications[APP_NAME].deployments[DEPLOYMENT_NAME].message
+    except (KeyError, AttributeError):
+        return None
+    lines = [line.strip() for line in (message or "").splitlines() if line.strip()]
+    return lines[-1] if lines else None
 
 
 def disconnect(connected: bool, local: bool) -> None:
