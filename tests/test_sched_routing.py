@@ -94,6 +94,8 @@ def test_deadline_routing_meets_the_deadline_at_the_least_cost():
     # Costs within COST_TOLERANCE (replicas' profiles differ by measurement noise) count as equal.
     noisy = [offer("measured-fast", cost=1.0, held=4), offer("measured-slow", cost=1.05, held=0)]
     assert choose_by_deadline(noisy, rng).replica == "measured-slow"
+    shrinking = [offer("a", cost=-0.5, held=3), offer("b", cost=-0.48, held=0), offer("c", cost=0.2)]
+    assert choose_by_deadline(shrinking, rng).replica == "b"  # a plan may get cheaper with it
 
 
 def test_deadline_routing_falls_back_to_the_earliest_finish_then_refuses():

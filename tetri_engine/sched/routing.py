@@ -62,7 +62,8 @@ def choose_by_deadline(offers: Sequence[Offer], rng: random.Random | None = None
     fitting = [o for o in offers if o.fits and o.accepts]
     if fitting:
         cheapest = min(o.cost_s for o in fitting)
-        near = [o for o in fitting if o.cost_s <= cheapest * (1.0 + COST_TOLERANCE) + 1e-9]
+        # (A cost may be negative: a plan with the request in it can be cheaper; the heuristic is not monotone.)
+        near = [o for o in fitting if o.cost_s <= cheapest + COST_TOLERANCE * abs(cheapest) + 1e-9]
         return min(near, key=lambda o: (o.delay_s, o.held, rng.random()))
     taking = [o for o in offers if o.accepts]
     if taking:
