@@ -1,5 +1,5 @@
 """The package's structure stays as docs/ARCHITECTURE.md draws it: dependencies point one way
-(server -> engine -> sched; engine -> executor -> model -> ops), no import cycle, and files and
+(cluster -> server -> engine -> sched; engine -> executor -> model -> ops), no import cycle, and files and
 functions stay small. Read from the source with `ast` (nothing is imported)."""
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ LAYERS = {
     "sched": {"base", "sched"},
     "engine": {"base", "sched", "executor", "engine"},
     "server": {"base", "sched", "engine", "server"},
+    "cluster": {"base", "sched", "engine", "server", "cluster"},  # beside server: replicas on Ray Serve
 }
 
 MAX_FILE_LINES = 500

@@ -1,4 +1,5 @@
-"""`tetri-engine serve`: the OpenAI-compatible HTTP server (tetri_engine.server) on one host.
+"""`tetri-engine serve`: the OpenAI-compatible HTTP server (tetri_engine.server) on one host, or, with
+--replicas N, in front of N engine replicas on Ray Serve (tetri_engine.cluster).
 
 The port opens at once and answers 503 while the engine starts; when the engine is ready a `curl`
 line that works against this server is printed. SIGINT / SIGTERM: drain (the port stays open and
@@ -15,6 +16,7 @@ import os
 import signal
 import sys
 
+from tetri_engine.cluster.config import ClusterConfig
 from tetri_engine.server.config import API_KEY_ENV, ServerConfig
 
 EXAMPLE_PROMPT = "a lighthouse on a cliff at dawn"
@@ -22,18 +24,31 @@ EXAMPLE_PROMPT = "a lighthouse on a cliff at dawn"
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     ServerConfig.add_arguments(parser)
+    ClusterConfig.add_arguments(parser)
 
 
 def run(args: argparse.Namespace) -> int:
     try:
         config = ServerConfig.from_args(args)
+        cluster = ClusterConfig.from_args(args)
     except ValueError as exc:  # an engine option out of range (EngineConfig checks them)
         print(f"tetri-engine serve: {exc}", file=sys.stderr)
         return 2
     logging.basicConfig(level=config.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     _quiet_model_libraries(config.log_level)
-    return run_event_loop(serve(config))
+    return run_event_loop(serve(config, cluster))
+
+
+def engine_factory(config: ServerConfig, cluster: ClusterConfig | None):
+    """None (the server's own AsyncEngine), or a ClusterEngine factory with --replicas. A cluster serves
+    no dashboard (it shows one engine's rounds)."""
+    if cluster is None or not cluster.enabled:
+        return None
+    from tetri_engine.cluster.engine import ClusterEngine
+
+    config.dashboard = False
+    return lambda engine_config: ClusterEngine(engine_config, cluster, drain_timeout_s=config.drain_timeout_s)
 
 
 def _quiet_model_libraries(level: str) -> None:
@@ -53,14 +68,14 @@ def run_event_loop(main) -> int:
     return uvloop.run(main)
 
 
-async def serve(config: ServerConfig) -> int:
+async def serve(config: ServerConfig, cluster: ClusterConfig | None = None) -> int:
     # Imported here so that `tetri-engine serve --help` stays quick.
     from aiohttp import web
 
     from tetri_engine.server import create_app, lifecycle, make_runner, wait_until_ready
 
     try:
-        app = create_app(config)
+        app = create_app(config, engine_factory(config, cluster))
         runner = make_runner(app)  # a client that disconnects cancels its requests in the engine
         await runner.setup()  # creates the engine: a bad device list or policy fails here
     except ValueError as exc:

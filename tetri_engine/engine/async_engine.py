@@ -22,6 +22,7 @@ from typing import Any, AsyncIterator, Callable
 from tetri_engine.config import EngineConfig
 from tetri_engine.engine.admission import Admission, ModelLimits
 from tetri_engine.engine.core import EngineCore
+from tetri_engine.engine.estimate import Estimate, estimate_request
 from tetri_engine.engine.stats import RoundRecord, stats_dict
 from tetri_engine.engine.tracker import TrackedRequest
 from tetri_engine.errors import EngineNotRunning, RequestRejected
@@ -347,6 +348,15 @@ class AsyncEngine:
         finally:
             # GeneratorExit (break / aclose / garbage collected) or CancelledError (task cancelled).
             self._core.tracker.cancel(tracked, "cancelled: the client stopped reading the output stream")
+
+    def estimate(self, request: GenerationRequest) -> Estimate:
+        """If this engine took `request` now: would it meet its deadline, when would it finish, what
+        would it cost the requests held (engine/estimate.py)? Pure and cheap, changes nothing: for a
+        router in front of several engines. ValueError (invalid input), EngineNotRunning."""
+        if self._phase not in (EnginePhase.READY, EnginePhase.DRAINING):
+            raise EngineNotRunning(f"the engine is {self._phase}: no estimate")
+        return estimate_request(self._admission, self._core.policy, self._core.tracker.live,
+                                self._phase == EnginePhase.DRAINING, request, time.monotonic())
 
     async def abort(self, request_id: str) -> bool:
         """Cancel a request. Returns when it has ended (a running one: after its current step, once

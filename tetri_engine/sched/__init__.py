@@ -15,7 +15,7 @@ from __future__ import annotations
 from tetri_engine.sched.baselines import EDFPolicy, FixedSPPolicy, RSSPPolicy, SRPTPolicy
 from tetri_engine.sched.cost import CostModel, num_tokens
 from tetri_engine.sched.plan import GroupAssignment, LatentMove, RoundPlan, RoundResult, SchedRequest, SchedState
-from tetri_engine.sched.policy import Admission, GroupSpec, Policy
+from tetri_engine.sched.policy import Admission, Estimate, GroupSpec, Policy
 from tetri_engine.sched.paper import PaperTetriPolicy
 from tetri_engine.sched.slo import slo_s, table_slo_s
 from tetri_engine.sched.tetri import TetriPolicy
@@ -59,6 +59,7 @@ __all__ = [
     "Admission",
     "CostModel",
     "EDFPolicy",
+    "Estimate",
     "FixedSPPolicy",
     "GroupAssignment",
     "GroupSpec",

@@ -41,6 +41,24 @@ class Admission:
 
 
 @dataclass(frozen=True)
+class Estimate:
+    """Answer of `Policy.estimate`: what taking a request now would do, as planned now (no further
+    arrivals). fits, retry_after_s, reason: as in `Admission`, with the pending requests counted.
+    finish_s: when it would end (absolute, the clock of now_s). What it would cost: cost_s, the
+    device-seconds the plan grows by (its own work, and wider degrees it forces on the requests held);
+    delay_s, the seconds it pushes back the planned ends of the requests held, summed; displaced, the
+    protected requests that would be given up for it (0 whenever it fits)."""
+
+    fits: bool
+    finish_s: float
+    cost_s: float
+    delay_s: float
+    retry_after_s: float | None
+    reason: str
+    displaced: int = 0
+
+
+@dataclass(frozen=True)
 class GroupSpec:
     """What a policy decides for one group; the base class turns it into a GroupAssignment.
     cfg: 2 runs the requests' two guidance branches side by side (each on half the devices)."""
@@ -157,6 +175,33 @@ class Policy:
         if self.min_finish_s(width, height, num_steps, now_s, cached=cached, cfg=cfg) > deadline_s + 1e-9:
             return Admission(False, None, "deadline_impossible")
         return Admission(True, None, "fits")
+
+    def estimate(self, width: int, height: int, num_steps: int, deadline_s: float, now_s: float,
+                 cached: bool = False, pending: Sequence[SchedRequest] = (), cfg: bool = False) -> Estimate:
+        """If this request were taken now, when would it end and what would it cost the requests held?
+        pending: requests already accepted but not added yet (their prompts are being encoded), counted
+        as held. Pure and cheap: the cost model only. This base answer is a fluid first-come
+        first-served model: the work held (each request's remaining steps at its cheapest degree, in
+        device-seconds) spread over every device, then this one at its fastest degree; it delays none
+        of the requests held, and costs its own work at its cheapest degree. `tetri` answers from its
+        virtual schedule instead (tetri.py)."""
+        alone = self.admission_check(width, height, num_steps, deadline_s, now_s, cached, cfg)
+        held = [r for r in self._requests.values()] + list(pending)
+        backlog_s = sum(self._cheapest_work_s(r) for r in held) / self.num_devices
+        finish = self.min_finish_s(width, height, num_steps, now_s + backlog_s, cached=cached, cfg=cfg)
+        own_s = self._cheapest_work_s(SchedRequest("", width, height, num_steps, now_s, deadline_s, cached, cfg=cfg))
+        if not alone.fits:
+            return Estimate(False, finish, own_s, 0.0, None, alone.reason)
+        late_s = finish - deadline_s
+        if late_s > 1e-9:  # it would fit once the backlog has drained by that much
+            return Estimate(False, finish, own_s, 0.0, late_s, "busy")
+        return Estimate(True, finish, own_s, 0.0, None, "fits")
+
+    def _cheapest_work_s(self, r: SchedRequest) -> float:
+        """Device-seconds of r's remaining steps at its cheapest degree, then its decode."""
+        steps = r.remaining_steps
+        return min(d * self.cost.step_s(r.width, r.height, d, cached=r.cached) for d in self.degrees) * steps \
+            + self.cost.decode_s(r.width, r.height)
 
     def is_given_up(self, request_id: str) -> bool:
         """Has the policy given this request up (it still runs, best effort)? Only `tetri` gives up."""

@@ -42,15 +42,17 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Sequence
 
 from tetri_engine.sched.allocation import HullPoint, lower_hull
 from tetri_engine.sched.cost import CostModel
 from tetri_engine.sched.placement import place
 from tetri_engine.sched.plan import RoundPlan, RoundResult, SchedRequest
-from tetri_engine.sched.policy import Admission, GroupSpec, Policy, steps_in
-from tetri_engine.sched.triage import Job, Slot, edf_order, first_needs, fit_all, triage
+from tetri_engine.sched.policy import Admission, Estimate, GroupSpec, Policy, steps_in
+from tetri_engine.sched.triage import Job, Slot, edf_order, first_needs, fit_all, occupy, triage
 
 SCALE_UP_MIN_GAIN = 0.05  # double a group's degree only if its step gets >= 5% faster
+_CANDIDATE = "\0candidate"  # triage key of the request being asked about (no request id starts with NUL)
 
 
 @dataclass(frozen=True)
@@ -106,26 +108,61 @@ class TetriPolicy(Policy):
         without giving any of them up? If not, `retry_after_s` estimates when it could: the earliest
         moment, as planned now (no further arrivals), at which the same request with the same
         relative deadline would fit; None when it cannot make its deadline even alone."""
+        return self._admit(width, height, num_steps, deadline_s, now_s, cached, cfg, [])[0]
+
+    def estimate(self, width: int, height: int, num_steps: int, deadline_s: float, now_s: float,
+                 cached: bool = False, pending: Sequence[SchedRequest] = (), cfg: bool = False) -> Estimate:
+        """admission_check's answer, with `pending` (accepted, still encoding) counted as protected,
+        plus what the virtual schedule with the request in it says: its end (given up: one device once
+        the protected work is placed, as `_start_late` runs it) and the delay it adds to the planned
+        ends of the protected requests. Pure: three triages and admission_check's search at most."""
+        extra = [self._job(p.request_id, now_s + self.cost.encode_s(), p.deadline, p.num_steps,
+                           self._shape_of(p)) for p in pending]
+        answer, jobs, free_at = self._admit(width, height, num_steps, deadline_s, now_s, cached, cfg, extra)
+        shape = self._shape(width, height, cached, cfg)
+        before, _ = triage(jobs, free_at)
+        after, _ = triage(jobs + [self._job(_CANDIDATE, now_s + self.cost.encode_s(), deadline_s, num_steps,
+                                            shape)], free_at)
+        ends = {s.key: s.end_s for s in after}
+        cost_s = sum(map(_device_s, after)) - sum(map(_device_s, before))
+        delay_s = sum(max(0.0, ends[s.key] - s.end_s) for s in before if s.key in ends)
+        displaced = sum(1 for s in before if s.key not in ends)
+        finish_s = ends.get(_CANDIDATE)
+        if finish_s is None:
+            profile = sorted(free_at)
+            for s in after:
+                profile = occupy(profile, s)
+            step_1 = shape.step_s[min(shape.step_s)]
+            finish_s = max(profile[0], now_s + self.cost.encode_s()) + num_steps * step_1 + shape.decode_s
+            cost_s += min(shape.step_s) * num_steps * step_1 + shape.decode_s
+        return Estimate(answer.fits, finish_s, cost_s, delay_s, answer.retry_after_s, answer.reason, displaced)
+
+    def _job(self, key, release_s: float, deadline_s: float, steps: int, shape: _Shape) -> Job:
+        return Job(key, release_s, deadline_s, steps, shape.decode_s, shape.options, shape.decodes)
+
+    def _admit(self, width: int, height: int, num_steps: int, deadline_s: float, now_s: float, cached: bool,
+               cfg: bool, extra: list[Job]) -> tuple[Admission, list[Job], list[float]]:
+        """admission_check with `extra` jobs protected too; also returns triage's view (jobs + extra,
+        free_at) for estimate()."""
         self.cost.check(width, height)
         shape = self._shape(width, height, cached, cfg)
-        release = now_s + self.cost.encode_s()
-        alone = Job("\0alone", release, deadline_s, num_steps, shape.decode_s, shape.options,
-                    shape.decodes).fastest_end_s()
-        if alone > deadline_s + 1e-9:
-            return Admission(False, None, "deadline_impossible")
         jobs, free_at = self._jobs(now_s)
-        base_dropped = len(triage(jobs, free_at)[1])
+        jobs += extra
+        release = now_s + self.cost.encode_s()
+        alone = self._job("\0alone", release, deadline_s, num_steps, shape).fastest_end_s()
+        if alone > deadline_s + 1e-9:
+            return Admission(False, None, "deadline_impossible"), jobs, free_at
+        base_slots, dropped = triage(jobs, free_at)
+        base_dropped = len(dropped)
 
         def fits_at(t: float) -> bool:
-            cand = Job("\0candidate", t + self.cost.encode_s(), deadline_s + (t - now_s), num_steps,
-                       shape.decode_s, shape.options, shape.decodes)
+            cand = self._job(_CANDIDATE, t + self.cost.encode_s(), deadline_s + (t - now_s), num_steps, shape)
             dropped = triage(jobs + [cand], free_at)[1]
             return cand.key not in dropped and len(dropped) <= base_dropped
 
         if fits_at(now_s):
-            return Admission(True, None, "fits")
-        ends = sorted({s.end_s for s in self._slots.values() if s.end_s > now_s} |
-                      {t for t in free_at if t > now_s})
+            return Admission(True, None, "fits"), jobs, free_at
+        ends = sorted({s.end_s for s in base_slots if s.end_s > now_s} | {t for t in free_at if t > now_s})
         lo, hi = 0, len(ends)  # first end at which it fits (feasibility grows with time as work drains)
         while lo < hi:
             mid = (lo + hi) // 2
@@ -134,7 +171,7 @@ class TetriPolicy(Policy):
             else:
                 lo = mid + 1
         retry = ends[lo] if lo < len(ends) else max(ends, default=now_s)
-        return Admission(False, max(0.0, retry - now_s), "busy")
+        return Admission(False, max(0.0, retry - now_s), "busy"), jobs, free_at
 
     # ---- per-shape step times -------------------------------------------------------------------
 
@@ -184,7 +221,7 @@ class TetriPolicy(Policy):
                 if steps <= 0:
                     continue  # ends in the group in flight: nothing left to place
             shape = self._shape_of(r)
-            jobs.append(Job(rid, release, r.deadline, steps, shape.decode_s, shape.options, shape.decodes))
+            jobs.append(self._job(rid, release, r.deadline, steps, shape))
         # (A busy device whose group is overdue is not idle: it frees just after now.)
         free_at = [max(now_s + 1e-6, self._free_at[d]) if d in self._busy else now_s for d in range(self.num_devices)]
         return jobs, free_at
@@ -341,3 +378,9 @@ class TetriPolicy(Policy):
                     retry[rid] = (d // 2, max(1, min(q, int(q * step[d] / step[d // 2] + 1e-9))))
             todo = retry
         return specs
+
+
+def _device_s(slot: Slot) -> float:
+    """Device-seconds a slot of the virtual schedule holds: its first degree until it switches, then
+    the wider one (decode included in its time)."""
+    return slot.degree * (slot.switch_s - slot.start_s) + slot.then_degree * (slot.end_s - slot.switch_s)

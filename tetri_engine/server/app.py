@@ -22,10 +22,11 @@ import contextlib
 import io
 import logging
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, Callable
 
 from aiohttp import web
 
+from tetri_engine.config import EngineConfig
 from tetri_engine.errors import EngineNotRunning, RequestRejected
 from tetri_engine.request import GenerationOutput, GenerationRequest, RequestState
 from tetri_engine.server import connection, dashboard, lifecycle, middleware
@@ -33,7 +34,7 @@ from tetri_engine.server import metrics as prom
 from tetri_engine.server import protocol
 from tetri_engine.server.config import ServerConfig
 from tetri_engine.server.protocol import APIError
-from tetri_engine.server.state import CONFIG, ENGINE, REQUEST_ID, STATE, ServerState
+from tetri_engine.server.state import CONFIG, ENGINE, ENGINE_FACTORY, REQUEST_ID, STATE, ServerState
 
 if TYPE_CHECKING:  # pragma: no cover
     from tetri_engine.engine.async_engine import AsyncEngine
@@ -41,14 +42,17 @@ if TYPE_CHECKING:  # pragma: no cover
 log = logging.getLogger("tetri_engine.server")
 
 
-def create_app(config: ServerConfig) -> web.Application:
-    """The application; raises ValueError for a config it cannot serve with."""
+def create_app(config: ServerConfig, engine_factory: Callable[[EngineConfig], Any] | None = None) -> web.Application:
+    """The application; raises ValueError for a config it cannot serve with. engine_factory(config.engine):
+    what serves the requests, an AsyncEngine by default; the cluster passes a ClusterEngine (cluster/engine.py),
+    which has the same face."""
     check_config(config)
     app = web.Application(client_max_size=config.max_body_bytes,
                           middlewares=[middleware.error_middleware, middleware.access_middleware],
                           handler_args=connection.handler_args(config))
     app[CONFIG] = config
     app[STATE] = ServerState()
+    app[ENGINE_FACTORY] = engine_factory
     app.cleanup_ctx.append(lifecycle.engine_context)
     app.on_shutdown.append(lifecycle.mark_draining)
     app.on_response_prepare.append(middleware.add_cors_headers)

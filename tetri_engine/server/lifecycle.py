@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, AsyncIterator
 from aiohttp import web
 
 from tetri_engine.server.protocol import APIError
-from tetri_engine.server.state import CONFIG, ENGINE, STATE, ServerState
+from tetri_engine.server.state import CONFIG, ENGINE, ENGINE_FACTORY, STATE, ServerState
 
 if TYPE_CHECKING:  # pragma: no cover
     from tetri_engine.engine.async_engine import AsyncEngine
@@ -43,7 +43,7 @@ async def engine_context(app: web.Application) -> AsyncIterator[None]:
     from tetri_engine.engine.async_engine import AsyncEngine
 
     config, state = app[CONFIG], app[STATE]
-    engine = AsyncEngine(config.engine)
+    engine = (app.get(ENGINE_FACTORY) or AsyncEngine)(config.engine)
     app[ENGINE] = engine
     state.start_task = asyncio.create_task(_start_engine(engine, state), name="engine-start")
     try:

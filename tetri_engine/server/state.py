@@ -9,10 +9,11 @@ import asyncio
 import time
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, Callable
 
 from aiohttp import web
 
+from tetri_engine.config import EngineConfig
 from tetri_engine.server import metrics as prom
 from tetri_engine.server.config import ServerConfig
 
@@ -44,5 +45,6 @@ class ServerState:
 
 CONFIG = web.AppKey("config", ServerConfig)
 ENGINE: web.AppKey["AsyncEngine"] = web.AppKey("engine")
+ENGINE_FACTORY: web.AppKey[Callable[[EngineConfig], Any] | None] = web.AppKey("engine_factory")  # None: AsyncEngine
 STATE = web.AppKey("state", ServerState)
 REQUEST_ID = web.RequestKey("request_id", str)  # a generation request's id, once it has one (log lines)

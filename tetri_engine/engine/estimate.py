@@ -1,0 +1,74 @@
+"""`AsyncEngine.estimate`: if this engine took a request now, would it meet its deadline, when would it
+finish, and what would it cost the requests it holds? Answered for a router in front of several engines
+(tetri_engine.cluster, sched/routing.py), cheaply: no executor call, nothing queued, nothing changed.
+
+The answer is the admission's own decision (admission.py: validation, draining, the queue bound, the
+deadline rule) and the scheduler's feasibility model (`Policy.estimate`: tetri's virtual schedule, the
+same one its admission and triage use). Requests accepted but still being encoded are not in the
+policy yet; they are passed to it as pending, so that a burst routed one request after another sees
+the earlier ones.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from tetri_engine.config import AdmissionMode
+from tetri_engine.engine.admission import Admission, validate_request
+from tetri_engine.request import CacheMode, GenerationRequest
+
+
+@dataclass(frozen=True)
+class Estimate:
+    """What taking a request now would do. Times are seconds from now.
+
+    accepts: admission would take it now (it fits, or admission is best_effort; not draining, queue not
+    full). fits: it meets its deadline alongside the requests held, none of them given up.
+    finish_s: when it would end, as the scheduler plans now (given up: best effort on one device).
+    cost_s: device-seconds the scheduler's plan grows by; delay_s: seconds it pushes back the planned
+    ends of the requests held, summed. retry_after_s: for a refusal, when it would be taken (None: no
+    estimate, or never). reason: fits | busy | deadline_impossible | queue_full | draining.
+    deadline_s: its deadline (its own, or the SLO table's). queue_depth: requests held (waiting or running)."""
+
+    accepts: bool
+    fits: bool
+    finish_s: float
+    cost_s: float
+    delay_s: float
+    retry_after_s: float | None
+    reason: str
+    deadline_s: float
+    queue_depth: int
+
+
+def estimate_request(admission: Admission, policy: Any, live: dict[str, Any], draining: bool,
+                     request: GenerationRequest, now_s: float) -> Estimate:
+    """The Estimate for `request` on an engine whose admission, policy and live requests (request_id ->
+    TrackedRequest) these are. ValueError for a request admission would call invalid."""
+    from tetri_engine.sched import SchedRequest
+
+    req = validate_request(request, admission.config, admission.limits)
+    try:
+        admission.cost.check(req.width, req.height)
+    except ValueError as exc:
+        raise ValueError(f"{req.width}x{req.height} cannot be scheduled on this engine: {exc}") from None
+    deadline_s = admission._deadline_s(req, policy)  # admission.py owns the deadline rule
+    cached = req.cache == CacheMode.AUTO
+    pending = [SchedRequest(t.request_id, t.request.width, t.request.height, t.total_steps, t.arrival_s,
+                            t.deadline_at_s, cached=t.request.cache == CacheMode.AUTO, cfg=t.cfg)
+               for t in live.values() if not t.in_policy and t.first_round_s is None and not t.state.is_terminal]
+    e = policy.estimate(req.width, req.height, req.num_inference_steps, now_s + deadline_s, now_s, cached,
+                        pending=pending, cfg=admission.cfg_parallel(req))
+    held = len(live)
+    refusal = None
+    if draining:
+        refusal = ("draining", None)
+    elif held >= admission.config.max_queue:
+        refusal = ("queue_full", admission._retry_after_s(live, policy))
+    if refusal is not None:
+        return Estimate(False, e.fits, e.finish_s - now_s, e.cost_s, e.delay_s, refusal[1], refusal[0],
+                        deadline_s, held)
+    accepts = e.fits or admission.config.admission != AdmissionMode.REJECT
+    retry = e.retry_after_s if e.retry_after_s is None or math.isfinite(e.retry_after_s) else None
+    return Estimate(accepts, e.fits, e.finish_s - now_s, e.cost_s, e.delay_s, retry, e.reason, deadline_s, held)
