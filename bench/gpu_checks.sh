@@ -26,7 +26,7 @@ for s in $stages; do case $s in
            # iostreams crash on first use: build with the system compiler.
            else CXX=$(command -v g++) CC=$(command -v gcc) TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS=16 run build 600 $PY setup.py build_ext --inplace; fi
            $PY -c "import tetri_engine.ops as o; print(o.backend_info())" ;;
-  tests)   run gpu-tests 300 $PY -m pytest -q -p no:cacheprovider -rs tests/test_ops_gpu.py tests/test_cuda_graphs.py tests/test_model_gpu.py tests/test_speed_gpu.py tests/test_executor_gpu.py tests/test_parallel_methods_gpu.py ;;
+  tests)   run gpu-tests 300 $PY -m pytest -q -p no:cacheprovider -rs tests/test_ops_gpu.py tests/test_cuda_graphs.py tests/test_model_gpu.py tests/test_speed_gpu.py tests/test_executor_gpu.py tests/test_parallel_methods_gpu.py tests/test_engine_gpu.py ;;
   # Issue 17: the step per speed option (compiled, fp8, eager; degree 2 with chunked exchanges on 2+ GPUs),
   # FP8 quality, and a fresh profile of the compiled model (all degrees of this machine).
   speed)   run speed 900 $PY bench/step_bench.py --devices "$devs" --degrees $([ "$ngpu" -ge 2 ] && echo 1,2 || echo 1) \

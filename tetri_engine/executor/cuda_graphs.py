@@ -331,6 +331,7 @@ class CudaGraphs:
                 except Exception as exc:
                     error = error or f"capture_end: {_describe(exc)}"
                     _release_pool(graph.device, dev.pool)
+                    _reset_generator(graph.device)
         current.wait_stream(dev.stream)
         exchanges, context.exchange_log = list(context.exchange_log), []
         for request in graph.requests:
@@ -382,6 +383,18 @@ def _release_pool(device: torch.device, pool: Any) -> None:
     try:
         end(device.index, pool)
     except Exception:  # already released, or a torch without this signature: nothing more to do
+        pass
+
+
+def _reset_generator(device: torch.device) -> None:
+    """After a capture_end that raised: torch runs the default generator's capture epilogue only on
+    success, so the generator stays in capture mode and every later random op on this device fails
+    ("Offset increment outside graph capture"; seen on an H200 after a failed capture). A clone of its
+    state (same seed and offset, not capturing) takes its place."""
+    try:
+        generator = torch.cuda.default_generators[device.index]
+        generator.graphsafe_set_state(generator.clone_state())
+    except (AttributeError, RuntimeError, IndexError):  # a torch without these: nothing more to do
         pass
 
 
