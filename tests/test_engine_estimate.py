@@ -34,7 +34,7 @@ async def test_an_idle_engine_takes_it_and_nothing_changes(engine):
     before = engine.stats()["states"]
     e = engine.estimate(request(deadline_s=60.0))
     assert e.accepts and e.fits and e.reason == "fits" and e.retry_after_s is None
-    assert 0 < e.finish_s <= e.deadline_s == 60.0 and e.cost_s > 0 and e.delay_s == 0 and e.queue_depth == 0
+    assert 0 < e.finish_s <= e.deadline_s == 60.0 and e.cost_s > 0 and e.delay_s == 0 and e.held == 0
     default = engine.estimate(request())  # no deadline given: the SLO table's, as admission sets it
     assert default.deadline_s > 0 and default.fits
     assert engine.stats()["states"] == before and engine.live_requests() == []
@@ -58,7 +58,7 @@ async def test_requests_still_encoding_count_and_estimate_agrees_with_admission(
         # No await since: their prompts are still being encoded, the policy does not hold them yet,
         # and the estimate counts them anyway (a burst routed one by one sees the earlier ones).
         e = engine.estimate(request(deadline_s=tight))
-        assert e.queue_depth == 2 and not e.fits and not e.accepts and e.reason == "busy"
+        assert e.held == 2 and not e.fits and not e.accepts and e.reason == "busy"
         assert e.retry_after_s is not None and e.retry_after_s > 0
         for outputs in held:  # now the policy holds them (it may batch them): admission decides as
             while (await outputs.__anext__()).kind != "round":  # the estimate said, at the same instant
@@ -75,12 +75,12 @@ async def test_requests_still_encoding_count_and_estimate_agrees_with_admission(
         assert taken == e.accepts == e.fits
         # A request with room to spare fits beside them, and says what it costs them.
         roomy = engine.estimate(request(deadline_s=60.0))
-        assert roomy.accepts and roomy.fits and roomy.queue_depth == 2
+        assert roomy.accepts and roomy.fits and roomy.held == 2
         # The queue bound (max_queue=3): a third held request fills it.
         third = engine.generate(request(deadline_s=60.0, seed=9))
         await third.__anext__()
         full = engine.estimate(request(deadline_s=60.0))
-        assert full.reason == "queue_full" and not full.accepts and full.retry_after_s > 0 and full.queue_depth == 3
+        assert full.reason == "queue_full" and not full.accepts and full.retry_after_s > 0 and full.held == 3
         await third.aclose()
     finally:
         for outputs in held:

@@ -79,7 +79,8 @@ def test_the_base_estimate_is_first_come_first_served():
 
 def offer(name, *, fits=True, accepts=None, finish=1.0, cost=1.0, delay=0.0, retry=None, reason=None, held=0):
     accepts = fits if accepts is None else accepts
-    return Offer(name, accepts, fits, finish, cost, delay, retry, reason or ("fits" if fits else "busy"), held)
+    return Offer(accepts, fits, finish, cost, delay, retry, reason or ("fits" if fits else "busy"), 10.0, held,
+                 replica=name)
 
 
 def test_deadline_routing_meets_the_deadline_at_the_least_cost():

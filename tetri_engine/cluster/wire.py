@@ -12,10 +12,9 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
-from tetri_engine.engine.estimate import Estimate
 from tetri_engine.errors import EngineNotRunning, RejectionReason, RequestRejected
 from tetri_engine.request import GenerationOutput, RequestMetrics, SizeRule
-from tetri_engine.sched.routing import Offer
+from tetri_engine.sched.routing import Offer, Quote
 
 
 @dataclass
@@ -84,13 +83,11 @@ class ReplicaEstimate:
     request is invalid; the same message every replica would give)."""
 
     replica: str
-    estimate: Estimate | None = None
+    estimate: Quote | None = None
     error: str | None = None
 
     def offer(self) -> Offer:
-        e = self.estimate
-        return Offer(self.replica, e.accepts, e.fits, e.finish_s, e.cost_s, e.delay_s, e.retry_after_s, e.reason,
-                     e.queue_depth)
+        return Offer(**vars(self.estimate), replica=self.replica)
 
 
 @dataclass(frozen=True)

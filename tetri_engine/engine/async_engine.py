@@ -22,10 +22,11 @@ from typing import Any, AsyncIterator, Callable
 from tetri_engine.config import EngineConfig
 from tetri_engine.engine.admission import Admission, ModelLimits
 from tetri_engine.engine.core import EngineCore
-from tetri_engine.engine.estimate import Estimate, estimate_request
+from tetri_engine.engine.estimate import estimate_request
 from tetri_engine.engine.stats import RoundRecord, stats_dict
 from tetri_engine.engine.tracker import TrackedRequest
 from tetri_engine.errors import EngineNotRunning, RequestRejected
+from tetri_engine.sched.routing import Quote
 from tetri_engine.request import (CacheMode, GenerationOutput, GenerationRequest, OutputKind, RequestState, SizeRule,
                                   StrEnum)
 
@@ -349,7 +350,7 @@ class AsyncEngine:
             # GeneratorExit (break / aclose / garbage collected) or CancelledError (task cancelled).
             self._core.tracker.cancel(tracked, "cancelled: the client stopped reading the output stream")
 
-    def estimate(self, request: GenerationRequest) -> Estimate:
+    def estimate(self, request: GenerationRequest) -> Quote:
         """If this engine took `request` now: would it meet its deadline, when would it finish, what
         would it cost the requests held (engine/estimate.py)? Pure and cheap, changes nothing: for a
         router in front of several engines. ValueError (invalid input), EngineNotRunning."""

@@ -11,40 +11,17 @@ the earlier ones.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from typing import Any
 
 from tetri_engine.config import AdmissionMode
 from tetri_engine.engine.admission import Admission, validate_request
 from tetri_engine.request import CacheMode, GenerationRequest
-
-
-@dataclass(frozen=True)
-class Estimate:
-    """What taking a request now would do. Times are seconds from now.
-
-    accepts: admission would take it now (it fits, or admission is best_effort; not draining, queue not
-    full). fits: it meets its deadline alongside the requests held, none of them given up.
-    finish_s: when it would end, as the scheduler plans now (given up: best effort on one device).
-    cost_s: device-seconds the scheduler's plan grows by; delay_s: seconds it pushes back the planned
-    ends of the requests held, summed. retry_after_s: for a refusal, when it would be taken (None: no
-    estimate, or never). reason: fits | busy | deadline_impossible | queue_full | draining.
-    deadline_s: its deadline (its own, or the SLO table's). queue_depth: requests held (waiting or running)."""
-
-    accepts: bool
-    fits: bool
-    finish_s: float
-    cost_s: float
-    delay_s: float
-    retry_after_s: float | None
-    reason: str
-    deadline_s: float
-    queue_depth: int
+from tetri_engine.sched.routing import Quote
 
 
 def estimate_request(admission: Admission, policy: Any, live: dict[str, Any], draining: bool,
-                     request: GenerationRequest, now_s: float) -> Estimate:
-    """The Estimate for `request` on an engine whose admission, policy and live requests (request_id ->
+                     request: GenerationRequest, now_s: float) -> Quote:
+    """The Quote for `request` on an engine whose admission, policy and live requests (request_id ->
     TrackedRequest) these are. ValueError for a request admission would call invalid."""
     from tetri_engine.sched import SchedRequest
 
@@ -67,8 +44,8 @@ def estimate_request(admission: Admission, policy: Any, live: dict[str, Any], dr
     elif held >= admission.config.max_queue:
         refusal = ("queue_full", admission._retry_after_s(live, policy))
     if refusal is not None:
-        return Estimate(False, e.fits, e.finish_s - now_s, e.cost_s, e.delay_s, refusal[1], refusal[0],
+        return Quote(False, e.fits, e.finish_s - now_s, e.cost_s, e.delay_s, refusal[1], refusal[0],
                         deadline_s, held)
     accepts = e.fits or admission.config.admission != AdmissionMode.REJECT
     retry = e.retry_after_s if e.retry_after_s is None or math.isfinite(e.retry_after_s) else None
-    return Estimate(accepts, e.fits, e.finish_s - now_s, e.cost_s, e.delay_s, retry, e.reason, deadline_s, held)
+    return Quote(accepts, e.fits, e.finish_s - now_s, e.cost_s, e.delay_s, retry, e.reason, deadline_s, held)

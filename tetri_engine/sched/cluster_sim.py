@@ -186,12 +186,13 @@ class _ClusterSim:
 
     def _offer(self, index: int, host: _Host, req: SchedRequest, now: float) -> Offer:
         if host.held >= self.max_queue:
-            return Offer(index, False, False, float("inf"), 0.0, 0.0, None, "queue_full", host.held)
+            return Offer(False, False, float("inf"), 0.0, 0.0, None, "queue_full", req.deadline - now, host.held,
+                         replica=index)
         e = host.policy.estimate(req.width, req.height, req.num_steps, req.deadline, now, req.cached,
                                  pending=host.encoding, cfg=req.cfg)
         accepts = e.fits or (self.admission == "best_effort")
-        return Offer(index, accepts, e.fits, e.finish_s - now, e.cost_s, e.delay_s, e.retry_after_s, e.reason,
-                     host.held)
+        return Offer(accepts, e.fits, e.finish_s - now, e.cost_s, e.delay_s, e.retry_after_s, e.reason,
+                     req.deadline - now, host.held, replica=index)
 
     def _admits(self, host: _Host, req: SchedRequest, now: float) -> bool:
         """The host's admission, as the engine's (engine/admission.py): queue bound, then the policy."""

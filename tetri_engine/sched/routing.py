@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Hashable, Sequence
 
 ROUTING_POLICIES = ("deadline", "pow2", "round-robin")
@@ -28,13 +28,20 @@ COST_TOLERANCE = 0.1
 
 
 @dataclass(frozen=True)
-class Offer:
-    """One replica's answer for one request. finish_s and retry_after_s in seconds from now (so offers
-    of replicas on different clocks compare); cost_s, delay_s as in `sched.Estimate`.
-    accepts: its admission would take the request now (it fits, or admission is best effort and its
-    queue has room); reason: fits | busy | deadline_impossible | queue_full | draining."""
+class Quote:
+    """What an engine host would do if it took a request now (`AsyncEngine.estimate`; the N-host
+    simulator's hosts answer the same). Times are seconds from now, so quotes of hosts on different
+    clocks compare.
 
-    replica: Hashable
+    accepts: its admission would take it now (it fits, or admission is best_effort; not draining, queue
+    not full). fits: it meets its deadline alongside the requests held, none of them given up.
+    finish_s: when it would end, as the scheduler plans now (given up: best effort on one device).
+    cost_s: device-seconds the scheduler's plan grows by; delay_s: seconds it pushes back the planned
+    ends of the requests held, summed (both from `sched.Estimate`). retry_after_s: for a refusal, when
+    it would be taken (None: no estimate, or never). reason: fits | busy | deadline_impossible |
+    queue_full | draining. deadline_s: its deadline (its own, or the SLO table's). held: requests the
+    host holds (waiting or running)."""
+
     accepts: bool
     fits: bool
     finish_s: float
@@ -42,7 +49,15 @@ class Offer:
     delay_s: float
     retry_after_s: float | None
     reason: str
-    held: int  # requests it holds (waiting or running)
+    deadline_s: float
+    held: int
+
+
+@dataclass(frozen=True)
+class Offer(Quote):
+    """One replica's Quote, named."""
+
+    replica: Hashable = field(kw_only=True)
 
 
 @dataclass(frozen=True)
