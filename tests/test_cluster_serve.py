@@ -5,17 +5,14 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
 import signal
-import subprocess
-import sys
 import threading
 import time
 import urllib.request
 
 import pytest
 
-from test_server_lifecycle import REPO_ROOT, free_port
+from test_server_support import free_port, start_serve
 
 if importlib.util.find_spec("ray") is None:
     pytest.skip("the cluster tests need the `cluster` extra (ray[serve])", allow_module_level=True)
@@ -37,17 +34,9 @@ def health(port: int) -> dict:
 
 def test_serve_replicas_drains_on_sigterm(tmp_path):
     port = free_port()
-    server = subprocess.Popen(
-        [sys.executable, "-m", "tetri_engine", "serve", "--port", str(port), "--replicas", "2",
-         "--devices-per-replica", "1", "--ray-num-cpus", "4", "--max-width", "256", "--max-height", "256"],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=tmp_path,
-        env={**os.environ, "PYTHONPATH": REPO_ROOT})
+    server, lines = start_serve(tmp_path, port, "--replicas", "2", "--devices-per-replica", "1", "--ray-num-cpus", "4",
+                                "--max-width", "256", "--max-height", "256")
     try:
-        lines = []
-        for line in server.stdout:  # until the server says it is ready (or exits)
-            lines.append(line)
-            if line.startswith("curl "):
-                break
         assert lines and lines[-1].startswith("curl "), "".join(lines)
         assert len(health(port)["devices"]) == 2
         results: list = []

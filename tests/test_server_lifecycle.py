@@ -8,20 +8,18 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 
 import aiohttp
 import pytest
 
-from test_server_support import (ServingTestServer, envelope, parse_sse, serve_on_loopback, small_config,
-                                 split_answer)
+from test_server_support import (REPO_ROOT, ServingTestServer, envelope, free_port, parse_sse, serve_on_loopback,
+                                 small_config, split_answer, start_serve)
 from tetri_engine.server import create_app, lifecycle, wait_until_ready
 from tetri_engine.server.state import ENGINE
 
 GEN = "/v1/images/generations"
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMALL = {"prompt": "a red fox", "size": "64x64", "num_inference_steps": 2}
 
 
@@ -62,26 +60,11 @@ async def test_engine_that_fails_to_start_answers_503(aiohttp_client, tmp_path):
     assert (await resp.json())["error"]["code"] == "engine_failed"
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.skipif(shutil.which("curl") is None, reason="needs curl")
 def test_serve_prints_a_curl_line_that_works_and_sigterm_drains(tmp_path):
     port = free_port()
-    server = subprocess.Popen(
-        [sys.executable, "-m", "tetri_engine", "serve", "--port", str(port), "--devices",
-         "cpu:0,cpu:1", "--max-width", "256", "--max-height", "256"],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=tmp_path,
-        env={**os.environ, "PYTHONPATH": REPO_ROOT})
+    server, lines = start_serve(tmp_path, port, "--devices", "cpu:0,cpu:1", "--max-width", "256", "--max-height", "256")
     try:
-        lines = []
-        for line in server.stdout:  # until the server says it is ready (or exits)
-            lines.append(line)
-            if line.startswith("curl "):
-                break
         curl = lines[-1].strip()
         assert curl.startswith(f"curl -s http://127.0.0.1:{port}/"), "".join(lines)
         done = subprocess.run(["bash", "-c", curl], cwd=tmp_path, capture_output=True, text=True,

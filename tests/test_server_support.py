@@ -9,6 +9,10 @@ import asyncio
 import dataclasses
 import io
 import json
+import os
+import socket
+import subprocess
+import sys
 
 from aiohttp import web
 from aiohttp.test_utils import TestServer
@@ -17,6 +21,7 @@ from tetri_engine.config import EngineConfig
 from tetri_engine.server import ServerConfig, make_runner
 
 CPU_DEVICES = ["cpu:0", "cpu:1", "cpu:2", "cpu:3"]
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def small_config(**overrides) -> ServerConfig:
@@ -107,3 +112,23 @@ def envelope(body: bytes) -> dict:
     error = json.loads(body)["error"]
     assert set(error) == {"message", "type", "param", "code"}, error
     return error
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_serve(cwd, port: int, *flags: str) -> tuple[subprocess.Popen, list[str]]:
+    """`tetri-engine serve --port PORT FLAGS...` as a user starts it, read until it prints its curl line
+    (ready) or exits: the process (the caller stops it) and the lines it printed."""
+    server = subprocess.Popen([sys.executable, "-m", "tetri_engine", "serve", "--port", str(port), *flags],
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=cwd,
+                              env={**os.environ, "PYTHONPATH": REPO_ROOT})
+    lines = []
+    for line in server.stdout:
+        lines.append(line)
+        if line.startswith("curl "):
+            break
+    return server, lines
