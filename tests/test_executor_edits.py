@@ -157,3 +157,82 @@ def test_a_bad_edit_fails_its_encode_with_a_value_error(ex, picture):
                                                                      num_inference_steps=STEPS, **fields))
         with pytest.raises(ValueError):
             future.result()
+
+
+# --- the blend inside a CUDA graph's step ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("degree", [1, 2])
+def test_the_captured_step_inpaints_as_the_eager_step(runtime, ex, picture, degree):
+    """What a CUDA graph captures (`Graph.step`: the forward, the Euler update, the inpaint blend with the
+    sigma read at the step index held as data, on static buffers) run eagerly on CPU ranks: the executor's
+    eager steps bit for bit, across a reload of the buffers (`Graph.begin`) between two batches of steps."""
+    import rank_threads
+
+    from tetri_engine.executor.cuda_graphs import Graph, _StaticRequest
+    from tetri_engine.model import SPContext
+    from tetri_engine.model.ulysses import valid_tokens
+
+    reference, _, a = run(ex, [(tuple(range(degree)), 6)], picture, mask=left_half())
+    _, prepared, b = run(ex, [], picture, mask=left_half())
+    devices = DEVICES[:degree]
+    comm = ops.CommCache().get(tuple(devices)) if degree > 1 else None
+    shards = ops.shard(prepared.noise, degree, devices)
+    lengths = {"image": prepared.image_tokens, "text": prepared.text_tokens}
+
+    def rank(r):
+        device = torch.device("cpu")
+        inputs = runtime.adapter.rank_inputs([prepared], device, r, degree)
+        static = _StaticRequest(prepared, device, (r, degree))
+        assert static.kept is not None
+        graph = Graph(None, device, [shards[r].clone()], [static], {k: v.clone() for k, v in inputs.items()},
+                      valid_tokens(prepared.image_tokens, degree, r))
+        context, transformer = SPContext(comm, r, degree, lengths), runtime.transformer_on(device)
+        graph.begin([shards[r]], [prepared], [0], inputs)
+        for _ in range(4):
+            graph.step(runtime.adapter, transformer, context)
+        after_4 = graph.end()[0]
+        graph.begin([after_4], [prepared], [4], inputs)
+        for _ in range(2):
+            graph.step(runtime.adapter, transformer, context)
+        return graph.end()[0]
+
+    out = rank_threads.run_ranks(rank, range(degree))
+    torch.testing.assert_close(ops.gather(out, prepared.image_tokens), reference, rtol=0, atol=0)
+    for rid in (a, b):
+        ex.release(rid)
+
+
+def graphs_and_eager(devices, schedule):
+    """An inpainting request and a text-to-image one, batched, on GPUs with and without CUDA graphs."""
+    gpu_runtime = load_runtime("tiny", devices, dtype="fp32")
+    y, x = np.mgrid[0:HEIGHT, 0:WIDTH]
+    image = np.stack([x * 2, y * 3, x + y], -1).astype(np.uint8)
+    results = {}
+    for graphs in (False, True):
+        with Executor(gpu_runtime, devices, ops.CommCache(), cuda_graphs=graphs) as gpu_ex:
+            gpu_ex.submit_encode("edit", GenerationRequest(prompt="a boat", width=WIDTH, height=HEIGHT, seed=3,
+                                                           num_inference_steps=STEPS, image=image, mask=left_half(),
+                                                           strength=0.6)).result()
+            gpu_ex.submit_encode("plain", GenerationRequest(prompt="a car", width=WIDTH, height=HEIGHT, seed=4,
+                                                            num_inference_steps=6)).result()
+            for group, steps in schedule:
+                assert gpu_ex.submit_steps(["edit", "plain"], group, steps).result().errors == {}
+            results[graphs] = ({rid: gpu_ex.latent(rid) for rid in ("edit", "plain")}, gpu_ex.graph_stats(),
+                               gpu_ex.prepared("edit"))
+    (eager, _, prepared), (graphed, stats, _) = results[False], results[True]
+    assert stats["failures"] == [] and stats["captures"] >= 1 and stats["native_launches"] >= 1, stats
+    for rid in ("edit", "plain"):
+        torch.testing.assert_close(graphed[rid], eager[rid], rtol=0, atol=1e-4 * max(1.0, eager[rid].abs().max()))
+    kept = prepared.edit.mask == 0
+    torch.testing.assert_close(graphed["edit"][kept], prepared.edit.image_latents[kept], rtol=0, atol=0)
+
+
+@pytest.mark.gpu
+def test_inpainting_in_cuda_graphs_equals_eager_on_one_gpu():
+    graphs_and_eager(["cuda:0"], [((0,), 3), ((0,), 3)])
+
+
+@pytest.mark.multi_gpu
+def test_inpainting_in_cuda_graphs_through_degree_changes():
+    graphs_and_eager(["cuda:0", "cuda:1"], [((0,), 2), ((0, 1), 2), ((1,), 2)])
