@@ -42,6 +42,11 @@ on: a bug here costs speed, not correctness. A rank whose input copy fails still
 peers' exchanges need it) and then reports the failure at the batch's first step, so a failing request
 fails alone as in eager mode. Requests whose schedule is longer than SCHEDULE_CAPACITY run eagerly.
 
+An inpainting request's step also blends its kept tokens after the Euler update (model/image_input.py,
+`inpaint_blend`) with its shard's image latents, noise and mask held in static buffers of its
+`_StaticRequest` (loaded with its schedule) and the next sigma read at `position`; whether a request
+inpaints is in the key.
+
 Graphs are never used on CPU devices, nor for steps with the step cache (cache="auto": its forward
 decides per step which blocks run).
 """
