@@ -236,3 +236,25 @@ def test_inpainting_in_cuda_graphs_equals_eager_on_one_gpu():
 @pytest.mark.multi_gpu
 def test_inpainting_in_cuda_graphs_through_degree_changes():
     graphs_and_eager(["cuda:0", "cuda:1"], [((0,), 2), ((0, 1), 2), ((1,), 2)])
+
+
+def test_sd3_inpainting_at_degree_1_2_and_cfg_parallel(picture):
+    """SD3 (true classifier-free guidance: two rows per request) inpaints alike at degree 1, degree 2 and
+    in the CFG-parallel layout (2 branches x 2 ranks), its kept latents the input's."""
+    sd3 = load_runtime("tiny-sd3", DEVICES)
+    with Executor(sd3, DEVICES, ops.CommCache(timeout_s=30.0)) as sd3_ex:
+        def inpaint(devices, cfg=1):
+            rid = f"e{next(_ids)}"
+            sd3_ex.submit_encode(rid, GenerationRequest(prompt="a boat", width=WIDTH, height=HEIGHT, seed=3,
+                                                        num_inference_steps=STEPS, image=picture,
+                                                        mask=left_half())).result()
+            result = sd3_ex.submit_steps([rid], devices, 6, cfg=cfg).result()
+            assert result[rid].error is None and result[rid].finished, result[rid].error
+            return sd3_ex.latent(rid), sd3_ex.prepared(rid)
+
+        one, prepared = inpaint((0,))
+        assert prepared.rows == 2
+        torch.testing.assert_close(inpaint((0, 1))[0], one)
+        torch.testing.assert_close(inpaint((0, 1, 2, 3), cfg=2)[0], one)
+        kept = prepared.edit.mask == 0
+        torch.testing.assert_close(one[kept], prepared.edit.image_latents[kept], rtol=0, atol=0)

@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from tetri_engine.model.adapter import PreparedRequest, pack_latents, split_for_rank
-from tetri_engine.request import edit_steps
+from tetri_engine.request import DEFAULT_EDIT_STRENGTH, edit_steps
 
 
 @dataclass
@@ -88,9 +88,11 @@ def after_step(prepared: Any, latent: torch.Tensor, rank: int, degree: int, sigm
 def prepare_edit(runtime: Any, prepared: PreparedRequest, image: np.ndarray, mask: np.ndarray | None,
                  strength: float) -> PreparedRequest:
     """`prepared` (a text-to-image request of N steps) as an edit of `image` (uint8 [H, W, 3]) with `mask`
-    (bool [H, W], True = edit; None: img2img): the module docstring's steps 1-3. ValueError for inputs
+    (bool [H, W], True = edit; None: img2img) and `strength` (None: the default): the module docstring's
+    steps 1-3. ValueError for inputs
     engine/edit_input.py would refuse."""
     image, mask = _checked(image, mask)
+    strength = DEFAULT_EDIT_STRENGTH if strength is None else strength
     keep_steps = edit_steps(prepared.num_steps, float(strength))
     if not 0 < strength <= 1 or keep_steps < 1:
         raise ValueError(f"strength={strength!r} of {prepared.num_steps} steps leaves no step to run")
