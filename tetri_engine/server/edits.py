@@ -92,9 +92,8 @@ def typed(name: str, text: str) -> Any:
     """A multipart text field as the JSON value it stands for, where it parses."""
     stripped = text.strip()
     try:
-        if name in INT_FIELDS:
-            value = float(stripped) if any(c in stripped for c in ".eE") else int(stripped)
-            return value
+        if name in INT_FIELDS:  # "4.0" stays a float: the protocol takes integral floats, refuses 4.5
+            return float(stripped) if any(c in stripped for c in ".eE") else int(stripped)
         if name in FLOAT_FIELDS:
             return float(stripped)
     except (ValueError, OverflowError):
