@@ -69,7 +69,7 @@ def inpaint_blend(latent: torch.Tensor, image_latents: torch.Tensor, noise: torc
     """The latent after a step, its kept tokens on the input's latents noised to the next sigma.
 
     Copied from diffusers 0.42.1 `diffusers.pipelines.flux.pipeline_flux_inpaint.FluxInpaintPipeline.__call__`
-    (step 6, after `scheduler.step`; `scale_noise` at the scheduler's next sigma, in the latent's dtype; at
+    (source sha256 993cdbad60ba) (step 6, after `scheduler.step`; `scale_noise` at the scheduler's next sigma, in the latent's dtype; at
     the last step sigma is 0 and the formula gives the latents themselves, as the pipeline's `if` does)."""
     sigma = sigma_next.to(latent.dtype)
     proper = sigma * noise + (1.0 - sigma) * image_latents
@@ -90,7 +90,12 @@ def prepare_edit(runtime: Any, prepared: PreparedRequest, image: np.ndarray, mas
     """`prepared` (a text-to-image request of N steps) as an edit of `image` (uint8 [H, W, 3]) with `mask`
     (bool [H, W], True = edit; None: img2img) and `strength` (None: the default): the module docstring's
     steps 1-3. ValueError for inputs
-    engine/edit_input.py would refuse."""
+    engine/edit_input.py would refuse.
+
+    Copied from diffusers 0.42.1 `diffusers.pipelines.flux.pipeline_flux_img2img.FluxImg2ImgPipeline.prepare_latents`
+    (source sha256 abeae7654977), the posterior's mean for its sample, and the schedule cut of
+    `edit_steps`, which is diffusers 0.42.1
+    `diffusers.pipelines.flux.pipeline_flux_img2img.FluxImg2ImgPipeline.get_timesteps` (source sha256 4c7604344469)."""
     image, mask = _checked(image, mask)
     strength = DEFAULT_EDIT_STRENGTH if strength is None else strength
     keep_steps = edit_steps(prepared.num_steps, float(strength))
@@ -129,7 +134,10 @@ def latent_mask(runtime: Any, mask: np.ndarray, width: int, height: int, feature
                 dtype: torch.dtype) -> torch.Tensor:
     """bool [H, W] (True = edit) -> [1, L, features], 1 where the model edits: diffusers' mask_processor
     (resize, binarise at 0.5), then `prepare_mask_latents` (nearest to the latent grid, repeated over the
-    channels, packed)."""
+    channels, packed).
+
+    Copied from diffusers 0.42.1 `diffusers.pipelines.flux.pipeline_flux_inpaint.FluxInpaintPipeline.prepare_mask_latents`
+    (source sha256 daddf5c2fe70), the mask part only."""
     from diffusers.image_processor import VaeImageProcessor
     from PIL import Image
 
