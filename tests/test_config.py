@@ -36,6 +36,9 @@ def test_the_size_rule_says_what_to_send_instead():
     assert (both.multiple_px, both.min_px, both.max_width, both.max_height) == (16, 64, 768, 512)
     with pytest.raises(ValueError, match="do not nest"):
         rule.narrow(SizeRule(multiple_px=24))
+    # An edit's input of any size: the nearest multiples (halves up, never below one multiple).
+    assert rule.nearest(1000, 750) == (1008, 752) and rule.nearest(100, 70) == (96, 64)
+    assert rule.nearest(24, 8) == (32, 16) and rule.nearest(1024, 512) == (1024, 512)
 
 
 def test_enums_are_their_strings():

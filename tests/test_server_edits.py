@@ -95,6 +95,19 @@ async def test_edits_through_the_openai_client(client):
     assert pixels(out["inpaint"].data[0].b64_json).shape == (HEIGHT, WIDTH, 3)
 
 
+async def test_the_default_size_is_the_input_rounded_to_the_size_rule(client):
+    image = png(picture(100, 70))  # not multiples of 16: made at 96x64, the input resized to it
+
+    def edits():
+        api = openai_client(client)
+        return [api.images.edit(image=image, prompt="a boat", size=size, extra_body={"num_inference_steps": 2})
+                for size in (None, "auto")]
+
+    for answer in await asyncio.to_thread(edits):
+        assert answer.size == "96x64"
+        assert png_size(base64.b64decode(answer.data[0].b64_json)) == (96, 64)
+
+
 async def test_inpainting_gives_the_same_image_at_degree_1_and_2(client):
     engine = client.server.app[ENGINE]
     image, mask = png(picture()), png(left_half_mask())
@@ -164,7 +177,8 @@ BAD_UPLOADS = {
     "mask of another size": (form(png(picture()), png(left_half_mask(64, 64))), "mask", "same size"),
     "mask without alpha": (form(png(picture()), png(picture())), "mask", "alpha channel"),
     "mask not an image": (form(png(picture()), b"\x89PNG\r\n\x1a\n broken"), "mask", "not a PNG"),
-    "a size the model cannot make": (form(png(picture(100, 100))), "size", "100x100"),
+    "a size the model cannot make": (form(png(picture(300, 200))), "size", "300x200, 304x208 to the nearest"),
+    "an input too small": (form(png(picture(40, 40))), "size", "below the minimum"),
     "strength out of range": (form(png(picture()), strength=1.5), "strength", "strength"),
     "strength not a number": (form(png(picture()), strength="lots"), "strength", "strength"),
     "n not an integer": (form(png(picture()), n="two"), "n", "integer"),

@@ -112,6 +112,13 @@ class SizeRule:
             if limit is not None and value > limit:
                 raise ValueError(f"{name}={value} is beyond the maximum of {limit} px here")
 
+    def nearest(self, width: int, height: int) -> tuple[int, int]:
+        """Each side rounded to the nearest multiple of `multiple_px` (halves up, at least one multiple):
+        the size made for an input of width x height (an image edit's default). `check` says whether it
+        is in range."""
+        m = self.multiple_px
+        return max(m, (width + m // 2) // m * m), max(m, (height + m // 2) // m * m)
+
 
 def _smaller(a: int | None, b: int | None) -> int | None:
     return b if a is None else a if b is None else min(a, b)

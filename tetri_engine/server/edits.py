@@ -8,7 +8,8 @@ fully transparent pixels mark where to edit), and the text fields of /v1/images/
 0 < s <= 1, default request.DEFAULT_EDIT_STRENGTH) and OpenAI's `input_fidelity` (accepted, changes
 nothing). Multipart sends every field as text: numbers and booleans are read back from it, and the
 protocol's checks (protocol.parse_generation_request) then apply as to JSON. `size` absent or "auto": the
-input image's size, when the model can make it (else a 400 naming the size rule).
+input image's size rounded to the nearest multiples of the size rule's (e.g. 1000x750 -> 1008x752; the image
+is resized to it), when the model can make that (else a 400 naming the size rule).
 
 Bounds: the whole body at most `max_edit_body_bytes` (413; Content-Length is checked before reading),
 within `body_timeout_s` (408), at most MAX_PARTS parts; images in PNG, JPEG or WEBP, at most
@@ -68,9 +69,9 @@ async def read_edit_request(request: web.Request, config: Any, limits: protocol.
         if value is not None and value not in choices:
             raise bad_request(f"'{name}' must be one of {', '.join(choices)} (it changes nothing here), got "
                               f"{shown(value)}.", name)
-    width, height = rgb.shape[1], rgb.shape[0]
+    width, height = limits.size_rule.nearest(rgb.shape[1], rgb.shape[0])  # the default size
     if body.get("size") in (None, "auto"):
-        check_input_size(width, height, limits.size_rule)
+        check_input_size((rgb.shape[1], rgb.shape[0]), (width, height), limits.size_rule)
     params = protocol.parse_generation_request(body, replace(limits, default_size=f"{width}x{height}"))
     try:
         strength = check_strength(DEFAULT_EDIT_STRENGTH if strength is None else strength,
@@ -103,15 +104,18 @@ def typed(name: str, text: str) -> Any:
     return text
 
 
-def check_input_size(width: int, height: int, rule: SizeRule) -> None:
-    """With no `size`, the output is the input's size: a 400 naming the rule when the model cannot make it."""
+def check_input_size(input_size: tuple[int, int], rounded: tuple[int, int], rule: SizeRule) -> None:
+    """With no `size`, the output is the input's size rounded to the rule (`rounded`): a 400 naming the rule
+    when the model cannot make it."""
     try:
-        rule.check(width, height)
+        rule.check(*rounded)
     except ValueError as exc:
         step = rule.multiple_px
-        fit = [max(rule.min_px, min(v - v % step, limit or v)) for v, limit in ((width, rule.max_width),
-                                                                                (height, rule.max_height))]
-        raise bad_request(f"The input image is {width}x{height}, a size this model cannot make ({exc}). Send "
+        fit = [max(rule.min_px, min(v - v % step, limit or v)) for v, limit in ((rounded[0], rule.max_width),
+                                                                                (rounded[1], rule.max_height))]
+        given = "x".join(map(str, input_size))
+        also = f", {rounded[0]}x{rounded[1]} to the nearest multiples of {step}" if tuple(input_size) != rounded else ""
+        raise bad_request(f"The input image is {given}{also}: a size this model cannot make ({exc}). Send "
                           f"'size', e.g. '{fit[0]}x{fit[1]}': the image is resized to it.", "size") from None
 
 
