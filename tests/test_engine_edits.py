@@ -64,7 +64,7 @@ async def test_the_default_strength_and_an_unmasked_edit(engine):
 BAD = {
     "a mask without an image": (dict(mask=mask_image()), "send an image too"),
     "a strength without an image": (dict(strength=0.5), "send an image too"),
-    "a strength of 0": (dict(image=picture(), strength=0), "greater than 0"),
+    "a negative strength": (dict(image=picture(), strength=-0.1), "at least 0"),
     "a strength above 1": (dict(image=picture(), strength=1.2), "at most 1"),
     "a float image": (dict(image=picture().astype(np.float32)), "uint8"),
     "a grey array": (dict(image=picture()[:, :, 0]), "height x width x 3"),

@@ -68,6 +68,27 @@ def test_strength_sets_the_steps_that_run(ex, picture):
     assert edit_steps(28, 0.6) == 17  # diffusers' get_timesteps: t_start = int(28 - 16.8) = 11
 
 
+def test_strength_0_runs_the_last_step_alone_and_returns_nearly_the_input(runtime, ex, picture):
+    """diffusers refuses a strength that leaves no step; here the schedule's last step runs alone: the input's
+    latents noised to its lowest level, one Euler step to sigma 0. The closer to the input the lower the strength."""
+    from tetri_engine.model import flow_match_euler_step, verify
+    from tetri_engine.model.image_input import encode_image
+
+    latent, prepared, rid = run(ex, [((0,), 1)], picture, strength=0.0)
+    assert prepared.num_steps == 1 == edit_steps(STEPS, 0.0) and ex.progress(rid).step == 1
+    assert prepared.sigmas[-1] == 0 and 0 < prepared.sigmas[0] < 0.2  # the text-to-image schedule's last step
+    velocity = verify.sp_velocity(runtime, prepared, DEVICES[:1], None, 0)
+    torch.testing.assert_close(latent, flow_match_euler_step(prepared.noise, velocity, prepared.sigmas, 0))
+    ex.release(rid)
+    image_latents = encode_image(runtime, picture, WIDTH, HEIGHT)
+    distance = {}
+    for strength in (0.0, 0.3, 1.0):
+        out, _, rid = run(ex, [((0, 1), STEPS)], picture, strength=strength)
+        distance[strength] = (out - image_latents).abs().mean().item()
+        ex.release(rid)
+    assert distance[0.0] < distance[0.3] / 2 < distance[1.0] / 2, distance
+
+
 def test_inpainting_keeps_the_unmasked_latents_of_the_input(ex, picture):
     latent, prepared, rid = run(ex, [((0,), 6)], picture, mask=left_half())
     assert ex.progress(rid).step == 6
@@ -151,7 +172,7 @@ def test_python_and_native_step_loops_inpaint_alike(runtime, ex, picture):
 
 def test_a_bad_edit_fails_its_encode_with_a_value_error(ex, picture):
     bad = [dict(image=picture[:, :, 0]), dict(image=picture, mask=left_half()[:32]),
-           dict(image=picture, strength=0.0), dict(image=picture, strength=1.5)]
+           dict(image=picture, strength=-0.1), dict(image=picture, strength=1.5)]
     for fields in bad:
         future = ex.submit_encode(f"e{next(_ids)}", GenerationRequest(prompt="x", width=WIDTH, height=HEIGHT,
                                                                      num_inference_steps=STEPS, **fields))

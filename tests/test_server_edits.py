@@ -95,6 +95,27 @@ async def test_edits_through_the_openai_client(client):
     assert pixels(out["inpaint"].data[0].b64_json).shape == (HEIGHT, WIDTH, 3)
 
 
+async def test_strength_0_returns_nearly_the_input(client):
+    """Strength 0 runs the schedule's last step alone: the answer is nearer the input's own VAE round trip
+    (what an edit that changed nothing would give) than a strength 1 edit is."""
+    from tetri_engine.model.image_input import encode_image
+
+    image = png(picture())
+
+    def edits():
+        api = openai_client(client)
+        return {s: api.images.edit(image=image, prompt="a boat", extra_body={"num_inference_steps": 10, "seed": 2,
+                                                                             "strength": s}) for s in (0, 1)}
+
+    out = await asyncio.to_thread(edits)
+    assert [sum(out[s].model_extra["metrics"][0]["steps_at_degree"].values()) for s in (0, 1)] == [1, 10]
+    runtime = client.server.app[ENGINE].executor.runtime
+    rgb = np.asarray(Image.open(io.BytesIO(image)).convert("RGB"))
+    round_trip = np.asarray(runtime.decode(encode_image(runtime, rgb, WIDTH, HEIGHT), WIDTH, HEIGHT), dtype=np.int16)
+    error = {s: np.abs(pixels(out[s].data[0].b64_json) - round_trip).mean() for s in (0, 1)}
+    assert error[0] < 0.85 * error[1], error  # (the tiny random VAE maps latents far apart to near colours)
+
+
 async def test_the_default_size_is_the_input_rounded_to_the_size_rule(client):
     image = png(picture(100, 70))  # not multiples of 16: made at 96x64, the input resized to it
 

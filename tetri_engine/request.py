@@ -142,7 +142,8 @@ class GenerationRequest:
     # Image edits (engine/edit_input.py checks them): the input image (PIL image or uint8 array [H, W, 3|4]),
     # resized to width x height; mask (PIL image with alpha or uint8 [H, W, 4], alpha 0 = edit, as OpenAI
     # defines it; or a bool [H, W] array, True = edit): only the masked region changes; strength: how far the
-    # input is noised, 0 < strength <= 1 (None: DEFAULT_EDIT_STRENGTH). Without an image: text-to-image.
+    # input is noised, 0 <= strength <= 1 (None: DEFAULT_EDIT_STRENGTH; 0 runs the schedule's last step only:
+    # nearly the input). Without an image: text-to-image.
     image: Any = None
     mask: Any = None
     strength: float | None = None
@@ -160,8 +161,10 @@ class GenerationRequest:
 def edit_steps(num_steps: int, strength: float) -> int:
     """Steps an edit runs: the last ones of a `num_steps` schedule, from the one whose noise level `strength`
     reaches. diffusers' `get_timesteps` (FluxImg2ImgPipeline, StableDiffusion3Img2ImgPipeline, the inpaint
-    pipelines): t_start = int(N - N * strength), so 28 steps at 0.6 run 17, not int(0.6 * 28) = 16."""
-    return num_steps - int(max(num_steps - min(num_steps * strength, num_steps), 0))
+    pipelines): t_start = int(N - N * strength), so 28 steps at 0.6 run 17, not int(0.6 * 28) = 16. At least
+    one: where diffusers refuses (strength below 1/N, 0 included) the last step runs alone, the input noised
+    to the schedule's lowest level and denoised: nearly the input."""
+    return max(1, num_steps - int(max(num_steps - min(num_steps * strength, num_steps), 0)))
 
 
 @dataclass

@@ -83,7 +83,7 @@ def validate_request(request: GenerationRequest, config: EngineConfig, limits: M
 
     edit = {}
     if request.image is not None or request.mask is not None or request.strength is not None:
-        checked = check_edit(request.image, request.mask, request.strength, steps)  # engine/edit_input.py
+        checked = check_edit(request.image, request.mask, request.strength)  # engine/edit_input.py
         edit = {"image": checked.rgb, "mask": checked.edit, "strength": checked.strength}
 
     return replace(request, num_inference_steps=steps, guidance_scale=float(guidance), seed=seed,

@@ -5,7 +5,8 @@ become plain arrays (`check_edit`), or a ValueError says what is wrong.
     mask     a PIL image with an alpha channel (OpenAI's rule: fully transparent pixels, alpha 0, mark
              where to edit; the colour is ignored), a uint8 array [H, W, 4] read the same way, or a bool
              array [H, W] (True: edit). Its size must be the image's.
-    strength 0 < strength <= 1: how far the input is noised (request.DEFAULT_EDIT_STRENGTH when None)
+    strength 0 <= strength <= 1: how far the input is noised (request.DEFAULT_EDIT_STRENGTH when None; at
+             least one step runs, `request.edit_steps`)
 
 Checked: `check_edit` -> EditInput(rgb uint8 [H, W, 3], edit bool [H, W] or None, strength). The model
 (model/image_input.py) resizes both to the request's size, encodes the image and downsamples the mask.
@@ -19,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from tetri_engine.request import DEFAULT_EDIT_STRENGTH, edit_steps
+from tetri_engine.request import DEFAULT_EDIT_STRENGTH
 
 # Pixel modes an input image may have (PIL names): colour, grey, palette, bilevel, with or without alpha.
 # Others (CMYK, 16/32-bit integer, float, YCbCr, LAB, HSV) are refused rather than guessed at.
@@ -41,16 +42,15 @@ class EditInput:
         return int(self.rgb.shape[1]), int(self.rgb.shape[0])
 
 
-def check_edit(image: Any, mask: Any, strength: Any, num_steps: int | None = None) -> EditInput:
-    """The request's edit fields as an EditInput, or ValueError. num_steps: the request's schedule length,
-    to refuse a strength that leaves no step to run."""
+def check_edit(image: Any, mask: Any, strength: Any) -> EditInput:
+    """The request's edit fields as an EditInput, or ValueError."""
     if image is None:
         if mask is not None or strength is not None:
             raise ValueError(f"{'mask' if mask is not None else 'strength'} is for image edits: send an image too")
         raise ValueError("an image edit needs an image")
     rgb = check_image(image)
     edit = None if mask is None else check_mask(mask, (rgb.shape[1], rgb.shape[0]))
-    strength = check_strength(DEFAULT_EDIT_STRENGTH if strength is None else strength, num_steps)
+    strength = check_strength(DEFAULT_EDIT_STRENGTH if strength is None else strength)
     return EditInput(rgb, edit, strength)
 
 
@@ -94,13 +94,11 @@ def check_mask(mask: Any, size: tuple[int, int], name: str = "mask") -> np.ndarr
     return np.ascontiguousarray(edit)
 
 
-def check_strength(strength: Any, num_steps: int | None = None) -> float:
+def check_strength(strength: Any) -> float:
     if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not math.isfinite(strength) \
-            or not 0 < strength <= 1:
-        raise ValueError(f"strength={strength!r} must be a number greater than 0 and at most 1")
-    if num_steps is not None and edit_steps(num_steps, float(strength)) < 1:
-        raise ValueError(f"strength={strength!r} of {num_steps} steps leaves no step to run: send a larger "
-                         f"strength or more num_inference_steps")
+            or not 0 <= strength <= 1:
+        raise ValueError(f"strength={strength!r} must be a number of at least 0 (nearly the input) and at most 1 "
+                         f"(the input fully noised)")
     return float(strength)
 
 

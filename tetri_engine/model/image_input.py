@@ -98,9 +98,9 @@ def prepare_edit(runtime: Any, prepared: PreparedRequest, image: np.ndarray, mas
     `diffusers.pipelines.flux.pipeline_flux_img2img.FluxImg2ImgPipeline.get_timesteps` (source sha256 4c7604344469)."""
     image, mask = _checked(image, mask)
     strength = DEFAULT_EDIT_STRENGTH if strength is None else strength
+    if not 0 <= strength <= 1:
+        raise ValueError(f"strength={strength!r} must be from 0 to 1")
     keep_steps = edit_steps(prepared.num_steps, float(strength))
-    if not 0 < strength <= 1 or keep_steps < 1:
-        raise ValueError(f"strength={strength!r} of {prepared.num_steps} steps leaves no step to run")
     width, height, dtype = prepared.width, prepared.height, prepared.noise.dtype
     # 1. the input's latents
     image_latents = encode_image(runtime, image, width, height).to(dtype)

@@ -99,8 +99,7 @@ async def _create_images(request: web.Request, engine: "AsyncEngine", flight: li
                          edit: bool = False) -> web.StreamResponse:
     config = request.app[CONFIG]
     if edit:
-        params, edit_input = await edits.read_edit_request(request, config, limits(config, engine),
-                                                           engine.default_steps)
+        params, edit_input = await edits.read_edit_request(request, config, limits(config, engine))
     else:
         body = protocol.parse_json_body(await connection.read_body(request, config.body_timeout_s))
         params = protocol.parse_generation_request(body, limits(config, engine))

@@ -5,7 +5,7 @@ a generation with an input image.
 Fields: `image` (one file: this server edits one image per request, img2img), optional `mask` (a PNG whose
 fully transparent pixels mark where to edit), and the text fields of /v1/images/generations (`prompt`, `n`,
 `size`, `response_format`, `stream`, ... and our extensions), plus `strength` (how far the input is noised,
-0 < s <= 1, default request.DEFAULT_EDIT_STRENGTH) and OpenAI's `input_fidelity` (accepted, changes
+0 <= s <= 1, default request.DEFAULT_EDIT_STRENGTH) and OpenAI's `input_fidelity` (accepted, changes
 nothing). Multipart sends every field as text: numbers and booleans are read back from it, and the
 protocol's checks (protocol.parse_generation_request) then apply as to JSON. `size` absent or "auto": the
 input image's size rounded to the nearest multiples of the size rule's (e.g. 1000x750 -> 1008x752; the image
@@ -46,8 +46,8 @@ BOOL_FIELDS = frozenset({"stream", "progress_events"})
 IGNORED_EDIT_CHOICES = {"input_fidelity": ("high", "low")}  # OpenAI's, changes nothing here
 
 
-async def read_edit_request(request: web.Request, config: Any, limits: protocol.Limits,
-                            default_steps: int) -> tuple[protocol.ImageGenerationParams, EditInput]:
+async def read_edit_request(request: web.Request, config: Any,
+                            limits: protocol.Limits) -> tuple[protocol.ImageGenerationParams, EditInput]:
     """The request's parameters (stream events named image_edit.*) and its checked edit, or APIError."""
     fields, files = await read_form(request, config.max_edit_body_bytes, config.body_timeout_s)
     images = files.get("image", []) + files.get("image[]", [])
@@ -74,8 +74,7 @@ async def read_edit_request(request: web.Request, config: Any, limits: protocol.
         check_input_size((rgb.shape[1], rgb.shape[0]), (width, height), limits.size_rule)
     params = protocol.parse_generation_request(body, replace(limits, default_size=f"{width}x{height}"))
     try:
-        strength = check_strength(DEFAULT_EDIT_STRENGTH if strength is None else strength,
-                                  params.num_inference_steps or default_steps)
+        strength = check_strength(DEFAULT_EDIT_STRENGTH if strength is None else strength)
     except ValueError as exc:
         raise bad_request(f"'strength': {exc}.", "strength") from None
     return replace(params, event_prefix="image_edit"), EditInput(rgb, edit, strength)
