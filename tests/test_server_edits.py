@@ -26,6 +26,7 @@ pytestmark = pytest.mark.asyncio(loop_scope="module")
 EDITS = "/v1/images/edits"
 WIDTH, HEIGHT = 96, 64
 MAX_EDIT_BODY = 256 * 1024
+MAX_EDITS_HELD = 300 * 1024  # edit bodies held at once (server --max-edit-bytes-in-flight)
 
 
 @pytest_asyncio.fixture(loop_scope="module", scope="module")
@@ -172,8 +173,10 @@ def encoded(image: Image.Image, format: str) -> bytes:
     return buffer.getvalue()
 
 
-def form(image=None, mask=None, images=(), **fields) -> FormData:
+def form(image=None, mask=None, images=(), other_files=(), **fields) -> FormData:
     data = FormData(default_to_multipart=True)
+    for name, content in other_files:
+        data.add_field(name, content, filename=f"{name}.bin")
     data.add_field("prompt", fields.pop("prompt", "a boat"))
     for name, value in fields.items():
         data.add_field(name, str(value))
@@ -204,6 +207,8 @@ BAD_UPLOADS = {
     "strength not a number": (form(png(picture()), strength="lots"), "strength", "strength"),
     "n not an integer": (form(png(picture()), n="two"), "n", "integer"),
     "an unknown field": (form(png(picture()), colour="red"), "colour", "Unknown parameter"),
+    "an unknown file field": (form(png(picture()), other_files=[("markup", b"<svg/>")]), "markup",
+                              "Unknown parameter: 'markup', sent as a file"),
 }
 
 
@@ -215,6 +220,59 @@ async def test_bad_uploads_get_a_400_envelope(client, case):
     error = (await resp.json())["error"]
     assert set(error) == {"message", "type", "param", "code"}
     assert error["param"] == param and message in error["message"], error
+
+
+async def test_a_photo_is_edited_upright_as_its_exif_orientation_says(client):
+    """A phone stores a portrait photo as landscape pixels with an EXIF orientation tag: the edit, its default
+    size and its mask are those of the picture as viewers show it."""
+    exif = Image.Exif()
+    exif[0x0112] = 6  # Orientation: turn 90 degrees clockwise to view
+    buffer = io.BytesIO()
+    picture().save(buffer, format="JPEG", exif=exif)  # stored 96x64, seen 64x96
+    upright_mask = png(left_half_mask(HEIGHT, WIDTH))  # the mask is drawn on the upright picture
+    resp = await client.post(EDITS, data=form(buffer.getvalue(), upright_mask, num_inference_steps=2, seed=1))
+    assert resp.status == 200, await resp.text()
+    body = await resp.json()
+    assert body["size"] == f"{HEIGHT}x{WIDTH}"
+    assert png_size(base64.b64decode(body["data"][0]["b64_json"])) == (HEIGHT, WIDTH)
+
+
+async def test_uploads_held_at_once_are_bounded():
+    """A body whose bytes would take the edit uploads held at once past --max-edit-bytes-in-flight is refused
+    with a 503 the client retries; once the other upload is gone, it goes through."""
+    app = create_app(small_config(max_edit_body_bytes=MAX_EDIT_BODY, max_edit_bytes_in_flight=MAX_EDITS_HELD))
+    async with TestClient(ServingTestServer(app, host="127.0.0.1")) as client:
+        await wait_until_ready(app)
+        await uploads_held_at_once(client, app[STATE])
+
+
+async def uploads_held_at_once(client, state):
+    reader, writer = await asyncio.open_connection("127.0.0.1", client.server.port)
+    try:  # an upload that stalls with 200 kB of its 240 kB sent
+        writer.write(f"POST {EDITS} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: multipart/form-data; "
+                     f"boundary=b\r\nContent-Length: {240_000}\r\n\r\n".encode()
+                     + b'--b\r\nContent-Disposition: form-data; name="image"; filename="a.png"\r\n\r\n'
+                     + bytes(200_000))
+        await writer.drain()
+        for _ in range(400):  # bounded polls: the server has read it
+            if state.upload_bytes >= 190_000:
+                break
+            await asyncio.sleep(0.01)
+        assert state.upload_bytes >= 190_000
+        noise = png(Image.fromarray(np.random.default_rng(1).integers(0, 255, (200, 200, 3), np.uint8)))
+        assert MAX_EDITS_HELD - 200_000 < len(noise) < MAX_EDIT_BODY  # alone it fits, beside the other not
+        resp = await client.post(EDITS, data=form(noise, num_inference_steps=2, seed=1))
+        assert resp.status == 503 and resp.headers["Retry-After"] == "1", await resp.text()
+        assert (await resp.json())["error"]["code"] == "too_many_uploads"
+    finally:
+        writer.close()
+    for _ in range(400):
+        if state.upload_bytes == 0:
+            break
+        await asyncio.sleep(0.01)
+    assert state.upload_bytes == 0
+    resp = await client.post(EDITS, data=form(png(picture()), num_inference_steps=2, seed=1))
+    assert resp.status == 200, await resp.text()
 
 
 async def test_bodies_beyond_the_cap_and_json_bodies_are_refused(client):

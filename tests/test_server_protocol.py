@@ -279,7 +279,8 @@ def test_connection_bounds_are_checked_and_the_cap_leaves_descriptors_for_the_re
     import resource
 
     for flags, words in ((["--write-timeout-s", "0"], "write-timeout-s"), (["--header-timeout-s", "-1"], "header"),
-                         (["--max-connections", "0"], "max-connections")):
+                         (["--max-connections", "0"], "max-connections"),
+                         (["--max-edit-bytes-in-flight", "1000"], "at least --max-edit-body-bytes")):
         parser = argparse.ArgumentParser()
         ServerConfig.add_arguments(parser)
         with pytest.raises(ValueError, match=words):

@@ -46,6 +46,10 @@ class ServerConfig:
     max_body_bytes: int = option(1 << 20, "largest request body accepted, in bytes (larger: HTTP 413)")
     max_edit_body_bytes: int = option(32 << 20, "largest body of POST /v1/images/edits (multipart: the image, "
                                       "its mask and the fields), in bytes (larger: HTTP 413)")
+    max_edit_bytes_in_flight: int = option(256 << 20, "edit bodies held at once over all connections, in bytes "
+                                           "(from their arrival until their images are decoded; at least "
+                                           "--max-edit-body-bytes): an upload that would pass it is refused, "
+                                           "HTTP 503 with Retry-After")
     drain_timeout_s: float = option(60.0, "on SIGINT/SIGTERM, wait at most this long for in-flight "
                                    "requests, then cut them (503, or an `error` event on a stream)")
     # Who may call from a browser (README, "Security defaults").
@@ -78,10 +82,13 @@ class ServerConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
                 raise ValueError(f"--{name.replace('_', '-')}={value!r} must be a number of seconds > 0")
-        for name in ("max_n", "max_body_bytes", "max_edit_body_bytes", "max_connections"):
+        for name in ("max_n", "max_body_bytes", "max_edit_body_bytes", "max_edit_bytes_in_flight", "max_connections"):
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
                 raise ValueError(f"--{name.replace('_', '-')}={value!r} must be an integer >= 1")
+        if self.max_edit_bytes_in_flight < self.max_edit_body_bytes:
+            raise ValueError(f"--max-edit-bytes-in-flight={self.max_edit_bytes_in_flight} must be at least "
+                             f"--max-edit-body-bytes={self.max_edit_body_bytes} (or no edit that large could run)")
 
     @property
     def resolved_max_connections(self) -> int:

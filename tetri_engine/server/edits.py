@@ -33,6 +33,7 @@ from tetri_engine.engine.edit_input import EditInput, check_image, check_mask, c
 from tetri_engine.request import DEFAULT_EDIT_STRENGTH, GenerationRequest, SizeRule, edit_steps
 from tetri_engine.server import protocol
 from tetri_engine.server.protocol import APIError, bad_request, shown
+from tetri_engine.server.state import STATE, ServerState
 
 IMAGE_FORMATS = ("PNG", "JPEG", "WEBP")  # what OpenAI's edits take
 FILE_FIELDS = ("image", "image[]", "mask")  # the openai client sends a list of images as image[]
@@ -49,19 +50,9 @@ IGNORED_EDIT_CHOICES = {"input_fidelity": ("high", "low")}  # OpenAI's, changes 
 async def read_edit_request(request: web.Request, config: Any,
                             limits: protocol.Limits) -> tuple[protocol.ImageGenerationParams, EditInput]:
     """The request's parameters (stream events named image_edit.*) and its checked edit, or APIError."""
-    fields, files = await read_form(request, config.max_edit_body_bytes, config.body_timeout_s)
-    images = files.get("image", []) + files.get("image[]", [])
-    if not images:
-        raise bad_request("Missing required parameter: 'image' (the image to edit, as a file).", "image",
-                          code="missing_required_parameter")
-    if len(images) > 1:
-        raise bad_request(f"This server edits one image per request (img2img); got {len(images)} images. Send "
-                          f"one 'image' (and optionally a 'mask').", "image")
-    masks = files.get("mask", [])
-    if len(masks) > 1:
-        raise bad_request(f"Send at most one 'mask'; got {len(masks)}.", "mask")
-    rgb, edit = await asyncio.to_thread(decode_uploads, images[0], masks[0] if masks else None)
-
+    with UploadBudget(request.app[STATE], config.max_edit_bytes_in_flight) as budget:
+        fields, files = await read_form(request, config.max_edit_body_bytes, config.body_timeout_s, budget)
+        rgb, edit = await decoded_files(files)
     body = {name: typed(name, text) for name, text in fields.items()}
     strength = body.pop("strength", None)
     for name, choices in IGNORED_EDIT_CHOICES.items():
@@ -78,6 +69,26 @@ async def read_edit_request(request: web.Request, config: Any,
     except ValueError as exc:
         raise bad_request(f"'strength': {exc}.", "strength") from None
     return replace(params, event_prefix="image_edit"), EditInput(rgb, edit, strength)
+
+
+async def decoded_files(files: dict[str, list[bytes]]) -> tuple[Any, Any]:
+    """The one image and the optional mask of the body, decoded and checked (`decode_uploads`), or a 400."""
+    unexpected = sorted(set(files) - set(FILE_FIELDS))
+    if unexpected:
+        name = shown(unexpected[0])[1:-1]
+        raise bad_request(f"Unknown parameter: '{name}', sent as a file: this route takes files in 'image' and "
+                          f"'mask' only.", name, code="unknown_parameter")
+    images = files.get("image", []) + files.get("image[]", [])
+    if not images:
+        raise bad_request("Missing required parameter: 'image' (the image to edit, as a file).", "image",
+                          code="missing_required_parameter")
+    if len(images) > 1:
+        raise bad_request(f"This server edits one image per request (img2img); got {len(images)} images. Send "
+                          f"one 'image' (and optionally a 'mask').", "image")
+    masks = files.get("mask", [])
+    if len(masks) > 1:
+        raise bad_request(f"Send at most one 'mask'; got {len(masks)}.", "mask")
+    return await asyncio.to_thread(decode_uploads, images[0], masks[0] if masks else None)
 
 
 def with_edit(gen_request: GenerationRequest, edit: EditInput, params: protocol.ImageGenerationParams,
@@ -121,13 +132,42 @@ def check_input_size(input_size: tuple[int, int], rounded: tuple[int, int], rule
 # --- the body ---------------------------------------------------------------------------------------
 
 
-async def read_form(request: web.Request, max_bytes: int,
-                    timeout_s: float) -> tuple[dict[str, str], dict[str, list[bytes]]]:
-    """(text fields, files by field name) of a multipart body of at most max_bytes, read within timeout_s."""
+class UploadBudget:
+    """The edit bodies held at once over all connections (ServerState.upload_bytes), at most `limit` bytes: a
+    body's bytes count from their arrival until its images are decoded (then it is released, on leaving the
+    `with`). A body that would pass the limit is refused at once, 503 with Retry-After (the `openai` client
+    retries it), so that many large uploads at once cannot take the server's memory (each may be up to
+    --max-edit-body-bytes, on up to --max-connections connections)."""
+
+    RETRY_AFTER_S = 1
+
+    def __init__(self, state: ServerState, limit: int):
+        self.state, self.limit, self.held = state, limit, 0
+
+    def take(self, num_bytes: int) -> None:
+        if self.state.upload_bytes + num_bytes > self.limit:
+            raise APIError(503, f"Too many image uploads in progress (more than {self.limit} bytes held, "
+                           f"--max-edit-bytes-in-flight); send it again shortly.", type="server_error",
+                           code="too_many_uploads", headers={"Retry-After": str(self.RETRY_AFTER_S)})
+        self.state.upload_bytes += num_bytes
+        self.held += num_bytes
+
+    def __enter__(self) -> UploadBudget:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.state.upload_bytes -= self.held
+        self.held = 0
+
+
+async def read_form(request: web.Request, max_bytes: int, timeout_s: float,
+                    budget: UploadBudget) -> tuple[dict[str, str], dict[str, list[bytes]]]:
+    """(text fields, files by field name) of a multipart body of at most max_bytes, read within timeout_s,
+    its bytes taken from `budget` as they arrive."""
     if request.content_length is not None and request.content_length > max_bytes:
         raise too_large(max_bytes)
     try:
-        return await asyncio.wait_for(_read_parts(request, max_bytes), timeout_s)
+        return await asyncio.wait_for(_read_parts(request, max_bytes, budget), timeout_s)
     except asyncio.TimeoutError:
         raise APIError(408, f"The request body did not arrive within {timeout_s:g} s.", code="body_timeout") from None
     except (ValueError, AssertionError, RuntimeError, LookupError, web.RequestPayloadError) as exc:
@@ -136,7 +176,8 @@ async def read_form(request: web.Request, max_bytes: int,
                        code="invalid_body") from None
 
 
-async def _read_parts(request: web.Request, max_bytes: int) -> tuple[dict[str, str], dict[str, list[bytes]]]:
+async def _read_parts(request: web.Request, max_bytes: int,
+                      budget: UploadBudget) -> tuple[dict[str, str], dict[str, list[bytes]]]:
     fields: dict[str, str] = {}
     files: dict[str, list[bytes]] = defaultdict(list)
     reader = await request.multipart()
@@ -153,6 +194,7 @@ async def _read_parts(request: web.Request, max_bytes: int) -> tuple[dict[str, s
             total += len(chunk)
             if total > max_bytes:
                 raise too_large(max_bytes)
+            budget.take(len(chunk))
             chunks.append(chunk)
         data = b"".join(chunks)
         if part.filename is not None or part.name in FILE_FIELDS:
@@ -197,7 +239,7 @@ def decode_uploads(image_bytes: bytes, mask_bytes: bytes | None) -> tuple[Any, A
 
 
 def decode_image(data: bytes, name: str):
-    """The PIL image in `data`, fully decoded: its size is checked from the header first."""
+    """The PIL image in `data`, fully decoded and upright: its size is checked from the header first."""
     from PIL import Image
 
     from tetri_engine.engine.edit_input import MAX_INPUT_PIXELS
@@ -220,4 +262,17 @@ def decode_image(data: bytes, name: str):
         except Exception as exc:  # truncated or corrupt data: the client's, never a server error
             raise bad_request(f"'{name}' could not be decoded ({type(exc).__name__}): the file is damaged or "
                               f"truncated.", name, code="invalid_image") from None
+    upright(image)
     return image
+
+
+def upright(image) -> None:
+    """Turn `image` as its EXIF orientation says (a phone's photo is stored sideways with a tag saying so), as
+    image viewers do, so that its size, its mask and the edit are the picture the user sees. An unreadable
+    EXIF block leaves the pixels as stored: it says nothing reliable about them."""
+    from PIL import ImageOps
+
+    try:
+        ImageOps.exif_transpose(image, in_place=True)
+    except Exception:  # a damaged EXIF block (struct, value or syntax errors in PIL's parser)
+        pass

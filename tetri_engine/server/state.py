@@ -39,6 +39,7 @@ class ServerState:
     draining: bool = False
     in_flight: InFlight = field(default_factory=InFlight)
     open_connections: int = 0  # client connections (connection.py counts them)
+    upload_bytes: int = 0  # edit bodies held now, read and not yet decoded (edits.UploadBudget)
     responses: Counter = field(default_factory=Counter)  # (route, status) -> count
     latency: prom.LatencyHistograms = field(default_factory=prom.LatencyHistograms)
 
