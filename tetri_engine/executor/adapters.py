@@ -95,7 +95,8 @@ class LoraDevices:
         files = lora_files(self.lora_dir)
         path = files.get(name)
         if path is None:
-            listed = ", ".join(files) or "none"
+            listed = ", ".join(list(files)[:20]) + (f" and {len(files) - 20} more" if len(files) > 20 else "")
+            listed = listed or "none"
             raise ValueError(f"unknown LoRA adapter {name!r}: the adapters here are {listed}")
         try:
             version = _version(path)
@@ -145,8 +146,8 @@ class LoraDevices:
         needed = sum(w.nbytes for w, _ in adapters)
         if needed > dev.cache_bytes:
             dev.evict(keep=set())
-            raise ValueError(f"LoRA adapters {', '.join(n for n, _ in key)} need {needed / 2**20:.0f} MiB, more than "
-                             f"the {dev.cache_bytes / 2**20:.0f} MiB of --lora-cache-mb")
+            raise ValueError(f"LoRA adapters {', '.join(n for n, _ in key)} need {needed / 2**20:.3g} MiB, more than "
+                             f"the {dev.cache_bytes / 2**20:.3g} MiB of --lora-cache-mb")
         dev.fused.apply(key, adapters)
         dev.evict({name for name, _ in key})
         if dev.device.type == "cuda":  # the time the device took, not the launches
