@@ -8,6 +8,7 @@ import torch
 from diffusers import FluxPipeline
 
 from lora_support import attention_layers, lora_factors, save_lora
+from test_model_speed_options import needs_cpu_fp8
 from tetri_engine.executor import Executor
 from tetri_engine.executor.adapters import LoraDevices
 from tetri_engine.model import load_runtime
@@ -174,5 +175,19 @@ def test_cuda_graphs_replay_the_fused_weights(lora_dir):
             got = run(ex, f"g{i}", None if name == "base" else (LoraRef(name, 1.0),), [((0,), STEPS)])
             torch.testing.assert_close(got, want[name], atol=1e-4, rtol=1e-4)
         assert ex.graph_stats()["replays"] > 0
+    finally:
+        ex.shutdown()
+
+
+@needs_cpu_fp8
+def test_float8_layers_take_the_adapter_and_give_their_weights_back(lora_dir):
+    """With dtype fp8 the fused weight is quantized again; the plain model comes back bit for bit."""
+    ex = Executor.load("tiny", ["cpu:0"], lora_dir=lora_dir, dtype="fp8")
+    try:
+        assert ex.runtime.fp8_linears > 0
+        base = run(ex, "f-base", None, [((0,), STEPS)])
+        with_a = run(ex, "f-a", (LoraRef("a", 1.0),), [((0,), STEPS)])
+        assert (with_a - base).abs().max() > 0.1
+        assert torch.equal(run(ex, "f-base-again", None, [((0,), STEPS)]), base)
     finally:
         ex.shutdown()
