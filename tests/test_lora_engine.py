@@ -167,3 +167,24 @@ async def test_http_bad_adapters_are_a_400_naming_lora(client, lora):
     assert resp.status == 400, await resp.text()
     error = (await resp.json())["error"]
     assert error["param"] == "lora" and error["code"] == "invalid_value"
+
+
+async def test_the_openai_client_names_adapters_and_lists_them(client):
+    import openai
+
+    base_url = str(client.make_url("/v1"))
+
+    def use_the_openai_client():
+        api = openai.OpenAI(base_url=base_url, api_key="unused", max_retries=0)
+        models = [m.id for m in api.models.list()]
+        image = api.images.generate(model="tiny", prompt="a harbour", size="64x64",
+                                    extra_body={"num_inference_steps": 2, "seed": 1,
+                                                "lora": [{"name": "neon", "scale": 0.7}]})
+        with pytest.raises(openai.BadRequestError) as bad:
+            api.images.generate(model="tiny", prompt="x", size="64x64", extra_body={"lora": [{"name": "nope"}]})
+        return models, image, bad.value
+
+    models, image, bad = await asyncio.to_thread(use_the_openai_client)
+    assert models[0] == "tiny" and {"ink", "neon"} <= set(models)
+    assert image.data[0].b64_json and image.model_extra["metrics"][0]["state"] == "completed"
+    assert bad.status_code == 400 and "unknown LoRA adapter 'nope'" in bad.message
