@@ -188,3 +188,30 @@ async def test_the_openai_client_names_adapters_and_lists_them(client):
     assert models[0] == "tiny" and {"ink", "neon"} <= set(models)
     assert image.data[0].b64_json and image.model_extra["metrics"][0]["state"] == "completed"
     assert bad.status_code == 400 and "unknown LoRA adapter 'nope'" in bad.message
+
+
+async def test_an_edit_takes_adapters_as_json_text_in_its_form(client):
+    from aiohttp import FormData
+
+    picture = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(picture, "PNG")
+
+    async def edit(lora: str | None):
+        form = FormData(default_to_multipart=True)
+        for name, value in (("prompt", "a boat"), ("num_inference_steps", "4"), ("seed", "2"), ("strength", "0.9"),
+                            *((("lora", lora),) if lora is not None else ())):
+            form.add_field(name, value)
+        form.add_field("image", picture.getvalue(), filename="image.png", content_type="image/png")
+        return await client.post("/v1/images/edits", data=form)
+
+    async def pixels(resp):
+        assert resp.status == 200, await resp.text()
+        png = base64.b64decode((await resp.json())["data"][0]["b64_json"])
+        return np.asarray(Image.open(io.BytesIO(png)), dtype=np.int16)
+
+    plain = await pixels(await edit(None))
+    ink = await pixels(await edit('[{"name": "ink", "scale": 1.0}]'))
+    assert np.abs(ink - plain).mean() > 2
+    for bad in ('[{"name": "nope"}]', "ink", '[{"name": "ink", "scale": NaN}]'):
+        resp = await edit(bad)
+        assert resp.status == 400 and (await resp.json())["error"]["param"] == "lora", bad
