@@ -110,6 +110,16 @@ class ClusterEngine:
     def busy_devices(self) -> list[str]:
         return [d for s in self._stats.live.values() for d in s.busy_devices]
 
+    def lora_adapters(self) -> list[str]:
+        """The adapters of --lora-dir as this host sees it (every replica's host has the same directory)."""
+        return list(self.config.lora_files())
+
+    def lora_check(self, name: str) -> None:
+        """ValueError for an adapter not in --lora-dir (the replica's admission checks the file itself)."""
+        if name not in self.config.lora_files():
+            raise ValueError(f"unknown LoRA adapter {name!r}: the adapters here are "
+                             f"{', '.join(self.config.lora_files()) or 'none'}")
+
     def stats(self) -> dict[str, Any]:
         out = self._stats.stats()
         out["phase"] = self._phase
