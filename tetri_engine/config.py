@@ -12,6 +12,26 @@ from dataclasses import dataclass, field
 from tetri_engine.request import MIN_SIZE_PX, PATCH_PX, SizeRule, StrEnum
 
 
+LORA_SUFFIX = ".safetensors"
+LORA_DIR_FILE = "pytorch_lora_weights.safetensors"  # diffusers' LORA_WEIGHT_NAME_SAFE
+
+
+def lora_files(directory: str) -> dict[str, str]:
+    """The LoRA adapters in `directory`: name -> safetensors file, by name. The one place the layout is
+    written: `NAME.safetensors`, or `NAME/pytorch_lora_weights.safetensors` (diffusers' save_lora_weights).
+    Read anew at each call, so adapters added while serving are found."""
+    found = {}
+    with os.scandir(directory) as entries:
+        for entry in entries:
+            if entry.name.startswith("."):
+                continue
+            if entry.is_file() and entry.name.endswith(LORA_SUFFIX):
+                found[entry.name[:-len(LORA_SUFFIX)]] = entry.path
+            elif entry.is_dir() and os.path.isfile(os.path.join(entry.path, LORA_DIR_FILE)):
+                found.setdefault(entry.name, os.path.join(entry.path, LORA_DIR_FILE))
+    return dict(sorted(found.items()))
+
+
 def default_cache_dir() -> str:
     return os.path.join(os.path.expanduser("~"), ".cache", "tetri-engine")
 
@@ -78,10 +98,16 @@ class EngineConfig:
     ulysses_chunks: int = option(1, "sequence-parallel attention: split each exchange into this many head chunks "
                                 "so that one chunk's exchange overlaps another's attention (GPU; 1: one "
                                 "exchange of q, k and v, one of the output)")
+    lora_dir: str | None = option(None, "directory of LoRA adapters requests may name (issue 19): NAME.safetensors, or "
+                                 "NAME/pytorch_lora_weights.safetensors as diffusers saves them; local files only "
+                                 "(default: none, requests cannot name adapters)", metavar="DIR")
+    lora_cache_mb: int = option(2048, "LoRA adapter weights kept loaded per device, in MiB (least recently used "
+                               "beyond it are dropped and read again on next use)")
 
     def __post_init__(self) -> None:
         self.admission = AdmissionMode.parse(self.admission, "admission")
-        for name in ("num_cpu_devices", "round_steps", "max_queue", "max_steps", "comm_cache_size", "ulysses_chunks"):
+        for name in ("num_cpu_devices", "round_steps", "max_queue", "max_steps", "comm_cache_size", "ulysses_chunks",
+                     "lora_cache_mb"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name}={value!r} must be an integer >= 1")
@@ -94,6 +120,12 @@ class EngineConfig:
                 raise ValueError(f"{name}={getattr(self, name)!r} is below the minimum image side of {MIN_SIZE_PX} px")
         for width, height in self.warmup_size_list():
             self.size_rule().check(width, height)
+        if self.lora_dir is not None and not os.path.isdir(self.lora_dir):
+            raise ValueError(f"lora_dir={self.lora_dir!r} is not a directory")
+
+    def lora_files(self) -> dict[str, str]:
+        """The adapters of `lora_dir`: name -> file (`lora_files`); {} without a lora_dir."""
+        return lora_files(self.lora_dir) if self.lora_dir is not None else {}
 
     def warmup_size_list(self) -> list[tuple[int, int]]:
         """`warmup_sizes` as (width, height) pairs; ValueError for an item that is not WxH."""

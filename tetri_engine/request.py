@@ -18,6 +18,10 @@ MIN_SIZE_PX = 64
 # tokenizing costs time linear in the text: an unbounded prompt held admission for seconds.
 MAX_PROMPT_CHARS = 32_000
 MAX_GUIDANCE_SCALE = 100.0  # classifier-free guidance far beyond any model's useful range (3..10)
+# LoRA (issue 19): scales users send are about 0..1.5 (negative ones invert a style); beyond 10 the
+# weights are noise. More adapters than this in one request is a mistake, not a style.
+MAX_LORA_SCALE = 10.0
+MAX_LORAS_PER_REQUEST = 8
 
 
 class StrEnum(str, enum.Enum):
@@ -114,6 +118,15 @@ def _smaller(a: int | None, b: int | None) -> int | None:
     return b if a is None else a if b is None else min(a, b)
 
 
+@dataclass(frozen=True)
+class LoraRef:
+    """One LoRA adapter a request applies: an adapter of the engine's `lora_dir`, at `scale`
+    (diffusers' `set_adapters(..., adapter_weights)`: the adapter's delta x scale)."""
+
+    name: str
+    scale: float = 1.0
+
+
 @dataclass
 class GenerationRequest:
     prompt: str
@@ -129,6 +142,9 @@ class GenerationRequest:
     request_id: str | None = None
     cache: CacheMode | str = CacheMode.OFF  # step caching (admission makes it a CacheMode)
     preview_every: int = 0  # >0: a low-cost preview image every K steps (streaming)
+    # LoRA adapters (LoraRef, or {"name", "scale"} dicts); admission makes it a tuple of LoraRef sorted
+    # by name, without the scale-0 ones (which change nothing).
+    lora: tuple[LoraRef, ...] | list | None = None
 
 
 @dataclass

@@ -101,12 +101,13 @@ class Executor:
     cuda_graphs: launch each batch's step as a CUDA graph (executor/cuda_graphs.py); None: on for
     CUDA devices unless the environment sets TETRI_CUDA_GRAPHS=0; never on CPU devices. max_graphs:
     graphs kept per device (least recently used beyond it are dropped). step_options: how the ranks
-    run their steps (`StepOptions`; default: `StepOptions.from_env()`, the native loop).
+    run their steps (`StepOptions`; default: `StepOptions.from_env()`, the native loop). loras: an
+    `adapters.LoraDevices` when requests may name LoRA adapters (`load(lora_dir=...)` makes one).
     """
 
     def __init__(self, runtime: ModelRuntime, devices: Sequence[str] | None = None, comm_cache: Any = None,
                  log_errors: bool = False, cache_plan: Any = None, cuda_graphs: bool | None = None,
-                 max_graphs: int = DEFAULT_MAX_GRAPHS, step_options: StepOptions | None = None):
+                 max_graphs: int = DEFAULT_MAX_GRAPHS, step_options: StepOptions | None = None, loras: Any = None):
         from tetri_engine import ops
 
         self.runtime = runtime
@@ -132,9 +133,10 @@ class Executor:
         self._closed = False
         # Set at interpreter exit without shutdown(): every steps job stops at its next step boundary.
         self.exiting = ops.StopFlag()
+        self.loras = loras
         self._env = StepEnv(runtime=runtime, devices=self.devices, torch_devices=self._torch_devices,
                             comm_cache=self.comm_cache, graphs=self.graphs, latents=self.latents,
-                            exiting=self.exiting, options=self.step_options, log_errors=log_errors)
+                            exiting=self.exiting, options=self.step_options, log_errors=log_errors, loras=loras)
         self._workers = [_Worker(f"tetri-{d}", td) for d, td in zip(self.devices, self._torch_devices)]
         self._encoder = _Worker("tetri-encode", runtime.encode_device)
         self._encode_stream = None  # created on first use by the encoder thread (CUDA only)
@@ -149,16 +151,20 @@ class Executor:
     @classmethod
     def load(cls, model: str, devices: Sequence[str], *, dtype: str = "auto", comm_cache_size: int = 64,
              cuda_graphs: bool | None = None, step_options: StepOptions | None = None,
-             **model_options: Any) -> Executor:
+             lora_dir: str | None = None, lora_cache_mb: int = 2048, **model_options: Any) -> Executor:
         """Load `model` (a preset or a local diffusers directory: `model.load_runtime`, which takes
         `model_options`: attention, ulysses_chunks, compile, cache_dir) on `devices` and start an
-        executor there, with a communicator cache of `comm_cache_size` groups and `step_options`."""
+        executor there, with a communicator cache of `comm_cache_size` groups and `step_options`;
+        with `lora_dir`, requests may name its LoRA adapters (`lora_cache_mb` of them loaded per device)."""
         from tetri_engine import ops
+        from tetri_engine.executor.adapters import LoraDevices
         from tetri_engine.model import load_runtime
 
-        runtime = load_runtime(model, devices=list(devices), dtype=dtype, **model_options)
+        runtime = load_runtime(model, devices=list(devices), dtype=dtype, replica_per_device=lora_dir is not None,
+                               **model_options)
+        loras = LoraDevices(runtime, devices, lora_dir, lora_cache_mb << 20) if lora_dir is not None else None
         return cls(runtime, devices, ops.CommCache(capacity=comm_cache_size), cuda_graphs=cuda_graphs,
-                   step_options=step_options)
+                   step_options=step_options, loras=loras)
 
     @staticmethod
     def visible_devices(num_cpu_devices: int) -> list[str]:
@@ -200,7 +206,7 @@ class Executor:
         """
         seed = request.seed if request.seed is not None else random.randrange(2**63)
         state = DenoiseState(request_id=request_id, prompt=request.prompt, width=int(request.width),
-                             height=int(request.height), seed=int(seed))
+                             height=int(request.height), seed=int(seed), lora=self._lora_key(request))
         future: Future[EncodeResult] = Future()
         # A steps job submitted before the encode ends swaps state.idle for its own event and waits
         # on this one: set this one, not whichever is current when the encode finishes.
@@ -209,6 +215,8 @@ class Executor:
         def encode() -> None:
             start = time.perf_counter()
             try:
+                if state.lora:  # a file that does not fit the model fails here, not in a group
+                    self.loras.validate([name for name, _ in state.lora])
                 if CacheMode.parse(getattr(request, "cache", None) or CacheMode.OFF, "cache") is CacheMode.AUTO:
                     from tetri_engine.model.step_cache import StepCache
 
@@ -240,6 +248,13 @@ class Executor:
             self._encoder.tasks.put(encode)
         return future
 
+    def _lora_key(self, request: Any) -> tuple:
+        """A request's LoRA set as a job's key: ((name, scale), ...) in its order (admission sorts by name)."""
+        refs = tuple(getattr(request, "lora", None) or ())
+        if refs and self.loras is None:
+            raise ValueError("this engine serves no LoRA adapters (start it with a lora_dir)")
+        return tuple((ref.name, float(ref.scale)) for ref in refs)
+
     def submit_steps(self, request_ids: Sequence[str], device_indices: Sequence[int], num_steps: int,
                      on_step: Callable[[str, int], None] | None = None,
                      decode_after: bool = False, *, cfg: int = 1, decode_degree: int = 1) -> Future[StepsResult]:
@@ -269,6 +284,8 @@ class Executor:
         with self._lock:
             self._check_open()
             states = [self._state(rid) for rid in request_ids]
+            if len({s.lora for s in states}) > 1:
+                raise ValueError(f"requests with different LoRA adapter sets cannot run as one batch: {request_ids}")
             wait_for = [s.idle for s in states]
             release = []
             for s in states:

@@ -67,3 +67,4 @@ class StepEnv:
     exiting: Any  # ops.StopFlag: set at interpreter exit, every job stops at its next step boundary
     options: StepOptions
     log_errors: bool = False  # print the traceback of a failed step
+    loras: Any = None  # adapters.LoraDevices when LoRA adapters are served, else None

@@ -92,7 +92,7 @@ class RankRunner:
         env = job.env
         self.job, self.rank, self.env = job, rank, env
         self.device = env.torch_devices[job.device_indices[rank]]
-        self.transformer = env.runtime.transformer_on(self.device)
+        self.transformer = env.runtime.transformer_on(env.devices[job.device_indices[rank]])
         first = job.states[0].prepared
         self.context = job.context(rank, {"image": first.image_tokens, "text": first.text_tokens})
         options = env.options

@@ -95,6 +95,7 @@ class DenoiseState:
     encode_s: float = 0.0
     decode_s: float = 0.0
     cache: Any = None  # a model.step_cache.StepCache when the request caches (cache="auto"), else None
+    lora: tuple = ()  # its LoRA adapter set: ((name, scale), ...) sorted by name (executor/adapters.py)
     # Set when no job owns the request. Each new job takes the current event to wait on and leaves a
     # fresh one, so the jobs of one request run one after the other, in submission order.
     idle: threading.Event = field(default_factory=threading.Event)
@@ -162,7 +163,9 @@ class StepsResult:
     """What `Executor.submit_steps` resolves to.
 
     seconds: wall time of the steps on the devices (from every rank ready to the last step finished on
-    the devices, synchronised on GPU); regroup_s: moving the latents first; decode_s: decoding after.
+    the devices, synchronised on GPU); regroup_s: moving the latents first; decode_s: decoding after;
+    lora_s: fusing the requests' LoRA adapter set into the devices' weights first (the slowest device; 0.0
+    when they held it already).
     """
 
     requests: dict[str, RequestStepResult]
@@ -172,6 +175,7 @@ class StepsResult:
     regroup_s: float = 0.0
     decode_s: float = 0.0
     trace: dict[str, Any] | None = None  # StepOptions.trace: per-phase timings of each rank (executor/trace.py)
+    lora_s: float = 0.0
 
     @property
     def degree(self) -> int:

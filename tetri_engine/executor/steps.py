@@ -5,8 +5,9 @@ Phases of a job, on every rank:
 
     1. rank 0 waits for earlier work on the requests, puts their latents on the group in its layout
        (`LatentPlacer.place`: shard or regroup; `cfg` guidance branches side by side), and fetches the
-       group's communicators; then all ranks meet (the job's `RankAgreement`, the one place where its
-       ranks meet).
+       group's communicators; each rank fuses the requests' LoRA adapter set into its device's weights when
+       adapters are served (adapters.py); then all ranks meet (the job's `RankAgreement`, the one place where
+       its ranks meet) and agree on whether every rank's adapters are in place.
     2. the steps (`RankRunner`, runner.py): batch after batch, each batch's steps run by the native loop
        (or its Python twin), one graph launch or one eager forward per step, every step agreed by the
        ranks: a failing step fails its requests only (a batch is retried one request at a time), the
@@ -48,6 +49,8 @@ class StepsJob:
                               states=list(states), cfg=cfg)  # phase 1 drops the requests that cannot run
         self.device_indices = device_indices
         self.degree = len(device_indices)
+        self.lora = states[0].lora if states else ()  # the job's adapter set (one per job: submit_steps checks)
+        self.lora_s = 0.0  # the slowest rank's adapter switch
         self.decode_after = decode_after
         self.decode_degree = decode_degree
         self.decode_comm = None  # the first decode_degree devices' communicator (phase 1, when > 1)
@@ -99,10 +102,13 @@ class StepsJob:
                 event.wait()
             host["wait_earlier_s"] = time.perf_counter() - t0
             self._prepare_group()
+        lora_error = self._switch_lora(rank) if self.env.loras is not None else None
         t1 = time.perf_counter()
         self.group.agreement.meet(rank)
         host["meet_s"] = time.perf_counter() - t1
         if self.job_error is not None or not self.group.states:  # (no states: all were cancelled)
+            return
+        if self.env.loras is not None and not self._lora_agreed(rank, lora_error):
             return
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
@@ -116,6 +122,25 @@ class StepsJob:
         if outcome.trace is not None:
             self.traces[rank] = {**outcome.trace, "rank": rank, "device": str(device), "host_s": host,
                                  "gpu_ms": runner.queue.marks_ms(), "regroup_s": self.regroup_s}
+
+    # -- phase 1, LoRA (every rank)
+    def _switch_lora(self, rank: int) -> str | None:
+        """Fuse the job's adapter set into this rank's device -> None, or why it could not."""
+        index = self.device_indices[rank]
+        try:
+            seconds = self.env.loras.activate(index, self.lora)
+        except Exception as exc:  # the device holds no known set now: the next job writes its set again
+            return f"LoRA adapters could not be applied on {self.env.devices[index]}: {describe_error(exc)}"
+        with self._lock:
+            self.lora_s = max(self.lora_s, seconds)
+        return None
+
+    def _lora_agreed(self, rank: int, error: str | None) -> bool:
+        """Every rank learns whether every rank's adapters are in place; if not, the job fails on every rank."""
+        errors = [e for e in self.group.agreement.all_ranks(rank, error) if e is not None]
+        if errors and rank == 0:
+            self.job_error = errors[0]
+        return not errors
 
     # -- phase 1 (rank 0)
     def _cancel_requested(self, state: DenoiseState) -> bool:
@@ -238,7 +263,8 @@ class StepsJob:
             trace = {"ranks": self.traces} if any(t is not None for t in self.traces) else None
             self.future.set_result(StepsResult(
                 requests=results, device_indices=self.device_indices, num_steps=self.group.num_steps,
-                seconds=self.steps_s, regroup_s=self.regroup_s, decode_s=self.decode_s, trace=trace))
+                seconds=self.steps_s, regroup_s=self.regroup_s, decode_s=self.decode_s, trace=trace,
+                lora_s=self.lora_s))
         except BaseException as exc:  # pragma: no cover - a bug in building the result
             self.future.set_exception(exc)
         finally:

@@ -3,7 +3,9 @@ or a local diffusers directory.
 
 Devices are strings ("cuda:0", "cpu:1"). GPUs each get their own replica of the transformer and the
 VAE (copied from the first device, so every replica holds the same weights); CPU virtual devices all
-share the one CPU model. The text encoders live on the first device only.
+share the one CPU model, unless `replica_per_device` (LoRA adapters are served: each device fuses its
+own group's adapters into its weights, model/lora.py) gives each its own transformer. The text encoders
+live on the first device only.
 """
 from __future__ import annotations
 
@@ -76,7 +78,7 @@ class ModelRuntime:
     dtype: torch.dtype
     default_steps: int
     default_guidance: float
-    transformers: dict[str, torch.nn.Module]  # str(torch device) -> replica
+    transformers: dict[str, torch.nn.Module]  # str(torch device), or a CPU virtual device's own name -> replica
     vaes: dict[str, torch.nn.Module]
     encode_device: torch.device
     precision: str = ""  # "bfloat16", "float32", ... or "fp8" (float8 GEMMs in the blocks, `dtype` elsewhere)
@@ -119,8 +121,10 @@ class ModelRuntime:
     def torch_device(self, device_index: int) -> torch.device:
         return torch_device(self.devices[device_index])
 
-    def transformer_on(self, device: torch.device) -> torch.nn.Module:
-        return self.transformers[str(device)]
+    def transformer_on(self, device: torch.device | str) -> torch.nn.Module:
+        """The replica of a torch device, or of a device name ("cpu:1": its own replica if it has one)."""
+        replica = self.transformers.get(str(device))
+        return replica if replica is not None else self.transformers[str(torch_device(str(device)))]
 
     def vae_on(self, device: torch.device) -> torch.nn.Module:
         return self.vaes[str(device)]
@@ -234,7 +238,8 @@ def _load_pipeline(name_or_path: str, first: torch.device, dtype: torch.dtype, s
 
 def load_runtime(name_or_path: str = "tiny", devices: list[str] | None = None, dtype: str | torch.dtype = "auto",
                  seed: int = 0, *, attention: str = "auto", ulysses_chunks: int = 1, compile: bool = False,
-                 compile_backend: str | Callable = "inductor", cache_dir: str | None = None) -> ModelRuntime:
+                 compile_backend: str | Callable = "inductor", cache_dir: str | None = None,
+                 replica_per_device: bool = False) -> ModelRuntime:
     """Load a model for `devices`.
 
     name_or_path: a preset ("tiny", "tiny-sd3", "flux-dev", "flux-schnell", "sd3-medium") or a local
@@ -246,7 +251,8 @@ def load_runtime(name_or_path: str = "tiny", devices: list[str] | None = None, d
     that agrees with the reference). ulysses_chunks: head chunks per exchange at degree > 1
     (model/ulysses.py). compile: torch.compile the transformer blocks (model/compile.py) with
     `compile_backend`; with inductor only on GPUs (on CPU it is skipped, saying so in the log);
-    cache_dir: where inductor caches (`cache_dir`/inductor).
+    cache_dir: where inductor caches (`cache_dir`/inductor). replica_per_device: every device its own
+    transformer, CPU virtual devices too (LoRA fuses adapters per device; GPUs always have their own).
     """
     # The pipelines warn with the cut-off part of every long prompt: client text must not reach the logs.
     logging.getLogger("diffusers.pipelines").setLevel(logging.ERROR)
@@ -273,10 +279,14 @@ def load_runtime(name_or_path: str = "tiny", devices: list[str] | None = None, d
                                           attention=AttentionOptions(choice.backend, ulysses_chunks))
     transformers: dict[str, torch.nn.Module] = {}
     vaes: dict[str, torch.nn.Module] = {}
-    for device in torch_devices:
+    for name, device in zip(devices, torch_devices):
         key = str(device)
-        if key in transformers:
-            continue  # CPU virtual devices share the one CPU model
+        if key in transformers:  # a CPU virtual device after the first
+            if not replica_per_device:
+                continue  # they share the one CPU model
+            transformers[name] = replicate(source.pipeline.transformer, device)
+            adapter.install_attention(transformers[name])
+            continue
         if device == first:
             transformers[key], vaes[key] = source.pipeline.transformer, source.pipeline.vae
         else:
