@@ -22,6 +22,7 @@ from dataclasses import dataclass, replace
 from typing import Any, Callable
 
 from tetri_engine.config import AdmissionMode, EngineConfig
+from tetri_engine.engine.lora import normalize_lora
 from tetri_engine.errors import RejectionReason, RequestRejected
 from tetri_engine.request import MAX_GUIDANCE_SCALE, MAX_PROMPT_CHARS, CacheMode, GenerationRequest, SizeRule
 
@@ -37,6 +38,8 @@ class ModelLimits:
     default_guidance: float
     # (guidance_scale, cached) -> whether such a request may run CFG-parallel (ModelInfo.cfg_parallel)
     cfg_parallel: Callable[[float, bool], bool] | None = None
+    # name -> ValueError for a LoRA adapter this engine cannot apply (None: it serves no adapters)
+    lora_check: Callable[[str], Any] | None = None
 
 
 def validate_request(request: GenerationRequest, config: EngineConfig, limits: ModelLimits) -> GenerationRequest:
@@ -80,8 +83,9 @@ def validate_request(request: GenerationRequest, config: EngineConfig, limits: M
     elif not isinstance(request_id, str) or not request_id:
         raise ValueError(f"request_id={request_id!r} must be a non-empty string")
 
+    lora = normalize_lora(request.lora, limits.lora_check)
     return replace(request, num_inference_steps=steps, guidance_scale=float(guidance), seed=seed,
-                   slo_scale=float(slo_scale), request_id=request_id, cache=cache)
+                   slo_scale=float(slo_scale), request_id=request_id, cache=cache, lora=lora)
 
 
 def check_text(name: str, text: object) -> None:

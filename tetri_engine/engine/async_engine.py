@@ -147,6 +147,13 @@ class AsyncEngine:
         """The executor (None before start()): the model, placement checks, benchmarks."""
         return self._executor
 
+    def lora_adapters(self) -> list[str]:
+        """The LoRA adapters requests may name (config.lora_dir; [] without one), less any that was found not to
+        fit the model."""
+        if self._executor is not None and self._executor.loras is not None:
+            return self._executor.loras.names()
+        return list(self.config.lora_files())
+
     def busy_devices(self) -> list[str]:
         """Devices running a group's steps right now."""
         busy = self._core.busy_device_ids() if self._core is not None else set()
@@ -234,8 +241,10 @@ class AsyncEngine:
                 await asyncio.to_thread(self._executor.shutdown)
             raise
         model = self._executor.model
+        loras = self._executor.loras
         self._admission = Admission(self.config, ModelLimits(self.size_rule, model.default_steps,
-                                                             model.default_guidance, model.cfg_parallel), self._cost)
+                                                             model.default_guidance, model.cfg_parallel,
+                                                             loras.check if loras is not None else None), self._cost)
         self._core = EngineCore(self._executor, policy, self._devices)
         self._clock_task = asyncio.get_running_loop().create_task(self._core.run(), name="tetri-engine round clock")
         self._phase = EnginePhase.READY
@@ -252,7 +261,8 @@ class AsyncEngine:
                                        comm_cache_size=config.comm_cache_size,
                                        cuda_graphs=config.cuda_graphs,  # graphs and compile: GPU only
                                        compile=config.compile, attention=config.attention,
-                                       ulysses_chunks=config.ulysses_chunks, cache_dir=config.cache_dir)
+                                       ulysses_chunks=config.ulysses_chunks, cache_dir=config.cache_dir,
+                                       lora_dir=config.lora_dir, lora_cache_mb=config.lora_cache_mb)
         if config.profile:
             self._cost = CostModel.from_json(config.profile)
         else:
@@ -260,6 +270,11 @@ class AsyncEngine:
                 self._cost = CostModel.from_dict(load_or_measure_profile(
                     self._executor, config.model, cache_dir=config.cache_dir, size_rule=self.size_rule,
                     variant={"ulysses_chunks": config.ulysses_chunks}))
+        if self._executor.loras is not None:  # what a group pays when its devices hold another adapter set
+            switch_s = self._executor.loras.measure_switch_s()
+            self._cost = self._cost.with_lora_switch_s(switch_s)
+            log.info("LoRA adapters from %s; a switch of adapter set takes %.2f ms (measured)", config.lora_dir,
+                     switch_s * 1e3)
 
     def _warm_up_shapes(self, policy) -> None:
         """Compile every shape the policy can plan now (engine/warmup.py), when the model is compiled."""

@@ -26,6 +26,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+from tetri_engine.engine.lora import lora_key
 from tetri_engine.engine.stats import GroupRecord, RequestCounters, RoundCounters, RoundLog
 from tetri_engine.engine.tracker import RequestTracker, TrackedRequest
 from tetri_engine.request import CacheMode, RequestState
@@ -224,7 +225,7 @@ class EngineCore:
             outcome.errors = {rid: outcome.group_error for rid in info.group.request_ids}
             return outcome
         result = future.result()
-        outcome.executor_s = result.seconds + result.regroup_s + result.decode_s
+        outcome.executor_s = result.seconds + result.regroup_s + result.decode_s + result.lora_s
         for rid in info.group.request_ids:
             r = result.requests.get(rid)
             if r is None:
@@ -366,7 +367,8 @@ class EngineCore:
             try:
                 self.policy.add_request(SchedRequest(rid, req.width, req.height, req.num_inference_steps,
                                                      arrival_s=tracked.arrival_s, deadline_s=tracked.deadline_at_s,
-                                                     cached=req.cache == CacheMode.AUTO, cfg=tracked.cfg))
+                                                     cached=req.cache == CacheMode.AUTO, cfg=tracked.cfg,
+                                                     adapters=lora_key(req.lora)))
             except Exception as exc:
                 error = f"the scheduler refused it: {exc}"
         if error is not None:

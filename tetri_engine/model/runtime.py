@@ -277,24 +277,7 @@ def load_runtime(name_or_path: str = "tiny", devices: list[str] | None = None, d
     adapter = ADAPTERS[source.class_name](source.pipeline, text_tokens=source.text_tokens,
                                           random_text=source.random_text,
                                           attention=AttentionOptions(choice.backend, ulysses_chunks))
-    transformers: dict[str, torch.nn.Module] = {}
-    vaes: dict[str, torch.nn.Module] = {}
-    for name, device in zip(devices, torch_devices):
-        key = str(device)
-        if key in transformers:  # a CPU virtual device after the first
-            if not replica_per_device:
-                continue  # they share the one CPU model
-            transformers[name] = replicate(source.pipeline.transformer, device)
-            adapter.install_attention(transformers[name])
-            continue
-        if device == first:
-            transformers[key], vaes[key] = source.pipeline.transformer, source.pipeline.vae
-        else:
-            transformers[key] = replicate(source.pipeline.transformer, device)
-            vaes[key] = replicate(source.pipeline.vae, device)
-        adapter.install_attention(transformers[key])
-        if "patch_vae" in adapter.parallel_methods:
-            patch_vae.install(vaes[key])
+    transformers, vaes = _replicas(source.pipeline, adapter, devices, replica_per_device)
     # After the replicas are made (they copy the bf16 weights), each replica's own linears go float8.
     fp8_linears = sum(fp8_module.convert_linears(transformer_blocks(t)) for t in transformers.values()) if fp8 else 0
     compiled = _compile(list(transformers.values()), compile, compile_backend, first, cache_dir, source.name)
@@ -304,6 +287,33 @@ def load_runtime(name_or_path: str = "tiny", devices: list[str] | None = None, d
         vaes=vaes, encode_device=first, precision="fp8" if fp8 else str(dtype).replace("torch.", ""),
         attention=choice, compiled=compiled, fp8_linears=fp8_linears,
     )
+
+
+def _replicas(pipeline, adapter: ModelAdapter, devices: list[str], replica_per_device: bool
+              ) -> tuple[dict[str, torch.nn.Module], dict[str, torch.nn.Module]]:
+    """The transformer and VAE of each device (ModelRuntime.transformers / vaes): the pipeline's own on the
+    first, copies on other GPUs; CPU virtual devices share the CPU one, or with `replica_per_device` each gets
+    its own transformer (keyed by its name, "cpu:1")."""
+    first = torch_device(devices[0])
+    transformers: dict[str, torch.nn.Module] = {}
+    vaes: dict[str, torch.nn.Module] = {}
+    for name in devices:
+        device = torch_device(name)
+        key = str(device)
+        if key in transformers:  # a CPU virtual device after the first
+            if replica_per_device:
+                transformers[name] = replicate(pipeline.transformer, device)
+                adapter.install_attention(transformers[name])
+            continue
+        if device == first:
+            transformers[key], vaes[key] = pipeline.transformer, pipeline.vae
+        else:
+            transformers[key] = replicate(pipeline.transformer, device)
+            vaes[key] = replicate(pipeline.vae, device)
+        adapter.install_attention(transformers[key])
+        if "patch_vae" in adapter.parallel_methods:
+            patch_vae.install(vaes[key])
+    return transformers, vaes
 
 
 def _compile(transformers: list[torch.nn.Module], compile: bool, backend: str | Callable, first: torch.device,

@@ -24,6 +24,10 @@ not count on a saving nobody measured (the cache plan's own `expected_step_facto
 is not used here). `step_s(..., cached=True)` (and `fastest_step` / `isolated_s` with cached=True)
 apply it; the scheduler passes each request's `SchedRequest.cached`. `with_cache()` is the cost model
 of a workload in which every request caches.
+
+LoRA (issue 19): `lora_switch_s`, the seconds a group spends fusing another adapter set into its devices'
+weights before its steps (the profile's optional "lora_switch_ms"; the engine measures it at start-up when it
+serves adapters, `with_lora_switch_s`). 0 when absent: a profile without adapters switches nothing.
 """
 from __future__ import annotations
 
@@ -121,6 +125,9 @@ class CostModel:
             # Every request must be able to run on one device (late requests, fixed1, baselines).
             raise ValueError(f"profile has no degree-1 step times (degrees: {self.degrees})")
         self._step_cache: dict[tuple[int, int, int, int, int], float] = {}
+        self.lora_switch_s = float(self.meta.pop("lora_switch_ms", 0.0)) / 1e3
+        if not self.lora_switch_s >= 0:
+            raise ValueError(f"profile lora_switch_ms {self.lora_switch_s * 1e3} is invalid: expected >= 0")
 
     # ---- loading -------------------------------------------------------------------------------
 
@@ -169,7 +176,15 @@ class CostModel:
         out["encode_ms"] = self.encode_ms
         if self.cache_step_factor != 1.0:
             out["cache_step_factor"] = self.cache_step_factor
+        if self.lora_switch_s:
+            out["lora_switch_ms"] = self.lora_switch_s * 1e3
         return out
+
+    def with_lora_switch_s(self, seconds: float) -> "CostModel":
+        """This machine with an adapter-set switch costing `seconds` (measured: LoraDevices.measure_switch_s)."""
+        model = CostModel.from_dict({**self.to_dict(), "lora_switch_ms": float(seconds) * 1e3})
+        model.meta.update({k: v for k, v in self.meta.items() if k == "path"})
+        return model
 
     def with_cache(self) -> "CostModel":
         """This machine when every request runs with step caching: step times x cache_step_factor."""

@@ -412,30 +412,29 @@ class PaperTetriPolicy(Policy):
         """Merge identical-resolution degree-1 requests into batches where no member's deadline
         suffers (each member must still survive at the batched step time). Members may come from
         the requests the knapsack would not see (`spare`: (deadline, arrival, index, request)
-        entries); those are taken out of `spare`. With a measured cache factor, only requests with the
-        same `cached` are batched together (the batch is costed at their common step time)."""
-        pools: dict[tuple[int, int, bool], list[SchedRequest]] = {}  # (width, height, cached) -> requests
+        entries); those are taken out of `spare`. Members share `batch_key` (shape, LoRA adapters) and, with a
+        measured cache factor, `cached` (the batch is costed at their common step time)."""
+        pools: dict[tuple, list[SchedRequest]] = {}  # (_shape, batch_key) -> requests
         for it in items:
             r = it.members[0]
             if len(it.options) > 1 and it.options[1][0] == 1 and self._res_of(r).batch_step_s:
-                pools.setdefault(self._shape(r), []).append(r)
-        extra: dict[tuple[int, int, bool], list[tuple[float, float, int, SchedRequest]]] = {}
+                pools.setdefault((self._shape(r), r.batch_key), []).append(r)
+        extra: dict[tuple, list[tuple[float, float, int, SchedRequest]]] = {}
         batchable = {shape for shape, info in self._res_cache.items() if info.batch_step_s}
         for e in spare:
-            shape = self._shape(e[3])
-            if shape in batchable:
-                extra.setdefault(shape, []).append(e)
-        for shape, entries in extra.items():
-            info = self._res(*shape)
+            if self._shape(e[3]) in batchable:
+                extra.setdefault((self._shape(e[3]), e[3].batch_key), []).append(e)
+        for key, entries in extra.items():
+            info = self._res(*key[0])
             # A couple of full batches' worth, not the whole queue.
             for *_, r in heapq.nsmallest(2 * max(info.batch_step_s), entries):
                 plan = _allocate(info.hull, r.remaining_steps, r.deadline - now_s - info.decode_s)
                 if plan is not None and plan[1][0][0] == 1:
-                    pools.setdefault(shape, []).append(r)
+                    pools.setdefault(key, []).append(r)
         batched: set[int] = set()
         batches: list[_Item] = []
         max_batches = max(1, capacity // 2)  # batching is for when devices are short, not a default
-        for shape, pool in pools.items():
+        for (shape, _), pool in pools.items():
             if len(pool) < 2:
                 continue
             info = self._res(*shape)

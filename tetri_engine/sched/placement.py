@@ -14,14 +14,15 @@ widths in decreasing order can never fragment: after the wider blocks are placed
 are still a union of aligned blocks of the current width.
 
 Among the free aligned blocks a group prefers, in order: the exact devices its latent is on (no
-move, warm communicator); a block whose communicator already exists; the most overlap with where
-its latent is (least data moved); not taking devices where another request of this round sits;
-the lowest index.
+move, warm communicator); the most devices already holding its LoRA adapter set (no switch: issue 19,
+when the caller says what the devices hold and what each request wants); a block whose communicator
+already exists; the most overlap with where its latent is (least data moved); not taking devices where
+another request of this round sits; the lowest index.
 """
 from __future__ import annotations
 
 import functools
-from typing import Iterable, Sequence
+from typing import Iterable, Mapping, Sequence
 
 
 @functools.lru_cache(maxsize=256)
@@ -48,8 +49,11 @@ def place(
     free_devices: Iterable[int],
     num_devices: int,
     known_groups: set[tuple[int, ...]] | frozenset[tuple[int, ...]] = frozenset(),
+    held: Mapping[int, object] | None = None,
+    wants: Mapping[object, object] | None = None,
 ) -> dict[object, tuple[int, ...]]:
-    """Place (key, degree, current_device_ids) items on free devices.
+    """Place (key, degree, current_device_ids) items on free devices. held: device -> the LoRA adapter set
+    its weights hold; wants: key -> the set that item runs (both, or neither).
 
     Returns key -> device tuple for every item that could be placed (all of them whenever the
     degrees are powers of two summing to at most the number of free aligned devices). Items are
@@ -76,8 +80,10 @@ def place(
             if not free.issuperset(block):
                 continue
             others = sum(1 for d in block if d in claimed and claimed[d] != key)
+            holding = 0 if held is None else sum(1 for d in block if held.get(d, ()) == wants[key])
             score = (
                 block == tuple(current),
+                holding,
                 degree == 1 or block in known_groups,
                 len(cur.intersection(block)),
                 -others,

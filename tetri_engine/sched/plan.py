@@ -37,7 +37,10 @@ class SchedRequest:
     costs its steps with `cost.step_s(..., cached=True)` (the profile's cache_step_factor, 1.0 when
     not measured).
     cfg: its steps can run CFG-parallel (true classifier-free guidance on a model that offers it, not
-    cached): a policy may then run its two guidance branches side by side (`GroupAssignment.cfg`)."""
+    cached): a policy may then run its two guidance branches side by side (`GroupAssignment.cfg`).
+    adapters: its LoRA adapter set, ((name, scale), ...) in one canonical order (engine/lora.py); () for the
+    plain model. A group runs one set: requests batch only with the same `batch_key`, and a group whose
+    devices hold another set first switches (`cost.lora_switch_s`)."""
 
     request_id: str
     width: int
@@ -47,6 +50,7 @@ class SchedRequest:
     deadline_s: float | None = None
     cached: bool = False
     cfg: bool = False
+    adapters: tuple = ()
     # ---- tracked by the policy ----
     steps_done: int = 0
     device_ids: tuple[int, ...] = ()  # devices holding its latent (empty: not placed yet)
@@ -60,6 +64,11 @@ class SchedRequest:
     @property
     def remaining_steps(self) -> int:
         return self.num_steps - self.steps_done
+
+    @property
+    def batch_key(self) -> tuple:
+        """What requests run as one batched forward must share: the shape and the weights (adapter set)."""
+        return (self.width, self.height, self.adapters)
 
     @property
     def tokens(self) -> int:

@@ -111,6 +111,9 @@ class Policy:
         self._fastest_cache: dict[tuple[int, int, bool, bool], tuple[float, float]] = {}
         # Device tuples used by some group so far: their communicators exist in the engine's cache.
         self.known_groups: set[tuple[int, ...]] = set()
+        # device -> the LoRA adapter set fused into its weights (SchedRequest.adapters): that of the last
+        # group planned on it, which the executor leaves in place. () : the plain model.
+        self.held_adapters: dict[int, tuple] = {}
 
     # ---- request tracker -----------------------------------------------------------------------
 
@@ -313,6 +316,36 @@ class Policy:
                 t += self.decode_plan(r.width, r.height, degree)[1]
         return t
 
+    def switch_s(self, device_ids: Sequence[int], adapters: tuple) -> float:
+        """Seconds a group on these devices first spends switching their LoRA adapter set to `adapters`
+        (every device switches at once): cost.lora_switch_s when one of them holds another set, else 0."""
+        if any(self.held_adapters.get(d, ()) != adapters for d in device_ids):
+            return self.cost.lora_switch_s
+        return 0.0
+
+    def _checked_group(self, spec: GroupSpec, free: set[int], seen: set[str]) -> tuple[tuple[int, ...], list]:
+        """A spec's devices and requests, after checking that it can run as planned (else RuntimeError: a bug in
+        the policy). Adds its request ids to `seen`."""
+        devs = tuple(spec.device_ids)
+        if not devs or not free.issuperset(devs) or len(set(devs)) != len(devs):
+            raise RuntimeError(f"{self.name}: group on devices {devs} is not free (idle {sorted(free)})")
+        if len(devs) not in self.degrees:
+            raise RuntimeError(f"{self.name}: degree {len(devs)} is not profiled ({self.degrees})")
+        reqs = []
+        for rid in spec.request_ids:
+            req = self._requests.get(rid)
+            if req is None or req.state is not SchedState.WAITING or rid in seen:
+                raise RuntimeError(f"{self.name}: request {rid!r} cannot be planned")
+            reqs.append(req)
+            seen.add(rid)
+        if len({r.batch_key for r in reqs}) != 1:
+            raise RuntimeError(f"{self.name}: a batched group must have one resolution and one adapter set")
+        if not 1 <= spec.num_steps <= min(r.remaining_steps for r in reqs):
+            raise RuntimeError(f"{self.name}: {spec.num_steps} steps for {spec.request_ids}")
+        if spec.cfg != 1 and (spec.cfg != 2 or len(devs) % 2 or not all(r.cfg for r in reqs)):
+            raise RuntimeError(f"{self.name}: cfg {spec.cfg} on {len(devs)} devices for {spec.request_ids}")
+        return devs, reqs
+
     def _commit(self, now_s: float, specs: list[GroupSpec], idle: list[int], backfill: bool = False,
                 given_up: frozenset[str] = frozenset()) -> RoundPlan:
         idle_set = set(idle)
@@ -322,30 +355,14 @@ class Policy:
         moves: list[LatentMove] = []
         degrees: dict[str, int] = {}
         for spec in specs:
-            devs = tuple(spec.device_ids)
-            if not devs or not idle_set.issuperset(devs) or used.intersection(devs) or len(set(devs)) != len(devs):
-                raise RuntimeError(f"{self.name}: group on devices {devs} is not free (idle {sorted(idle_set - used)})")
-            if len(devs) not in self.degrees:
-                raise RuntimeError(f"{self.name}: degree {len(devs)} is not profiled ({self.degrees})")
-            reqs = []
-            for rid in spec.request_ids:
-                req = self._requests.get(rid)
-                if req is None or req.state is not SchedState.WAITING or rid in seen:
-                    raise RuntimeError(f"{self.name}: request {rid!r} cannot be planned")
-                reqs.append(req)
-                seen.add(rid)
-            if len({(r.width, r.height) for r in reqs}) != 1:
-                raise RuntimeError(f"{self.name}: a batched group must have one resolution")
-            if not 1 <= spec.num_steps <= min(r.remaining_steps for r in reqs):
-                raise RuntimeError(f"{self.name}: {spec.num_steps} steps for {spec.request_ids}")
-            if spec.cfg != 1 and (spec.cfg != 2 or len(devs) % 2 or not all(r.cfg for r in reqs)):
-                raise RuntimeError(f"{self.name}: cfg {spec.cfg} on {len(devs)} devices for {spec.request_ids}")
+            devs, reqs = self._checked_group(spec, idle_set - used, seen)
             used.update(devs)
             decode_after = any(spec.num_steps >= r.remaining_steps for r in reqs)
             decode_degree = self.decode_plan(reqs[0].width, reqs[0].height, len(devs))[0] if decode_after else 1
-            group = GroupAssignment(devs, tuple(spec.request_ids), spec.num_steps, decode_after,
-                                    self.group_s(reqs, len(devs), spec.num_steps, spec.cfg), cfg=spec.cfg,
-                                    decode_degree=decode_degree)
+            expected_s = self.group_s(reqs, len(devs), spec.num_steps, spec.cfg) + self.switch_s(devs, reqs[0].adapters)
+            group = GroupAssignment(devs, tuple(spec.request_ids), spec.num_steps, decode_after, expected_s,
+                                    cfg=spec.cfg, decode_degree=decode_degree)
+            self.held_adapters.update((d, reqs[0].adapters) for d in devs)
             groups.append(group)
             for d in devs:
                 self._free_at[d] = now_s + group.expected_s

@@ -20,8 +20,10 @@ This one decides who can make it *together*, and is event-driven. Every `schedul
    `rescue_slowdown`: given-up requests whose slowdown would reach it go first, `_rescue`.)
 5. Late requests (`_start_late`): what is still idle runs given-up requests, least remaining work
    first (shortest remaining processing time), then scale-up again for them.
-6. Placement (`_place`, placement.py): aligned groups, a request keeps the devices its latent is on;
-   a group that finds its idle devices fragmented runs at half the degree.
+6. Placement (`_place`, placement.py): aligned groups, a request keeps the devices its latent is on,
+   else takes devices that hold its LoRA adapter set (a group on devices holding another set pays
+   `cost.lora_switch_s` first: `Policy.switch_s`, in its expected time); a group that finds its idle
+   devices fragmented runs at half the degree.
 
 Parallel layouts (issue 16) are options like degrees: on k devices a request runs the fastest layout
 the profile has for it (`cost.step_options`: Ulysses over k, or, with true classifier-free guidance,
@@ -366,7 +368,8 @@ class TetriPolicy(Policy):
         todo = dict(chosen)
         while todo:
             placed = place([(rid, d, self._requests[rid].device_ids) for rid, (d, _) in todo.items()],
-                           free, self.num_devices, self.known_groups)
+                           free, self.num_devices, self.known_groups, self.held_adapters,
+                           {rid: self._requests[rid].adapters for rid in todo})
             retry = {}
             for rid, (d, q) in todo.items():
                 devs = placed.get(rid)
