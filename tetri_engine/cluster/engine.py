@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import logging
 import random
 import signal
@@ -34,7 +35,7 @@ from typing import Any, AsyncIterator
 from tetri_engine.cluster.config import ClusterConfig
 from tetri_engine.cluster.stats import ClusterStats
 from tetri_engine.cluster.wire import Accepted, ClusterRequestMetrics, ReplicaEstimate
-from tetri_engine.config import EngineConfig
+from tetri_engine.config import EngineConfig, lora_file
 from tetri_engine.errors import EngineNotRunning, RejectionReason, RequestRejected
 from tetri_engine.request import GenerationOutput, GenerationRequest, OutputKind, RequestState, SizeRule
 from tetri_engine.sched.routing import Refusal, choose_by_deadline
@@ -109,6 +110,15 @@ class ClusterEngine:
 
     def busy_devices(self) -> list[str]:
         return [d for s in self._stats.live.values() for d in s.busy_devices]
+
+    def lora_adapters(self) -> list[str]:
+        """The LoRA adapters of lora_dir as this host sees it (every replica's host has them at the same path)."""
+        return list(self.config.lora_files())
+
+    @property
+    def lora_check(self):
+        """name -> ValueError for an adapter not in lora_dir (the replica checks it again); None: no adapters."""
+        return None if self.config.lora_dir is None else functools.partial(lora_file, self.config.lora_dir)
 
     def stats(self) -> dict[str, Any]:
         out = self._stats.stats()

@@ -22,9 +22,9 @@ from dataclasses import dataclass, replace
 from typing import Any, Callable
 
 from tetri_engine.config import AdmissionMode, EngineConfig
-from tetri_engine.engine.lora import normalize_lora
 from tetri_engine.errors import RejectionReason, RequestRejected
-from tetri_engine.request import MAX_GUIDANCE_SCALE, MAX_PROMPT_CHARS, CacheMode, GenerationRequest, SizeRule
+from tetri_engine.request import (MAX_GUIDANCE_SCALE, MAX_PROMPT_CHARS, CacheMode, GenerationRequest, SizeRule,
+                                  normalize_lora)
 
 MAX_SEED = 2**63 - 1
 
@@ -46,6 +46,7 @@ def validate_request(request: GenerationRequest, config: EngineConfig, limits: M
     """Return a copy of `request` with every default filled in, or raise ValueError saying what is wrong."""
     if not isinstance(request, GenerationRequest):
         raise TypeError(f"expected a GenerationRequest, got {type(request).__name__}")
+    request = replace(request, lora=normalize_lora(request.lora, limits.lora_check))  # LoRA adapters: request.py
     check_text("prompt", request.prompt)
     if request.negative_prompt is not None:
         check_text("negative_prompt", request.negative_prompt)
@@ -83,9 +84,8 @@ def validate_request(request: GenerationRequest, config: EngineConfig, limits: M
     elif not isinstance(request_id, str) or not request_id:
         raise ValueError(f"request_id={request_id!r} must be a non-empty string")
 
-    lora = normalize_lora(request.lora, limits.lora_check)
     return replace(request, num_inference_steps=steps, guidance_scale=float(guidance), seed=seed,
-                   slo_scale=float(slo_scale), request_id=request_id, cache=cache, lora=lora)
+                   slo_scale=float(slo_scale), request_id=request_id, cache=cache)
 
 
 def check_text(name: str, text: object) -> None:

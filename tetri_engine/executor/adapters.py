@@ -26,7 +26,7 @@ from typing import Any, Sequence
 
 import torch
 
-from tetri_engine.config import lora_files
+from tetri_engine.config import lora_file, lora_files
 from tetri_engine.model.lora import FusedLoras, LoraWeights, layer_shape, read_adapter
 from tetri_engine.model.runtime import torch_device
 
@@ -92,11 +92,7 @@ class LoraDevices:
     def check(self, name: str) -> str:
         """The file of adapter `name` -> ValueError when there is none, or when it was read before and could not
         be used. Cheap (a directory listing): admission calls it for every request."""
-        files = lora_files(self.lora_dir)
-        path = files.get(name)
-        if path is None:
-            listed = ", ".join(files) or "none"
-            raise ValueError(f"unknown LoRA adapter {name!r}: the adapters here are {listed}")
+        path = lora_file(self.lora_dir, name)
         try:
             version = _version(path)
         except OSError as exc:

@@ -113,7 +113,7 @@ async def _create_images(request: web.Request, engine: "AsyncEngine",
 def limits(config: ServerConfig, engine: "AsyncEngine") -> protocol.Limits:
     return protocol.Limits(model_name=config.model_name, size_rule=engine.size_rule,
                            max_steps=config.engine.max_steps, max_n=config.max_n,
-                           default_size=config.resolved_default_size)
+                           default_size=config.resolved_default_size, lora_check=engine.lora_check)
 
 
 async def generate_all(engine: "AsyncEngine", requests: list[GenerationRequest],
@@ -244,16 +244,27 @@ def _model_card(app: web.Application) -> dict:
             "owned_by": "tetri-engine"}
 
 
+def _lora_cards(app: web.Application) -> list[dict]:
+    """The LoRA adapters requests may name in "lora" (issue 19), as vLLM lists its adapters: a card each,
+    its `parent` the served model."""
+    engine = app.get(ENGINE)
+    names = engine.lora_adapters() if engine is not None else list(app[CONFIG].engine.lora_files())
+    return [{**_model_card(app), "id": name, "parent": app[CONFIG].model_name} for name in names]
+
+
 async def list_models(request: web.Request) -> web.Response:
-    return web.json_response({"object": "list", "data": [_model_card(request.app)]})
+    return web.json_response({"object": "list", "data": [_model_card(request.app), *_lora_cards(request.app)]})
 
 
 async def get_model(request: web.Request) -> web.Response:
     model_id = request.match_info["model_id"]
-    if model_id != request.app[CONFIG].model_name:
+    if model_id == request.app[CONFIG].model_name:
+        return web.json_response(_model_card(request.app))
+    card = next((c for c in _lora_cards(request.app) if c["id"] == model_id), None)
+    if card is None:
         raise APIError(404, f"The model {protocol.shown(model_id)} does not exist here; see GET /v1/models.",
                        param="model", code="model_not_found")
-    return web.json_response(_model_card(request.app))
+    return web.json_response(card)
 
 
 async def health(request: web.Request) -> web.Response:

@@ -15,11 +15,11 @@ import re
 import time
 import uuid
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 from tetri_engine.errors import RejectionReason, RequestRejected
 from tetri_engine.request import (MAX_GUIDANCE_SCALE, MAX_PROMPT_CHARS, PATCH_PX, CacheMode, GenerationOutput,
-                                  GenerationRequest, SizeRule)
+                                  GenerationRequest, LoraRef, SizeRule, normalize_lora)
 
 MAX_SEED = 2**63 - 1
 MAX_PARTIAL_IMAGES = 3  # OpenAI's limit
@@ -39,7 +39,7 @@ IGNORED_OTHER = {"safety_identifier", "output_compression"}  # a string; an inte
 OPENAI_PARAMS = {"prompt", "n", "size", "response_format", "model", "user", "output_format",
                  "stream", "partial_images", "background", *IGNORED_CHOICES, *IGNORED_OTHER}
 GENERATION_EXTENSIONS = {"num_inference_steps", "guidance_scale", "negative_prompt", "seed",
-                         "deadline_ms", "slo_scale", "preview_every", "progress_events", "cache"}
+                         "deadline_ms", "slo_scale", "preview_every", "progress_events", "cache", "lora"}
 
 
 class APIError(Exception):
@@ -121,6 +121,8 @@ class Limits:
     max_steps: int = 100
     max_n: int = 4
     default_size: str = "512x512"
+    # name -> ValueError for a LoRA adapter the engine does not have (`AsyncEngine.check_lora`); None: no adapters
+    lora_check: Callable[[str], Any] | None = None
 
 
 @dataclass(frozen=True)
@@ -142,6 +144,7 @@ class ImageGenerationParams:
     preview_every: int | None = None  # ours: a preview every K steps
     progress_events: bool = True  # stream tetri.queued / tetri.round / tetri.step events too
     cache: CacheMode = CacheMode.OFF  # step caching (GenerationRequest.cache)
+    lora: tuple[LoraRef, ...] = ()  # LoRA adapters (GenerationRequest.lora)
     user: str | None = None
 
     @property
@@ -168,6 +171,7 @@ class ImageGenerationParams:
                 request_id=base_id if self.n == 1 else f"{base_id}-{i}",
                 preview_every=previews,
                 cache=self.cache,
+                lora=self.lora,
             ))
         return requests
 
@@ -267,12 +271,16 @@ def parse_generation_request(body: Any, limits: Limits) -> ImageGenerationParams
         raise bad_request(f"'cache' must be 'off' (every step computed) or 'auto' (step caching with "
                           f"the model's cache plan), got {shown(cache)}.", "cache")
     user = _string(body, "user")
+    try:
+        lora = normalize_lora(body.get("lora"), limits.lora_check)
+    except ValueError as exc:
+        raise bad_request(f"{exc}.", "lora") from None
 
     return ImageGenerationParams(
         prompt=prompt, n=n, width=width, height=height, stream=stream,
         num_inference_steps=steps, guidance_scale=guidance, negative_prompt=negative, seed=seed,
         deadline_ms=deadline_ms, slo_scale=slo_scale, partial_images=partial_images, preview_every=preview_every,
-        progress_events=progress_events, cache=CacheMode(cache), user=user)
+        progress_events=progress_events, cache=CacheMode(cache), user=user, lora=lora)
 
 
 def _check_model_and_format(body: dict, limits: Limits) -> None:
