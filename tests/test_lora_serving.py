@@ -133,3 +133,28 @@ async def test_the_openai_client_sends_lora(client):
                       await generate(client, lora=[{"name": "style", "scale": 1.0}]))
     assert bad.status_code == 400 and "unknown LoRA adapter" in bad.message
     assert models == ["tiny", "ink", "style"]
+
+
+async def test_an_edit_takes_lora_as_a_json_form_field(client):
+    from aiohttp import FormData
+    from PIL import Image
+
+    source = io.BytesIO()
+    Image.new("RGB", (64, 64), (200, 120, 40)).save(source, format="PNG")
+
+    async def edit(lora: str | None):
+        data = FormData(default_to_multipart=True)
+        for name, value in (("prompt", "a boat"), ("num_inference_steps", "4"), ("seed", "3")):
+            data.add_field(name, value)
+        if lora is not None:
+            data.add_field("lora", lora)
+        data.add_field("image", source.getvalue(), filename="image.png", content_type="image/png")
+        return await client.post("/v1/images/edits", data=data)
+
+    plain = await edit(None)
+    styled = await edit('[{"name": "style", "scale": 1.0}]')
+    assert plain.status == 200 and styled.status == 200, await styled.text()
+    assert np.abs(pixels(await styled.json()) - pixels(await plain.json())).mean() > 2.0
+    bad = await edit('[{"name": "nope"}]')
+    assert bad.status == 400 and (await bad.json())["error"]["param"] == "lora"
+    assert (await edit("style")).status == 400  # not JSON: the protocol says what "lora" must be

@@ -19,6 +19,9 @@ MIN_SIZE_PX = 64
 # tokenizing costs time linear in the text: an unbounded prompt held admission for seconds.
 MAX_PROMPT_CHARS = 32_000
 MAX_GUIDANCE_SCALE = 100.0  # classifier-free guidance far beyond any model's useful range (3..10)
+# Image edits (img2img, inpainting): how far the input is noised when a request does not say (diffusers'
+# FluxImg2ImgPipeline / FluxInpaintPipeline default).
+DEFAULT_EDIT_STRENGTH = 0.6
 
 
 class StrEnum(str, enum.Enum):
@@ -197,6 +200,29 @@ class GenerationRequest:
     lora: tuple[LoraRef, ...] | list | None = None
     cache: CacheMode | str = CacheMode.OFF  # step caching (admission makes it a CacheMode)
     preview_every: int = 0  # >0: a low-cost preview image every K steps (streaming)
+    # Image edits (engine/edit_input.py checks them): the input image (PIL image or uint8 array [H, W, 3|4]),
+    # resized to width x height; mask (PIL image with alpha or uint8 [H, W, 4], alpha 0 = edit, as OpenAI
+    # defines it; or a bool [H, W] array, True = edit): only the masked region changes; strength: how far the
+    # input is noised, 0 < strength <= 1 (None: DEFAULT_EDIT_STRENGTH). Without an image: text-to-image.
+    image: Any = None
+    mask: Any = None
+    strength: float | None = None
+
+    @property
+    def denoise_steps(self) -> int | None:
+        """The steps that run: num_inference_steps, or for an edit its share after `strength` (`edit_steps`).
+        What the scheduler plans and the metrics count."""
+        steps = self.num_inference_steps
+        if self.image is None or steps is None:
+            return steps
+        return edit_steps(steps, DEFAULT_EDIT_STRENGTH if self.strength is None else self.strength)
+
+
+def edit_steps(num_steps: int, strength: float) -> int:
+    """Steps an edit runs: the last ones of a `num_steps` schedule, from the one whose noise level `strength`
+    reaches. diffusers' `get_timesteps` (FluxImg2ImgPipeline, StableDiffusion3Img2ImgPipeline, the inpaint
+    pipelines): t_start = int(N - N * strength), so 28 steps at 0.6 run 17, not int(0.6 * 28) = 16."""
+    return num_steps - int(max(num_steps - min(num_steps * strength, num_steps), 0))
 
 
 @dataclass

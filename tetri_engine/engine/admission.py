@@ -22,6 +22,7 @@ from dataclasses import dataclass, replace
 from typing import Any, Callable
 
 from tetri_engine.config import AdmissionMode, EngineConfig
+from tetri_engine.engine.edit_input import check_edit
 from tetri_engine.errors import RejectionReason, RequestRejected
 from tetri_engine.request import (MAX_GUIDANCE_SCALE, MAX_PROMPT_CHARS, CacheMode, GenerationRequest, SizeRule,
                                   normalize_lora)
@@ -84,8 +85,13 @@ def validate_request(request: GenerationRequest, config: EngineConfig, limits: M
     elif not isinstance(request_id, str) or not request_id:
         raise ValueError(f"request_id={request_id!r} must be a non-empty string")
 
+    edit = {}
+    if request.image is not None or request.mask is not None or request.strength is not None:
+        checked = check_edit(request.image, request.mask, request.strength, steps)  # engine/edit_input.py
+        edit = {"image": checked.rgb, "mask": checked.edit, "strength": checked.strength}
+
     return replace(request, num_inference_steps=steps, guidance_scale=float(guidance), seed=seed,
-                   slo_scale=float(slo_scale), request_id=request_id, cache=cache)
+                   slo_scale=float(slo_scale), request_id=request_id, cache=cache, **edit)
 
 
 def check_text(name: str, text: object) -> None:
@@ -151,7 +157,7 @@ class Admission:
 
         if req.deadline_s is not None:
             return float(req.deadline_s)
-        return slo_s(req.width, req.height, req.num_inference_steps, cost=self.cost, scale=req.slo_scale,
+        return slo_s(req.width, req.height, req.denoise_steps, cost=self.cost, scale=req.slo_scale,
                      max_degree=policy.max_degree)
 
     def _check_deadline(self, req: GenerationRequest, deadline_s: float, policy: Any, now_s: float) -> None:
@@ -160,18 +166,18 @@ class Admission:
         with its estimate of when it would fit). Admission "reject" refuses both; "best_effort" takes
         them, and the policy gives up whom it must (the request's "late" output says so)."""
         cached, cfg = req.cache == CacheMode.AUTO, self.cfg_parallel(req)
-        answer = policy.admission_check(req.width, req.height, req.num_inference_steps, now_s + deadline_s,
+        answer = policy.admission_check(req.width, req.height, req.denoise_steps, now_s + deadline_s,
                                         now_s, cached=cached, cfg=cfg)
         if answer.fits or self.config.admission != AdmissionMode.REJECT:
             return
-        size = f"{req.width}x{req.height} in {req.num_inference_steps} steps"
+        size = f"{req.width}x{req.height} in {req.denoise_steps} steps"
         if answer.reason == "busy":
             raise RequestRejected(
                 f"deadline {deadline_s:.3g} s cannot be met alongside the requests already accepted: {size}"
                 + (f" would fit in about {answer.retry_after_s:.3g} s" if answer.retry_after_s is not None else ""),
                 reason=RejectionReason.BUSY,
                 retry_after_s=answer.retry_after_s)
-        fastest_s = policy.min_finish_s(req.width, req.height, req.num_inference_steps, now_s, cached=cached,
+        fastest_s = policy.min_finish_s(req.width, req.height, req.denoise_steps, now_s, cached=cached,
                                         cfg=cfg) - now_s
         raise RequestRejected(
             f"deadline {deadline_s:.3g} s cannot be met: {size} takes at least {fastest_s:.3g} s here, "

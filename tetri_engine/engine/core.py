@@ -364,7 +364,7 @@ class EngineCore:
             return
         if error is None:
             try:
-                self.policy.add_request(SchedRequest(rid, req.width, req.height, req.num_inference_steps,
+                self.policy.add_request(SchedRequest(rid, req.width, req.height, req.denoise_steps,
                                                      arrival_s=tracked.arrival_s, deadline_s=tracked.deadline_at_s,
                                                      cached=req.cache == CacheMode.AUTO, cfg=tracked.cfg,
                                                      adapters=lora_key(req.lora)))

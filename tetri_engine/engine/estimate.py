@@ -35,7 +35,7 @@ def estimate_request(admission: Admission, policy: Any, live: dict[str, Any], dr
     pending = [SchedRequest(t.request_id, t.request.width, t.request.height, t.total_steps, t.arrival_s,
                             t.deadline_at_s, cached=t.request.cache == CacheMode.AUTO, cfg=t.cfg)
                for t in live.values() if not t.in_policy and t.first_round_s is None and not t.state.is_terminal]
-    e = policy.estimate(req.width, req.height, req.num_inference_steps, now_s + deadline_s, now_s, cached,
+    e = policy.estimate(req.width, req.height, req.denoise_steps, now_s + deadline_s, now_s, cached,
                         pending=pending, cfg=admission.cfg_parallel(req))
     held = len(live)
     refusal = None

@@ -42,6 +42,11 @@ on: a bug here costs speed, not correctness. A rank whose input copy fails still
 peers' exchanges need it) and then reports the failure at the batch's first step, so a failing request
 fails alone as in eager mode. Requests whose schedule is longer than SCHEDULE_CAPACITY run eagerly.
 
+An inpainting request's step also blends its kept tokens after the Euler update (model/image_input.py,
+`inpaint_blend`) with its shard's image latents, noise and mask held in static buffers of its
+`_StaticRequest` (loaded with its schedule) and the next sigma read at `position`; whether a request
+inpaints is in the key.
+
 Graphs are never used on CPU devices, nor for steps with the step cache (cache="auto": its forward
 decides per step which blocks run).
 """
@@ -58,6 +63,7 @@ from typing import Any, Callable
 import torch
 
 from tetri_engine.model.adapter import flow_match_euler_step
+from tetri_engine.model.image_input import inpaint_blend
 from tetri_engine.model.ulysses import sequence_parallel
 
 WARMUP_FORWARDS = 1  # eager steps on the capture stream before each capture
@@ -84,9 +90,14 @@ class _StaticRequest:
     device data (`position` = [i, i + 1], advanced by the graph), and (while capturing only) the
     request's other attributes."""
 
-    def __init__(self, prepared: Any, device: torch.device):
+    def __init__(self, prepared: Any, device: torch.device, shard_of: tuple[int, int] = (0, 1)):
         self._prepared = prepared
         self._device = str(device)
+        self._shard_of = shard_of  # (rank, degree) of the shard in its sequence-parallel group
+        # Inpainting (model/image_input.py): the input's latents, noise and mask of the shard, static too.
+        edit = getattr(prepared, "edit", None)
+        self.kept = tuple(t.clone() for t in edit.shard(device, *shard_of)) if edit is not None and edit.inpaints \
+            else None
         schedule = prepared.on(device)
         self.timesteps = torch.zeros(SCHEDULE_CAPACITY, dtype=schedule["timesteps"].dtype, device=device)
         self.sigmas = torch.zeros(SCHEDULE_CAPACITY, dtype=schedule["sigmas"].dtype, device=device)
@@ -101,6 +112,9 @@ class _StaticRequest:
             schedule = prepared.on(torch.device(self._device))
             self.timesteps[:len(schedule["timesteps"])].copy_(schedule["timesteps"])
             self.sigmas[:len(schedule["sigmas"])].copy_(schedule["sigmas"])
+            if self.kept is not None:
+                for static, source in zip(self.kept, prepared.edit.shard(torch.device(self._device), *self._shard_of)):
+                    static.copy_(source)
             self._source = weakref.ref(prepared)
         self.position[0].fill_(step_index)  # (fills from host numbers: no sync)
         self.position[1].fill_(step_index + 1)
@@ -149,7 +163,10 @@ class Graph:
             velocities = adapter.velocity(transformer, self.latents, self.requests, [0] * len(self.requests),
                                           self.inputs)
         for latent, request, velocity in zip(self.latents, self.requests, velocities):
-            new = flow_match_euler_step(latent, velocity, request.sigma_pair(), 0)
+            sigma_pair = request.sigma_pair()
+            new = flow_match_euler_step(latent, velocity, sigma_pair, 0)
+            if request.kept is not None:  # inpainting: the kept tokens follow the input's noised latents
+                new = inpaint_blend(new, *request.kept, sigma_pair[1])
             if self.valid < latent.shape[1]:
                 new[:, self.valid:] = 0  # padding stays zero, as ops.shard made it
             latent.copy_(new)
@@ -235,7 +252,8 @@ class CudaGraphs:
     def key(model: str, device: torch.device, group: tuple[str, ...], rank: int, shards: list[torch.Tensor],
             prepared: list[Any], cfg: int = 1) -> tuple:
         first = prepared[0]
-        per_request = tuple((tuple(s.shape), str(s.dtype), p.rows, p.guidance_scale if p.rows > 1 else None)
+        per_request = tuple((tuple(s.shape), str(s.dtype), p.rows, p.guidance_scale if p.rows > 1 else None,
+                             getattr(p, "edit", None) is not None and p.edit.inpaints)
                             for s, p in zip(shards, prepared))
         return (model, str(device), tuple(group), rank, len(group), per_request, first.width, first.height,
                 first.text_tokens, cfg)
@@ -259,15 +277,16 @@ class CudaGraphs:
 
     # -- capture, in two halves with a group vote between them (segments.graph_for_batch)
     def prepare(self, device: torch.device, key: tuple, shards: list[torch.Tensor], prepared: list[Any],
-                inputs: dict[str, torch.Tensor], valid: int) -> Graph:
+                inputs: dict[str, torch.Tensor], valid: int, shard_of: tuple[int, int] = (0, 1)) -> Graph:
         """Static buffers for a new graph of `key` (any old one is dropped first, freeing its memory).
-        valid: real tokens of each shard (the rest is padding)."""
+        valid: real tokens of each shard (the rest is padding); shard_of: (rank, degree) of the shards in
+        their sequence-parallel group."""
         dev = self._device(device)
         with self._lock:
             dev.graphs.pop(key, None)
         # Allocated on the thread's own stream with the ordinary allocator: outside the graph pool.
         latents = [s.clone() for s in shards]
-        requests = [_StaticRequest(p, device) for p in prepared]
+        requests = [_StaticRequest(p, device, shard_of) for p in prepared]
         static_inputs = {name: t.clone() for name, t in inputs.items()}
         graph = Graph(key, device, latents, requests, static_inputs, valid)
         graph.sources = dict(inputs)

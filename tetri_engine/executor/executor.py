@@ -50,6 +50,7 @@ from tetri_engine.executor.options import StepEnv, StepOptions
 from tetri_engine.executor.state import (DenoiseState, EncodeResult, ModelInfo, RequestProgress, StepsResult,
                                          describe_error)
 from tetri_engine.executor.steps import StepsJob
+from tetri_engine.model.image_input import prepare_edit
 from tetri_engine.model.runtime import ModelRuntime, torch_device
 from tetri_engine.model.ulysses import check_heads
 from tetri_engine.request import CacheMode, lora_key, normalize_lora
@@ -226,6 +227,9 @@ class Executor:
                         prompt=request.prompt, width=state.width, height=state.height, seed=state.seed,
                         num_steps=request.num_inference_steps, guidance_scale=request.guidance_scale,
                         negative_prompt=request.negative_prompt)
+                    if getattr(request, "image", None) is not None:  # an edit (model/image_input.py)
+                        prepared = prepare_edit(self.runtime, prepared, request.image, request.mask,
+                                                request.strength)
                     if self.step_options.host_conditioning:  # off the encode device (latents.py says why)
                         conditioning_to_host(prepared)
                     if stream is not None:

@@ -20,6 +20,7 @@ from tetri_engine import ops
 from tetri_engine.executor.agreement import RankAgreement
 from tetri_engine.executor.state import DenoiseState, describe_error
 from tetri_engine.model.adapter import flow_match_euler_step
+from tetri_engine.model.image_input import after_step
 from tetri_engine.model.step_cache import CacheStep
 from tetri_engine.model.ulysses import SPContext, sequence_parallel, shard_length, valid_tokens
 from tetri_engine.ops.step_loop import BUDGET, FINISHED, STOPPED
@@ -156,7 +157,9 @@ class EagerStep:
                 velocities = adapter.velocity(self.transformer, shards, [s.prepared for s in self.batch],
                                               step_indices, self.inputs, **cache_kwargs)
             for s, shard, v, i in zip(self.batch, shards, velocities, step_indices):
-                new = flow_match_euler_step(shard, v, s.prepared.on(shard.device)["sigmas"], i)
+                sigmas = s.prepared.on(shard.device)["sigmas"]
+                new = flow_match_euler_step(shard, v, sigmas, i)
+                new = after_step(s.prepared, new, self.context.rank, self.context.degree, sigmas[i + 1])  # inpainting
                 # (the shard's place in its guidance branch's sequence-parallel group)
                 valid = valid_tokens(s.prepared.image_tokens, self.context.degree, self.context.rank)
                 if valid < shard_length(s.prepared.image_tokens, self.context.degree):
@@ -241,4 +244,4 @@ def graph_for_batch(graphs: Any, agreement: RankAgreement, rank: int, batch: lis
 
 def _prepare(graphs, device, key, shards, prepared, inputs, context: SPContext, rank: int):
     valid = valid_tokens(prepared[0].image_tokens, context.degree, context.rank)  # (its branch's rank)
-    return graphs.prepare(device, key, shards, prepared, inputs, valid)
+    return graphs.prepare(device, key, shards, prepared, inputs, valid, (context.rank, context.degree))

@@ -158,6 +158,7 @@ class PreparedRequest:
     timesteps: torch.Tensor  # [num_steps], CPU
     sigmas: torch.Tensor  # [num_steps + 1], CPU, float32
     cond: dict[str, torch.Tensor]
+    edit: Any = None  # an image edit's tensors (model/image_input.EditLatents), else None
     _on_device: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 

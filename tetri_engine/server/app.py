@@ -2,6 +2,7 @@
 
 Routes
   POST /v1/images/generations   OpenAI-compatible image generation (JSON, or SSE with stream=true)
+  POST /v1/images/edits         OpenAI-compatible image edits (multipart: img2img, inpainting; edits.py)
   GET  /v1/models, /v1/models/{id}
   GET  /health                  200 when the engine serves, 503 while starting, draining or failed
   GET  /metrics                 Prometheus text exposition
@@ -29,7 +30,7 @@ from aiohttp import web
 from tetri_engine.config import EngineConfig
 from tetri_engine.errors import EngineNotRunning, RequestRejected
 from tetri_engine.request import GenerationOutput, GenerationRequest, RequestState
-from tetri_engine.server import connection, dashboard, lifecycle, middleware
+from tetri_engine.server import connection, dashboard, edits, lifecycle, middleware
 from tetri_engine.server import metrics as prom
 from tetri_engine.server import protocol
 from tetri_engine.server.config import ServerConfig
@@ -57,6 +58,7 @@ def create_app(config: ServerConfig, engine_factory: Callable[[EngineConfig], An
     app.on_shutdown.append(lifecycle.mark_draining)
     app.on_response_prepare.append(middleware.add_cors_headers)
     app.router.add_post("/v1/images/generations", create_images)
+    app.router.add_post("/v1/images/edits", create_image_edits)
     app.router.add_get("/v1/models", list_models)
     app.router.add_get("/v1/models/{model_id:.+}", get_model)
     app.router.add_get("/health", health)
@@ -77,26 +79,37 @@ def check_config(config: ServerConfig) -> None:
 # --- images ---------------------------------------------------------------------------------------
 
 
-async def create_images(request: web.Request) -> web.StreamResponse:
+async def create_images(request: web.Request, edit: bool = False) -> web.StreamResponse:
     engine = lifecycle.require_serving(request.app)
     with lifecycle.Flight(request.app[STATE]) as flight:
         try:
-            return await _create_images(request, engine, flight)
+            return await _create_images(request, engine, flight, edit)
         except asyncio.CancelledError:
             if not flight.was_cut():
                 raise  # the client left
             raise lifecycle.cut_error() from None
 
 
-async def _create_images(request: web.Request, engine: "AsyncEngine",
-                         flight: lifecycle.Flight) -> web.StreamResponse:
+async def create_image_edits(request: web.Request) -> web.StreamResponse:
+    """POST /v1/images/edits: a generation from an input image (edits.py reads and checks the upload)."""
+    return await create_images(request, edit=True)
+
+
+async def _create_images(request: web.Request, engine: "AsyncEngine", flight: lifecycle.Flight,
+                         edit: bool = False) -> web.StreamResponse:
     config = request.app[CONFIG]
-    body = protocol.parse_json_body(await connection.read_body(request, config.body_timeout_s))
-    params = protocol.parse_generation_request(body, limits(config, engine))
+    if edit:
+        params, edit_input = await edits.read_edit_request(request, config, limits(config, engine),
+                                                           engine.default_steps)
+    else:
+        body = protocol.parse_json_body(await connection.read_body(request, config.body_timeout_s))
+        params = protocol.parse_generation_request(body, limits(config, engine))
     request_id = protocol.new_request_id()
     request[REQUEST_ID] = request_id  # for the log line, if it ends badly
     # default_steps is the model's; it sizes the preview interval when num_inference_steps is absent.
     gen_requests = params.to_requests(default_steps=engine.default_steps, request_id=request_id)
+    if edit:
+        gen_requests = [edits.with_edit(r, edit_input, params, engine.default_steps) for r in gen_requests]
     deadline_param = "deadline_ms" if params.deadline_ms is not None else \
         "slo_scale" if params.slo_scale is not None else None
     flight.working()

@@ -44,6 +44,8 @@ class ServerConfig:
     dashboard: bool = option(True, "serve the live dashboard at /dashboard (on by default; it needs "
                              "the API key too when one is set); --no-dashboard leaves it out")
     max_body_bytes: int = option(1 << 20, "largest request body accepted, in bytes (larger: HTTP 413)")
+    max_edit_body_bytes: int = option(32 << 20, "largest body of POST /v1/images/edits (multipart: the image, "
+                                      "its mask and the fields), in bytes (larger: HTTP 413)")
     drain_timeout_s: float = option(60.0, "on SIGINT/SIGTERM, wait at most this long for in-flight "
                                    "requests, then cut them (503, or an `error` event on a stream)")
     # Who may call from a browser (README, "Security defaults").
@@ -76,7 +78,7 @@ class ServerConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
                 raise ValueError(f"--{name.replace('_', '-')}={value!r} must be a number of seconds > 0")
-        for name in ("max_n", "max_body_bytes", "max_connections"):
+        for name in ("max_n", "max_body_bytes", "max_edit_body_bytes", "max_connections"):
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
                 raise ValueError(f"--{name.replace('_', '-')}={value!r} must be an integer >= 1")

@@ -29,6 +29,10 @@ log = logging.getLogger("tetri_engine.server")
 LOOPBACK_NAMES = frozenset({"localhost", "127.0.0.1", "[::1]"})
 BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
 JSON_TYPE = "application/json"
+MULTIPART_TYPE = "multipart/form-data"
+# Routes whose body is multipart/form-data, as OpenAI defines them (file uploads). A page of another site
+# may send a form without asking, but its browser says so in Origin, which is refused unless allowed.
+MULTIPART_PATHS = frozenset({"/v1/images/edits"})
 CORS_MAX_AGE_S = 600
 MAX_LOGGED_CHARS = 300  # of an error message in the log (client values in it are capped already)
 
@@ -88,7 +92,7 @@ def _from_http_exception(exc: web.HTTPException) -> APIError:
     if exc.status == 413:
         return APIError(413, f"The request body is too large ({exc.text}).", code="request_too_large")
     if exc.status == 404:
-        return APIError(404, "Not found. Routes: POST /v1/images/generations, GET /v1/models, "
+        return APIError(404, "Not found. Routes: POST /v1/images/generations, POST /v1/images/edits, GET /v1/models, "
                         "GET /health, GET /metrics, GET /dashboard.", code="not_found")
     if exc.status == 405:
         return APIError(405, f"Method not allowed: {exc.text}", code="method_not_allowed",
@@ -195,7 +199,13 @@ async def add_cors_headers(request: web.Request, response: web.StreamResponse) -
 
 def check_json_body_type(request: web.Request) -> None:
     """A body must say it is JSON in UTF-8: a page may send text/plain or a form to any server
-    without asking, but never application/json."""
+    without asking, but never application/json. Uploads (MULTIPART_PATHS) are multipart/form-data."""
+    if request.path in MULTIPART_PATHS:
+        if request.content_type != MULTIPART_TYPE:
+            given = request.headers.get("Content-Type")
+            raise APIError(415, f"An image edit is sent as 'Content-Type: multipart/form-data' (got "
+                           f"{shown(given) if given else 'none'}).", code="unsupported_media_type")
+        return
     charset = (request.charset or "utf-8").lower()
     if request.content_type != JSON_TYPE or charset not in ("utf-8", "utf8"):
         given = request.headers.get("Content-Type")

@@ -146,6 +146,7 @@ class ImageGenerationParams:
     cache: CacheMode = CacheMode.OFF  # step caching (GenerationRequest.cache)
     lora: tuple[LoraRef, ...] = ()  # LoRA adapters (GenerationRequest.lora)
     user: str | None = None
+    event_prefix: str = "image_generation"  # OpenAI's stream event types: "image_edit" for /v1/images/edits
 
     @property
     def size(self) -> str:
@@ -461,13 +462,13 @@ def late_event(out: GenerationOutput) -> bytes:
 
 def partial_image_event(params: ImageGenerationParams, png: bytes, index: int,
                         out: GenerationOutput) -> bytes:
-    return sse("image_generation.partial_image",
+    return sse(f"{params.event_prefix}.partial_image",
                {"b64_json": b64(png), "partial_image_index": index, **_image_event_fields(params),
                 "request_id": out.request_id, "step": out.step, "total_steps": out.total_steps})
 
 
 def completed_event(params: ImageGenerationParams, final: GenerationOutput) -> bytes:
-    return sse("image_generation.completed",
+    return sse(f"{params.event_prefix}.completed",
                {"b64_json": b64(final.png), **_image_event_fields(params),
                 "usage": usage(params, 1), "metrics": request_metrics(final)})
 
