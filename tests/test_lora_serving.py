@@ -158,3 +158,15 @@ async def test_an_edit_takes_lora_as_a_json_form_field(client):
     bad = await edit('[{"name": "nope"}]')
     assert bad.status == 400 and (await bad.json())["error"]["param"] == "lora"
     assert (await edit("style")).status == 400  # not JSON: the protocol says what "lora" must be
+
+
+async def test_a_file_that_does_not_fit_the_model_fails_once_then_is_refused(client, lora_dir):
+    save_lora(lora_dir, "wrong", seed=5, layers=["transformer_blocks.0.attn.no_such_proj"])
+    assert "wrong" in [m["id"] for m in (await (await client.get("/v1/models")).json())["data"]]
+    first = await client.post(GEN, json={**BASE, "lora": [{"name": "wrong"}]})
+    assert first.status == 500 and "does not have" in (await first.json())["error"]["message"]
+    again = await client.post(GEN, json={**BASE, "lora": [{"name": "wrong"}]})
+    error = (await again.json())["error"]
+    assert again.status == 400 and error["param"] == "lora" and "cannot be used with this model" in error["message"]
+    assert "wrong" not in [m["id"] for m in (await (await client.get("/v1/models")).json())["data"]]
+    assert same_image(await generate(client), await generate(client))  # the engine works on
