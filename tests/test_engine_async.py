@@ -145,24 +145,26 @@ async def test_a_request_that_fits_alone_but_not_alongside_is_refused_with_an_es
                               request_id=f"busy-{i}", deadline_s=1.25 * cost.isolated_s(256, 256, 100, 1))
             for i in range(4)]
     streams = [engine.generate(r) for r in long]
-    for stream in streams:
-        await first_output(stream, "round")
-    # Alone the newcomer would make it on any device; behind the four it cannot: refused, with an
-    # estimate of when it would fit.
-    steps = 40
-    fastest_s = min(cost.isolated_s(256, 256, steps, d) for d in (1, 2, 4))
-    newcomer = GenerationRequest(prompt="newcomer", width=256, height=256, num_inference_steps=steps,
-                                 deadline_s=1.3 * fastest_s)
-    with pytest.raises(RequestRejected) as info:
-        await engine.generate(newcomer).__anext__()
-    assert info.value.reason == "busy" and info.value.retry_after_s > 0
-    # best_effort takes it; the scheduler then decides whom to give up, and every request still ends.
-    monkeypatch.setattr(engine.config, "admission", "best_effort")
-    outputs, _ = await run_to_final(engine, newcomer)
-    assert outputs[-1].state == RequestState.COMPLETED
-    for r, stream in zip(long, streams):
-        await engine.abort(r.request_id)
-        await stream.aclose()
+    try:
+        for stream in streams:
+            await first_output(stream, "round")
+        # Alone the newcomer would make it on any device; behind the four it cannot: refused, with an
+        # estimate of when it would fit.
+        steps = 40
+        fastest_s = min(cost.isolated_s(256, 256, steps, d) for d in (1, 2, 4))
+        newcomer = GenerationRequest(prompt="newcomer", width=256, height=256, num_inference_steps=steps,
+                                     deadline_s=1.3 * fastest_s)
+        with pytest.raises(RequestRejected) as info:
+            await engine.generate(newcomer).__anext__()
+        assert info.value.reason == "busy" and info.value.retry_after_s > 0
+        # best_effort takes it; the scheduler then decides whom to give up, and every request still ends.
+        monkeypatch.setattr(engine.config, "admission", "best_effort")
+        outputs, _ = await run_to_final(engine, newcomer)
+        assert outputs[-1].state == RequestState.COMPLETED
+    finally:  # the long requests never outlive the test, whatever failed
+        for r, stream in zip(long, streams):
+            await engine.abort(r.request_id)
+            await stream.aclose()
 
 
 async def test_queue_full_rejection(engine, monkeypatch):

@@ -32,14 +32,6 @@ def lora_files(directory: str) -> dict[str, str]:
     return dict(sorted(found.items()))
 
 
-def lora_file(directory: str, name: str) -> str:
-    """The file of adapter `name` in `directory` (`lora_files`); ValueError naming the adapters there if none."""
-    files = lora_files(directory)
-    if name not in files:
-        raise ValueError(f"unknown LoRA adapter {name!r}: the adapters here are {', '.join(files) or 'none'}")
-    return files[name]
-
-
 def default_cache_dir() -> str:
     return os.path.join(os.path.expanduser("~"), ".cache", "tetri-engine")
 

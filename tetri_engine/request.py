@@ -6,9 +6,8 @@ Plain Python: every layer imports this module (the scheduler too, with torch uni
 from __future__ import annotations
 
 import enum
-import math
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 # Image pixels per DiT token side in every family served (FLUX, SD3): the VAE's 8x, then 2x2 latent
 # patches. The server needs it before a model is loaded; an adapter may narrow the rule further.
@@ -19,6 +18,10 @@ MIN_SIZE_PX = 64
 # tokenizing costs time linear in the text: an unbounded prompt held admission for seconds.
 MAX_PROMPT_CHARS = 32_000
 MAX_GUIDANCE_SCALE = 100.0  # classifier-free guidance far beyond any model's useful range (3..10)
+# LoRA (issue 19): scales users send are about 0..1.5 (negative ones invert a style); beyond 10 the
+# weights are noise. More adapters than this in one request is a mistake, not a style.
+MAX_LORA_SCALE = 10.0
+MAX_LORAS_PER_REQUEST = 8
 # Image edits (img2img, inpainting): how far the input is noised when a request does not say (diffusers'
 # FluxImg2ImgPipeline / FluxInpaintPipeline default).
 DEFAULT_EDIT_STRENGTH = 0.6
@@ -118,14 +121,6 @@ def _smaller(a: int | None, b: int | None) -> int | None:
     return b if a is None else a if b is None else min(a, b)
 
 
-# --- LoRA adapters a request applies (issue 19) ---------------------------------------------------
-# Scales users send are about 0..1.5 (negative ones invert a style); beyond 10 the weights are noise.
-# More adapters than this in one request is a mistake, not a style.
-MAX_LORA_SCALE = 10.0
-MAX_LORAS_PER_REQUEST = 8
-MAX_LORA_NAME_CHARS = 255  # a file name's limit on every common file system
-
-
 @dataclass(frozen=True)
 class LoraRef:
     """One LoRA adapter a request applies: an adapter of the engine's `lora_dir`, at `scale`
@@ -133,53 +128,6 @@ class LoraRef:
 
     name: str
     scale: float = 1.0
-
-
-def normalize_lora(value: Any, check_name: Callable[[str], Any] | None) -> tuple[LoraRef, ...]:
-    """`GenerationRequest.lora` (None, or a list of LoraRef / {"name", "scale"} dicts) -> LoraRefs sorted by
-    name without the scale-0 ones. ValueError: not such a list, a name twice, a scale that is not a finite
-    number within +-MAX_LORA_SCALE, more than MAX_LORAS_PER_REQUEST adapters, or a name `check_name` refuses
-    (an adapter this engine does not have; None: the engine serves no adapters)."""
-    if value is None:
-        return ()
-    if not isinstance(value, (list, tuple)):
-        raise ValueError(f"lora must be a list of {{\"name\", \"scale\"}} objects, got {type(value).__name__}")
-    if len(value) > MAX_LORAS_PER_REQUEST:
-        raise ValueError(f"lora names {len(value)} adapters; at most {MAX_LORAS_PER_REQUEST} are accepted")
-    refs = [_ref(item, i) for i, item in enumerate(value)]
-    names = [ref.name for ref in refs]
-    twice = sorted({n for n in names if names.count(n) > 1})
-    if twice:
-        raise ValueError(f"lora names adapter {twice[0]!r} twice: give each adapter once, with its scale")
-    if refs and check_name is None:
-        raise ValueError("this engine serves no LoRA adapters (it was started without --lora-dir)")
-    for ref in refs:
-        check_name(ref.name)
-    return tuple(sorted((ref for ref in refs if ref.scale != 0.0), key=lambda ref: ref.name))
-
-
-def _ref(item: Any, index: int) -> LoraRef:
-    if isinstance(item, LoraRef):
-        name, scale = item.name, item.scale
-    elif isinstance(item, dict):
-        extra = sorted(set(item) - {"name", "scale"})
-        if extra:
-            raise ValueError(f"lora[{index}] has an unknown field {extra[0]!r}: an adapter is {{\"name\", \"scale\"}}")
-        name, scale = item.get("name"), item.get("scale", 1.0)
-    else:
-        raise ValueError(f"lora[{index}] must be an object {{\"name\", \"scale\"}}, got {type(item).__name__}")
-    if not isinstance(name, str) or not 1 <= len(name) <= MAX_LORA_NAME_CHARS:
-        shown = repr(name) if not isinstance(name, str) else f"{len(name)} characters"
-        raise ValueError(f"lora[{index}].name must be an adapter's name (1 to {MAX_LORA_NAME_CHARS} characters), got {shown}")
-    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale) \
-            or abs(scale) > MAX_LORA_SCALE:
-        raise ValueError(f"lora[{index}].scale={scale!r} must be a number from {-MAX_LORA_SCALE:g} to {MAX_LORA_SCALE:g}")
-    return LoraRef(name, float(scale))
-
-
-def lora_key(refs: tuple[LoraRef, ...] | None) -> tuple[tuple[str, float], ...]:
-    """The adapter set as the scheduler and executor key it: ((name, scale), ...)."""
-    return tuple((ref.name, ref.scale) for ref in refs or ())
 
 
 @dataclass
@@ -195,11 +143,11 @@ class GenerationRequest:
     deadline_s: float | None = None
     slo_scale: float | None = None
     request_id: str | None = None
-    # LoRA adapters (LoraRef, or {"name", "scale"} dicts); admission makes it a tuple of LoraRef sorted
-    # by name, without the scale-0 ones (which change nothing): `normalize_lora`.
-    lora: tuple[LoraRef, ...] | list | None = None
     cache: CacheMode | str = CacheMode.OFF  # step caching (admission makes it a CacheMode)
     preview_every: int = 0  # >0: a low-cost preview image every K steps (streaming)
+    # LoRA adapters (LoraRef, or {"name", "scale"} dicts); admission makes it a tuple of LoraRef sorted
+    # by name, without the scale-0 ones (which change nothing).
+    lora: tuple[LoraRef, ...] | list | None = None
     # Image edits (engine/edit_input.py checks them): the input image (PIL image or uint8 array [H, W, 3|4]),
     # resized to width x height; mask (PIL image with alpha or uint8 [H, W, 4], alpha 0 = edit, as OpenAI
     # defines it; or a bool [H, W] array, True = edit): only the masked region changes; strength: how far the

@@ -24,7 +24,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import functools
 import logging
 import random
 import signal
@@ -35,7 +34,7 @@ from typing import Any, AsyncIterator
 from tetri_engine.cluster.config import ClusterConfig
 from tetri_engine.cluster.stats import ClusterStats
 from tetri_engine.cluster.wire import Accepted, ClusterRequestMetrics, ReplicaEstimate
-from tetri_engine.config import EngineConfig, lora_file
+from tetri_engine.config import EngineConfig
 from tetri_engine.errors import EngineNotRunning, RejectionReason, RequestRejected
 from tetri_engine.request import GenerationOutput, GenerationRequest, OutputKind, RequestState, SizeRule
 from tetri_engine.sched.routing import Refusal, choose_by_deadline
@@ -112,13 +111,14 @@ class ClusterEngine:
         return [d for s in self._stats.live.values() for d in s.busy_devices]
 
     def lora_adapters(self) -> list[str]:
-        """The LoRA adapters of lora_dir as this host sees it (every replica's host has them at the same path)."""
+        """The adapters of --lora-dir as this host sees it (every replica's host has the same directory)."""
         return list(self.config.lora_files())
 
-    @property
-    def lora_check(self):
-        """name -> ValueError for an adapter not in lora_dir (the replica checks it again); None: no adapters."""
-        return None if self.config.lora_dir is None else functools.partial(lora_file, self.config.lora_dir)
+    def lora_check(self, name: str) -> None:
+        """ValueError for an adapter not in --lora-dir (the replica's admission checks the file itself)."""
+        if name not in self.config.lora_files():
+            raise ValueError(f"unknown LoRA adapter {name!r}: the adapters here are "
+                             f"{', '.join(self.config.lora_files()) or 'none'}")
 
     def stats(self) -> dict[str, Any]:
         out = self._stats.stats()

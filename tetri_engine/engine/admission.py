@@ -23,9 +23,9 @@ from typing import Any, Callable
 
 from tetri_engine.config import AdmissionMode, EngineConfig
 from tetri_engine.engine.edit_input import check_edit
+from tetri_engine.engine.lora import normalize_lora
 from tetri_engine.errors import RejectionReason, RequestRejected
-from tetri_engine.request import (MAX_GUIDANCE_SCALE, MAX_PROMPT_CHARS, CacheMode, GenerationRequest, SizeRule,
-                                  normalize_lora)
+from tetri_engine.request import MAX_GUIDANCE_SCALE, MAX_PROMPT_CHARS, CacheMode, GenerationRequest, SizeRule
 
 MAX_SEED = 2**63 - 1
 
@@ -47,7 +47,6 @@ def validate_request(request: GenerationRequest, config: EngineConfig, limits: M
     """Return a copy of `request` with every default filled in, or raise ValueError saying what is wrong."""
     if not isinstance(request, GenerationRequest):
         raise TypeError(f"expected a GenerationRequest, got {type(request).__name__}")
-    request = replace(request, lora=normalize_lora(request.lora, limits.lora_check))  # LoRA adapters: request.py
     check_text("prompt", request.prompt)
     if request.negative_prompt is not None:
         check_text("negative_prompt", request.negative_prompt)
@@ -85,13 +84,14 @@ def validate_request(request: GenerationRequest, config: EngineConfig, limits: M
     elif not isinstance(request_id, str) or not request_id:
         raise ValueError(f"request_id={request_id!r} must be a non-empty string")
 
+    lora = normalize_lora(request.lora, limits.lora_check)
     edit = {}
     if request.image is not None or request.mask is not None or request.strength is not None:
         checked = check_edit(request.image, request.mask, request.strength, steps)  # engine/edit_input.py
         edit = {"image": checked.rgb, "mask": checked.edit, "strength": checked.strength}
 
     return replace(request, num_inference_steps=steps, guidance_scale=float(guidance), seed=seed,
-                   slo_scale=float(slo_scale), request_id=request_id, cache=cache, **edit)
+                   slo_scale=float(slo_scale), request_id=request_id, cache=cache, lora=lora, **edit)
 
 
 def check_text(name: str, text: object) -> None:

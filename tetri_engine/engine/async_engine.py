@@ -15,12 +15,11 @@ terminal state and metrics (docs/ARCHITECTURE.md, `engine`).
 from __future__ import annotations
 
 import asyncio
-import functools
 import logging
 import time
 from typing import Any, AsyncIterator, Callable
 
-from tetri_engine.config import EngineConfig, lora_file
+from tetri_engine.config import EngineConfig
 from tetri_engine.engine.admission import Admission, ModelLimits
 from tetri_engine.engine.core import EngineCore
 from tetri_engine.engine.estimate import estimate_request
@@ -155,13 +154,12 @@ class AsyncEngine:
             return self._executor.loras.names()
         return list(self.config.lora_files())
 
-    @property
-    def lora_check(self) -> Callable[[str], Any] | None:
-        """name -> ValueError for an adapter requests cannot name (not in lora_dir, or found not to fit the model);
-        None when the engine serves no adapters (no lora_dir)."""
-        if self._executor is not None and self._executor.loras is not None:
-            return self._executor.loras.check
-        return None if self.config.lora_dir is None else functools.partial(lora_file, self.config.lora_dir)
+    def lora_check(self, name: str) -> None:
+        """ValueError unless requests may name LoRA adapter `name` (the check admission makes; cheap)."""
+        loras = self._executor.loras if self._executor is not None else None
+        if loras is None:
+            raise ValueError("this engine serves no LoRA adapters (it is not started, or has no --lora-dir)")
+        loras.check(name)
 
     def busy_devices(self) -> list[str]:
         """Devices running a group's steps right now."""

@@ -26,9 +26,10 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+from tetri_engine.engine.lora import lora_key
 from tetri_engine.engine.stats import GroupRecord, RequestCounters, RoundCounters, RoundLog
 from tetri_engine.engine.tracker import RequestTracker, TrackedRequest
-from tetri_engine.request import CacheMode, RequestState, lora_key
+from tetri_engine.request import CacheMode, RequestState
 
 log = logging.getLogger("tetri_engine.engine")
 

@@ -26,7 +26,7 @@ from typing import Any, Sequence
 
 import torch
 
-from tetri_engine.config import lora_file, lora_files
+from tetri_engine.config import lora_files
 from tetri_engine.model.lora import FusedLoras, LoraWeights, layer_shape, read_adapter
 from tetri_engine.model.runtime import torch_device
 
@@ -92,7 +92,12 @@ class LoraDevices:
     def check(self, name: str) -> str:
         """The file of adapter `name` -> ValueError when there is none, or when it was read before and could not
         be used. Cheap (a directory listing): admission calls it for every request."""
-        path = lora_file(self.lora_dir, name)
+        files = lora_files(self.lora_dir)
+        path = files.get(name)
+        if path is None:
+            listed = ", ".join(list(files)[:20]) + (f" and {len(files) - 20} more" if len(files) > 20 else "")
+            listed = listed or "none"
+            raise ValueError(f"unknown LoRA adapter {name!r}: the adapters here are {listed}")
         try:
             version = _version(path)
         except OSError as exc:
@@ -141,8 +146,8 @@ class LoraDevices:
         needed = sum(w.nbytes for w, _ in adapters)
         if needed > dev.cache_bytes:
             dev.evict(keep=set())
-            raise ValueError(f"LoRA adapters {', '.join(n for n, _ in key)} need {needed / 2**20:.0f} MiB, more than "
-                             f"the {dev.cache_bytes / 2**20:.0f} MiB of --lora-cache-mb")
+            raise ValueError(f"LoRA adapters {', '.join(n for n, _ in key)} need {needed / 2**20:.3g} MiB, more than "
+                             f"the {dev.cache_bytes / 2**20:.3g} MiB of --lora-cache-mb")
         dev.fused.apply(key, adapters)
         dev.evict({name for name, _ in key})
         if dev.device.type == "cuda":  # the time the device took, not the launches

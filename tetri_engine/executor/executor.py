@@ -53,7 +53,7 @@ from tetri_engine.executor.steps import StepsJob
 from tetri_engine.model.image_input import prepare_edit
 from tetri_engine.model.runtime import ModelRuntime, torch_device
 from tetri_engine.model.ulysses import check_heads
-from tetri_engine.request import CacheMode, lora_key, normalize_lora
+from tetri_engine.request import CacheMode
 
 EXIT_JOIN_S = 30.0  # at interpreter exit, how long to wait for the threads (one step each, at most)
 
@@ -253,9 +253,11 @@ class Executor:
         return future
 
     def _lora_key(self, request: Any) -> tuple:
-        """A request's LoRA set as a job's key, ((name, scale), ...) sorted by name (request.normalize_lora:
-        ValueError for a bad list, an adapter not in lora_dir, or any adapter when none are served)."""
-        return lora_key(normalize_lora(getattr(request, "lora", None), self.loras and self.loras.check))
+        """A request's LoRA set as a job's key: ((name, scale), ...) in its order (admission sorts by name)."""
+        refs = tuple(getattr(request, "lora", None) or ())
+        if refs and self.loras is None:
+            raise ValueError("this engine serves no LoRA adapters (start it with a lora_dir)")
+        return tuple((ref.name, float(ref.scale)) for ref in refs)
 
     def submit_steps(self, request_ids: Sequence[str], device_indices: Sequence[int], num_steps: int,
                      on_step: Callable[[str, int], None] | None = None,

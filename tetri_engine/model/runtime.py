@@ -289,14 +289,13 @@ def load_runtime(name_or_path: str = "tiny", devices: list[str] | None = None, d
     )
 
 
-def _replicas(pipeline, adapter: ModelAdapter, devices: list[str], replica_per_device: bool
-              ) -> tuple[dict[str, torch.nn.Module], dict[str, torch.nn.Module]]:
-    """The transformer and VAE of each device (ModelRuntime.transformers / vaes): the pipeline's own on the
-    first, copies on other GPUs; CPU virtual devices share the CPU one, or with `replica_per_device` each gets
-    its own transformer (keyed by its name, "cpu:1")."""
-    first = torch_device(devices[0])
+def _replicas(pipeline: Any, adapter: ModelAdapter, devices: list[str],
+              replica_per_device: bool) -> tuple[dict[str, torch.nn.Module], dict[str, torch.nn.Module]]:
+    """The transformer and VAE of each device (see the module docstring), the first device's the pipeline's own,
+    with the adapter's attention (and patch-parallel VAE) installed."""
     transformers: dict[str, torch.nn.Module] = {}
     vaes: dict[str, torch.nn.Module] = {}
+    first = torch_device(devices[0])
     for name in devices:
         device = torch_device(name)
         key = str(device)
@@ -304,7 +303,7 @@ def _replicas(pipeline, adapter: ModelAdapter, devices: list[str], replica_per_d
             if replica_per_device:
                 transformers[name] = replicate(pipeline.transformer, device)
                 adapter.install_attention(transformers[name])
-            continue
+            continue  # (else they share the one CPU model)
         if device == first:
             transformers[key], vaes[key] = pipeline.transformer, pipeline.vae
         else:

@@ -412,9 +412,9 @@ class PaperTetriPolicy(Policy):
         """Merge identical-resolution degree-1 requests into batches where no member's deadline
         suffers (each member must still survive at the batched step time). Members may come from
         the requests the knapsack would not see (`spare`: (deadline, arrival, index, request)
-        entries); those are taken out of `spare`. Members share `batch_key` (shape, LoRA adapters) and, with a
-        measured cache factor, `cached` (the batch is costed at their common step time)."""
-        pools: dict[tuple, list[SchedRequest]] = {}  # (_shape, batch_key) -> requests
+        entries); those are taken out of `spare`. Only requests of one `batch_key` (one LoRA adapter set) and,
+        with a measured cache factor, one `cached` batch together (costed at their common step time)."""
+        pools: dict[tuple, list[SchedRequest]] = {}  # ((width, height, cached), batch_key) -> requests
         for it in items:
             r = it.members[0]
             if len(it.options) > 1 and it.options[1][0] == 1 and self._res_of(r).batch_step_s:
@@ -422,8 +422,9 @@ class PaperTetriPolicy(Policy):
         extra: dict[tuple, list[tuple[float, float, int, SchedRequest]]] = {}
         batchable = {shape for shape, info in self._res_cache.items() if info.batch_step_s}
         for e in spare:
-            if self._shape(e[3]) in batchable:
-                extra.setdefault((self._shape(e[3]), e[3].batch_key), []).append(e)
+            shape = self._shape(e[3])
+            if shape in batchable:
+                extra.setdefault((shape, e[3].batch_key), []).append(e)
         for key, entries in extra.items():
             info = self._res(*key[0])
             # A couple of full batches' worth, not the whole queue.

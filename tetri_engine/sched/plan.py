@@ -38,7 +38,7 @@ class SchedRequest:
     not measured).
     cfg: its steps can run CFG-parallel (true classifier-free guidance on a model that offers it, not
     cached): a policy may then run its two guidance branches side by side (`GroupAssignment.cfg`).
-    adapters: its LoRA adapter set, ((name, scale), ...) in one canonical order (request.lora_key); () for the
+    adapters: its LoRA adapter set, ((name, scale), ...) in one canonical order (engine/lora.py); () for the
     plain model. A group runs one set: requests batch only with the same `batch_key`, and a group whose
     devices hold another set first switches (`cost.lora_switch_s`)."""
 

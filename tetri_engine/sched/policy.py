@@ -323,29 +323,6 @@ class Policy:
             return self.cost.lora_switch_s
         return 0.0
 
-    def _checked_group(self, spec: GroupSpec, free: set[int], seen: set[str]) -> tuple[tuple[int, ...], list]:
-        """A spec's devices and requests, after checking that it can run as planned (else RuntimeError: a bug in
-        the policy). Adds its request ids to `seen`."""
-        devs = tuple(spec.device_ids)
-        if not devs or not free.issuperset(devs) or len(set(devs)) != len(devs):
-            raise RuntimeError(f"{self.name}: group on devices {devs} is not free (idle {sorted(free)})")
-        if len(devs) not in self.degrees:
-            raise RuntimeError(f"{self.name}: degree {len(devs)} is not profiled ({self.degrees})")
-        reqs = []
-        for rid in spec.request_ids:
-            req = self._requests.get(rid)
-            if req is None or req.state is not SchedState.WAITING or rid in seen:
-                raise RuntimeError(f"{self.name}: request {rid!r} cannot be planned")
-            reqs.append(req)
-            seen.add(rid)
-        if len({r.batch_key for r in reqs}) != 1:
-            raise RuntimeError(f"{self.name}: a batched group must have one resolution and one adapter set")
-        if not 1 <= spec.num_steps <= min(r.remaining_steps for r in reqs):
-            raise RuntimeError(f"{self.name}: {spec.num_steps} steps for {spec.request_ids}")
-        if spec.cfg != 1 and (spec.cfg != 2 or len(devs) % 2 or not all(r.cfg for r in reqs)):
-            raise RuntimeError(f"{self.name}: cfg {spec.cfg} on {len(devs)} devices for {spec.request_ids}")
-        return devs, reqs
-
     def _commit(self, now_s: float, specs: list[GroupSpec], idle: list[int], backfill: bool = False,
                 given_up: frozenset[str] = frozenset()) -> RoundPlan:
         idle_set = set(idle)
@@ -355,7 +332,8 @@ class Policy:
         moves: list[LatentMove] = []
         degrees: dict[str, int] = {}
         for spec in specs:
-            devs, reqs = self._checked_group(spec, idle_set - used, seen)
+            devs = tuple(spec.device_ids)
+            reqs = self._spec_requests(spec, idle_set, used, seen)
             used.update(devs)
             decode_after = any(spec.num_steps >= r.remaining_steps for r in reqs)
             decode_degree = self.decode_plan(reqs[0].width, reqs[0].height, len(devs))[0] if decode_after else 1
@@ -394,6 +372,30 @@ class Policy:
         for d in used:
             self._busy[d] = plan.round_index
         return plan
+
+    def _spec_requests(self, spec: GroupSpec, idle_set: set[int], used: set[int], seen: set[str]) -> list[SchedRequest]:
+        """The requests of a policy's GroupSpec, checked (a policy bug raises instead of corrupting a run):
+        free devices, a profiled degree, requests waiting and planned once, one batch_key (shape and adapter
+        set), steps they have left, a cfg layout they can run. Adds them to `seen`."""
+        devs = tuple(spec.device_ids)
+        if not devs or not idle_set.issuperset(devs) or used.intersection(devs) or len(set(devs)) != len(devs):
+            raise RuntimeError(f"{self.name}: group on devices {devs} is not free (idle {sorted(idle_set - used)})")
+        if len(devs) not in self.degrees:
+            raise RuntimeError(f"{self.name}: degree {len(devs)} is not profiled ({self.degrees})")
+        reqs = []
+        for rid in spec.request_ids:
+            req = self._requests.get(rid)
+            if req is None or req.state is not SchedState.WAITING or rid in seen:
+                raise RuntimeError(f"{self.name}: request {rid!r} cannot be planned")
+            reqs.append(req)
+            seen.add(rid)
+        if len({r.batch_key for r in reqs}) != 1:
+            raise RuntimeError(f"{self.name}: a batched group must have one resolution and one adapter set")
+        if not 1 <= spec.num_steps <= min(r.remaining_steps for r in reqs):
+            raise RuntimeError(f"{self.name}: {spec.num_steps} steps for {spec.request_ids}")
+        if spec.cfg != 1 and (spec.cfg != 2 or len(devs) % 2 or not all(r.cfg for r in reqs)):
+            raise RuntimeError(f"{self.name}: cfg {spec.cfg} on {len(devs)} devices for {spec.request_ids}")
+        return reqs
 
     def _is_late(self, req: SchedRequest, now_s: float) -> bool:
         """Cannot make its deadline any more, even at the fastest degree from now."""

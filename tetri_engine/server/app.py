@@ -126,7 +126,8 @@ async def _create_images(request: web.Request, engine: "AsyncEngine", flight: li
 def limits(config: ServerConfig, engine: "AsyncEngine") -> protocol.Limits:
     return protocol.Limits(model_name=config.model_name, size_rule=engine.size_rule,
                            max_steps=config.engine.max_steps, max_n=config.max_n,
-                           default_size=config.resolved_default_size, lora_check=engine.lora_check)
+                           default_size=config.resolved_default_size,
+                           lora_check=engine.lora_check if config.engine.lora_dir is not None else None)
 
 
 async def generate_all(engine: "AsyncEngine", requests: list[GenerationRequest],
@@ -252,32 +253,32 @@ def encode_png(image) -> bytes:
 # --- models, health, metrics ----------------------------------------------------------------------
 
 
-def _model_card(app: web.Application) -> dict:
-    return {"id": app[CONFIG].model_name, "object": "model", "created": app[STATE].started_unix,
+def _model_card(app: web.Application, model_id: str | None = None) -> dict:
+    """OpenAI's model object; a LoRA adapter's (`model_id`) names the served model as its `parent`, as vLLM's do."""
+    card = {"id": model_id or app[CONFIG].model_name, "object": "model", "created": app[STATE].started_unix,
             "owned_by": "tetri-engine"}
+    return card if model_id is None else {**card, "parent": app[CONFIG].model_name}
 
 
-def _lora_cards(app: web.Application) -> list[dict]:
-    """The LoRA adapters requests may name in "lora" (issue 19), as vLLM lists its adapters: a card each,
-    its `parent` the served model."""
+def _adapters(app: web.Application) -> list[str]:
+    """The LoRA adapters requests may name (`lora`), [] without --lora-dir."""
     engine = app.get(ENGINE)
-    names = engine.lora_adapters() if engine is not None else list(app[CONFIG].engine.lora_files())
-    return [{**_model_card(app), "id": name, "parent": app[CONFIG].model_name} for name in names]
+    return engine.lora_adapters() if engine is not None and app[CONFIG].engine.lora_dir is not None else []
 
 
 async def list_models(request: web.Request) -> web.Response:
-    return web.json_response({"object": "list", "data": [_model_card(request.app), *_lora_cards(request.app)]})
+    cards = [_model_card(request.app)] + [_model_card(request.app, name) for name in _adapters(request.app)]
+    return web.json_response({"object": "list", "data": cards})
 
 
 async def get_model(request: web.Request) -> web.Response:
     model_id = request.match_info["model_id"]
     if model_id == request.app[CONFIG].model_name:
         return web.json_response(_model_card(request.app))
-    card = next((c for c in _lora_cards(request.app) if c["id"] == model_id), None)
-    if card is None:
-        raise APIError(404, f"The model {protocol.shown(model_id)} does not exist here; see GET /v1/models.",
-                       param="model", code="model_not_found")
-    return web.json_response(card)
+    if model_id in _adapters(request.app):
+        return web.json_response(_model_card(request.app, model_id))
+    raise APIError(404, f"The model {protocol.shown(model_id)} does not exist here; see GET /v1/models.",
+                   param="model", code="model_not_found")
 
 
 async def health(request: web.Request) -> web.Response:

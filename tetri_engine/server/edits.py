@@ -43,7 +43,7 @@ CHUNK_BYTES = 1 << 16
 INT_FIELDS = frozenset({"n", "num_inference_steps", "seed", "partial_images", "preview_every", "output_compression"})
 FLOAT_FIELDS = frozenset({"guidance_scale", "deadline_ms", "slo_scale", "strength"})
 BOOL_FIELDS = frozenset({"stream", "progress_events"})
-JSON_FIELDS = frozenset({"lora"})  # a JSON text in the form: lora='[{"name": "style", "scale": 0.8}]'
+JSON_FIELDS = frozenset({"lora"})  # a list of objects: sent as JSON text
 IGNORED_EDIT_CHOICES = {"input_fidelity": ("high", "low")}  # OpenAI's, changes nothing here
 
 
@@ -94,19 +94,16 @@ def typed(name: str, text: str) -> Any:
     """A multipart text field as the JSON value it stands for, where it parses."""
     stripped = text.strip()
     try:
+        if name in JSON_FIELDS:
+            return json.loads(stripped)
         if name in INT_FIELDS:  # "4.0" stays a float: the protocol takes integral floats, refuses 4.5
             return float(stripped) if any(c in stripped for c in ".eE") else int(stripped)
         if name in FLOAT_FIELDS:
             return float(stripped)
-    except (ValueError, OverflowError):
+    except (ValueError, OverflowError, RecursionError):  # (json's errors are ValueErrors)
         return text
     if name in BOOL_FIELDS and stripped.lower() in ("true", "false"):
         return stripped.lower() == "true"
-    if name in JSON_FIELDS:
-        try:
-            return json.loads(stripped)
-        except ValueError:
-            return text  # the protocol says what it must be
     return text
 
 

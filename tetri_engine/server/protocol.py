@@ -17,9 +17,10 @@ import uuid
 from dataclasses import dataclass
 from typing import Any, Callable
 
+from tetri_engine.engine.lora import normalize_lora
 from tetri_engine.errors import RejectionReason, RequestRejected
 from tetri_engine.request import (MAX_GUIDANCE_SCALE, MAX_PROMPT_CHARS, PATCH_PX, CacheMode, GenerationOutput,
-                                  GenerationRequest, LoraRef, SizeRule, normalize_lora)
+                                  GenerationRequest, LoraRef, SizeRule)
 
 MAX_SEED = 2**63 - 1
 MAX_PARTIAL_IMAGES = 3  # OpenAI's limit
@@ -121,8 +122,7 @@ class Limits:
     max_steps: int = 100
     max_n: int = 4
     default_size: str = "512x512"
-    # name -> ValueError for a LoRA adapter the engine does not have (`AsyncEngine.check_lora`); None: no adapters
-    lora_check: Callable[[str], Any] | None = None
+    lora_check: Callable[[str], Any] | None = None  # engine.lora_check: ValueError for an unknown LoRA adapter
 
 
 @dataclass(frozen=True)
@@ -144,8 +144,8 @@ class ImageGenerationParams:
     preview_every: int | None = None  # ours: a preview every K steps
     progress_events: bool = True  # stream tetri.queued / tetri.round / tetri.step events too
     cache: CacheMode = CacheMode.OFF  # step caching (GenerationRequest.cache)
-    lora: tuple[LoraRef, ...] = ()  # LoRA adapters (GenerationRequest.lora)
     user: str | None = None
+    lora: tuple[LoraRef, ...] = ()  # LoRA adapters (GenerationRequest.lora), checked and sorted by name
     event_prefix: str = "image_generation"  # OpenAI's stream event types: "image_edit" for /v1/images/edits
 
     @property
@@ -275,13 +275,14 @@ def parse_generation_request(body: Any, limits: Limits) -> ImageGenerationParams
     try:
         lora = normalize_lora(body.get("lora"), limits.lora_check)
     except ValueError as exc:
-        raise bad_request(f"{exc}.", "lora") from None
+        raise bad_request(f"'lora': {exc}", "lora") from None
 
     return ImageGenerationParams(
         prompt=prompt, n=n, width=width, height=height, stream=stream,
         num_inference_steps=steps, guidance_scale=guidance, negative_prompt=negative, seed=seed,
         deadline_ms=deadline_ms, slo_scale=slo_scale, partial_images=partial_images, preview_every=preview_every,
         progress_events=progress_events, cache=CacheMode(cache), user=user, lora=lora)
+
 
 
 def _check_model_and_format(body: dict, limits: Limits) -> None:
