@@ -2,9 +2,11 @@
 devices hold another set pays the cost model's switch, tetri places a group on devices holding its set."""
 from __future__ import annotations
 
+import random
+
 import pytest
 
-from tetri_engine.sched import CostModel, GroupSpec, PaperTetriPolicy, RoundResult, SchedRequest, make_policy
+from tetri_engine.sched import POLICY_NAMES, CostModel, GroupSpec, PaperTetriPolicy, RoundResult, SchedRequest, make_policy
 from tetri_engine.sched.policy import Policy
 
 STEP_MS = {(256, 256, 1, 1): 10, (256, 256, 2, 1): 12, (256, 256, 1, 2): 11, (256, 256, 1, 4): 20,
@@ -94,5 +96,30 @@ def test_the_switch_cost_travels_in_the_profile():
     assert CostModel.from_dict(model.to_dict()).lora_switch_s == pytest.approx(0.0125)
     assert cost().with_lora_switch_s(0.004).lora_switch_s == pytest.approx(0.004)
     assert "lora_switch_ms" not in cost().to_dict() and "lora_switch_ms" not in model.meta
+    # The derived machines keep it (the simulator's --no-layouts, a workload that caches).
+    assert model.with_cache().lora_switch_s == pytest.approx(0.0125)
+    assert model.without_layouts().lora_switch_s == pytest.approx(0.0125)
     with pytest.raises(ValueError, match="lora_switch_ms"):
         cost(switch_ms=-1.0)
+
+
+@pytest.mark.parametrize("name", [n for n in POLICY_NAMES if n[-1] not in "48"])  # profiled degrees 1, 2
+def test_no_policy_ever_groups_requests_of_different_adapter_sets(name):
+    """Every policy, a random mix of sizes, step counts, deadlines and adapter sets, run to the end."""
+    policy = make_policy(name, 2, cost(switch_ms=2.0), round_steps=5)
+    rng = random.Random(3)
+    adapters = {}
+    for i in range(24):
+        rid = f"r{i}"
+        adapters[rid] = rng.choice([(), INK, NEON, INK + NEON])
+        policy.add_request(req(rid, adapters[rid], side=rng.choice([256, 1024]), steps=rng.randint(4, 12),
+                               deadline_s=0.5 + rng.random()))
+    now = 0.0
+    while policy.has_work():
+        plan = policy.schedule(now)
+        assert not plan.is_empty
+        for group in plan.groups:
+            assert len({adapters[rid] for rid in group.request_ids}) == 1, (name, group)
+        finish(policy, plan)
+        now = plan.start_s + plan.expected_s
+    assert policy.queue_depth == 0

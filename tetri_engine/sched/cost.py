@@ -82,6 +82,7 @@ class CostModel:
         cache_step_factor: float = 1.0,
         cfg_step_ms: dict[tuple[int, int, int, int], float] | None = None,
         parallel_decode_ms: dict[tuple[int, int, int], float] | None = None,
+        lora_switch_ms: float = 0.0,
     ):
         if not step_ms:
             raise ValueError("profile has no step times")
@@ -125,9 +126,9 @@ class CostModel:
             # Every request must be able to run on one device (late requests, fixed1, baselines).
             raise ValueError(f"profile has no degree-1 step times (degrees: {self.degrees})")
         self._step_cache: dict[tuple[int, int, int, int, int], float] = {}
-        self.lora_switch_s = float(self.meta.pop("lora_switch_ms", 0.0)) / 1e3
-        if not self.lora_switch_s >= 0:
-            raise ValueError(f"profile lora_switch_ms {self.lora_switch_s * 1e3} is invalid: expected >= 0")
+        if not lora_switch_ms >= 0:
+            raise ValueError(f"profile lora_switch_ms {lora_switch_ms} is invalid: expected >= 0")
+        self.lora_switch_s = float(lora_switch_ms) / 1e3
 
     # ---- loading -------------------------------------------------------------------------------
 
@@ -152,10 +153,11 @@ class CostModel:
                     parallel_decode_ms[(int(e["width"]), int(e["height"]), degree)] = float(e["ms"])
         except (KeyError, TypeError) as exc:
             raise ValueError(f"malformed profile: {exc!r} (format: docs/ARCHITECTURE.md, 'Profile JSON')") from exc
-        meta = {k: v for k, v in data.items() if k not in ("step_ms", "decode_ms", "encode_ms", "cache_step_factor")}
+        meta = {k: v for k, v in data.items()
+                if k not in ("step_ms", "decode_ms", "encode_ms", "cache_step_factor", "lora_switch_ms")}
         return cls(step_ms, decode_ms, float(data.get("encode_ms", 0.0)), meta,
                    cache_step_factor=float(data.get("cache_step_factor", 1.0)), cfg_step_ms=cfg_step_ms,
-                   parallel_decode_ms=parallel_decode_ms)
+                   parallel_decode_ms=parallel_decode_ms, lora_switch_ms=float(data.get("lora_switch_ms", 0.0)))
 
     @classmethod
     def from_json(cls, path: str) -> "CostModel":
@@ -182,21 +184,20 @@ class CostModel:
 
     def with_lora_switch_s(self, seconds: float) -> "CostModel":
         """This machine with an adapter-set switch costing `seconds` (measured: LoraDevices.measure_switch_s)."""
-        model = CostModel.from_dict({**self.to_dict(), "lora_switch_ms": float(seconds) * 1e3})
-        model.meta.update({k: v for k, v in self.meta.items() if k == "path"})
-        return model
+        return CostModel(self.step_ms, self.decode_ms, self.encode_ms, self.meta, self.cache_step_factor,
+                         self.cfg_step_ms, self.parallel_decode_ms, lora_switch_ms=float(seconds) * 1e3)
 
     def with_cache(self) -> "CostModel":
         """This machine when every request runs with step caching: step times x cache_step_factor."""
         step_ms = {key: ms * self.cache_step_factor for key, ms in self.step_ms.items()}
         # (No CFG-parallel rows: the step cache does not run in that layout.)
         return CostModel(step_ms, self.decode_ms, self.encode_ms, {**self.meta, "cached": True},
-                         parallel_decode_ms=self.parallel_decode_ms)
+                         parallel_decode_ms=self.parallel_decode_ms, lora_switch_ms=self.lora_switch_s * 1e3)
 
     def without_layouts(self) -> "CostModel":
         """This machine offering sequence parallelism only: no CFG-parallel steps, one-device decodes."""
         return CostModel(self.step_ms, self.decode_ms, self.encode_ms, {**self.meta, "layouts": "sp only"},
-                         cache_step_factor=self.cache_step_factor)
+                         cache_step_factor=self.cache_step_factor, lora_switch_ms=self.lora_switch_s * 1e3)
 
     # ---- times ---------------------------------------------------------------------------------
 
