@@ -190,3 +190,21 @@ async def test_unreadable_bodies_and_keys_are_4xx_not_500(caplog):
         assert status == 401 and envelope(body)["code"] == "invalid_api_key"
         assert not any(status >= 500 for (_, status) in app[STATE].responses)
     assert not [r for r in caplog.records if r.exc_info and r.name != "tetri_engine.engine"]
+
+
+async def test_a_client_that_leaves_mid_body_is_no_server_error(caplog):
+    """Nobody is left to answer and nothing failed here: no 500 in the counts, no traceback, and the
+    connection is freed."""
+    caplog.set_level(logging.INFO, logger="tetri_engine.server")
+    async with served(body_timeout_s=30) as (app, port):
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(post(b'{"prompt": "a', content_length=1000))
+        await writer.drain()
+        await until(lambda: app[STATE].open_connections == 1)
+        await asyncio.sleep(0.2)  # the handler is reading the body
+        writer.close()
+        await until(lambda: app[STATE].open_connections == 0)
+        await until(lambda: app[STATE].responses[("client_gone", 499)] == 1)
+        assert not [key for key in app[STATE].responses if key[1] >= 500]
+    assert "left before its request had been read" in caplog.text
+    assert "Traceback" not in caplog.text and "unhandled error" not in caplog.text

@@ -44,6 +44,7 @@ log = logging.getLogger("tetri_engine.server")
 MAX_URL_BYTES = 8192  # the request line (nginx: 8 kB); longer: 414
 MAX_HEADER_LINE_BYTES = 16384  # one header's name and value; longer: 431
 MAX_HEADERS = 64  # more: 431
+CLIENT_GONE = 499  # counted (not sent) when a client leaves before its request was read
 LINGER_S = 2.0  # after an early answer (413, 408), how long the rest of a body is read and dropped
 CLOSE_GRACE_S = 1.0  # after the drain, how long aiohttp waits for a handler still running (then cancels)
 REFUSAL_LOG_EVERY_S = 10.0  # refused connections are logged as a count, at most this often
@@ -268,6 +269,14 @@ class GuardedConnection(RequestHandler):
     def handle_error(self, request, status: int = 500, exc: BaseException | None = None,
                      message: str | None = None) -> web.StreamResponse:
         """aiohttp's parser refused the request (or, a bug, a handler raised past the middlewares)."""
+        if isinstance(exc, ConnectionResetError):
+            # The client left while its body was being read: nobody to answer and nothing failed here, so
+            # no 500 and no traceback; 499 ("client closed request", as nginx logs it) in the counts.
+            log.info("client %s left before its request had been read", request.remote)
+            self._server.state.responses[("client_gone", CLIENT_GONE)] += 1
+            response = web.Response(status=CLIENT_GONE)
+            response.force_close()
+            return response
         error = http_error(status, exc, self.max_line_size)
         if error.status == 500:
             log.error("unhandled error answering %s", request.remote, exc_info=exc)

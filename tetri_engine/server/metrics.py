@@ -89,7 +89,7 @@ def render(stats: dict[str, Any] | None, responses: Counter, latency: LatencyHis
     family("tetri_server_draining", "gauge", "1 while the server shuts down.",
            [({}, int(draining))])
     family("tetri_http_responses_total", "counter",
-           "HTTP answers by route and status code (route \"malformed\": refused before routing).",
+           "HTTP answers by route and status code (route \"malformed\": refused before routing; \"client_gone\" 499: the client left before its request was read).",
            [({"route": route, "status": str(status)}, n)
             for (route, status), n in sorted(responses.items())])
     family("tetri_http_open_connections", "gauge", "Client connections open now.", [({}, connections)])
