@@ -3,6 +3,8 @@ model, without changing anything (the tiny model on 2 CPU devices; the profile i
 cached, as in the other engine tests)."""
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 import pytest_asyncio
 
@@ -82,6 +84,30 @@ async def test_requests_still_encoding_count_and_estimate_agrees_with_admission(
         full = engine.estimate(request(deadline_s=60.0))
         assert full.reason == "queue_full" and not full.accepts and full.retry_after_s > 0 and full.held == 3
         await third.aclose()
+    finally:
+        for outputs in held:
+            await outputs.aclose()
+
+
+async def test_admission_counts_requests_still_encoding_as_the_estimate_does(engine):
+    """A burst sent within one encode: the later requests see the earlier ones (before, admission saw only
+    what the policy held and took them all, leaving the scheduler to give some up)."""
+    for _ in range(400):  # the requests the tests above cancelled have ended (bounded wait)
+        if not engine.live_requests():
+            break
+        await asyncio.sleep(0.05)
+    assert not engine.live_requests()
+    tight = 1.2 * alone_s(engine)
+    held = [engine.generate(request(deadline_s=tight, seed=i)) for i in range(2)]
+    try:
+        for outputs in held:
+            assert (await outputs.__anext__()).kind == "queued"
+        e = engine.estimate(request(deadline_s=tight, seed=7))
+        assert not e.fits and e.reason == "busy"
+        third = engine.generate(request(deadline_s=tight, seed=7))
+        with pytest.raises(RequestRejected) as info:  # admission agrees, at the same instant
+            await third.__anext__()
+        assert info.value.reason == RejectionReason.BUSY and info.value.retry_after_s > 0
     finally:
         for outputs in held:
             await outputs.aclose()

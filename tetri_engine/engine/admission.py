@@ -113,6 +113,16 @@ def _is_number(value: object) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
+def pending_requests(live: dict[str, Any]) -> list[Any]:
+    """The live requests accepted but not in the policy yet (their prompts are being encoded), as
+    SchedRequests: admission and estimates count them, so that a burst sees its earlier requests."""
+    from tetri_engine.sched import SchedRequest
+
+    return [SchedRequest(t.request_id, t.request.width, t.request.height, t.total_steps, t.arrival_s,
+                         t.deadline_at_s, cached=t.request.cache == CacheMode.AUTO, cfg=t.cfg)
+            for t in live.values() if not t.in_policy and t.first_round_s is None and not t.state.is_terminal]
+
+
 class Admission:
     """Whether a request is taken, and its deadline. `cost` is the sched.CostModel the engine plans with."""
 
@@ -143,7 +153,7 @@ class Admission:
                 f"queue full: {len(live)} requests are waiting or running (max_queue={self.config.max_queue}){also}",
                 reason=RejectionReason.QUEUE_FULL, retry_after_s=self._retry_after_s(live, policy))
         deadline_s = self._deadline_s(req, policy)
-        self._check_deadline(req, deadline_s, policy, time.monotonic() if now_s is None else now_s)
+        self._check_deadline(req, deadline_s, policy, time.monotonic() if now_s is None else now_s, live)
         return req, deadline_s
 
     def cfg_parallel(self, req: GenerationRequest) -> bool:
@@ -160,14 +170,15 @@ class Admission:
         return slo_s(req.width, req.height, req.denoise_steps, cost=self.cost, scale=req.slo_scale,
                      max_degree=policy.max_degree)
 
-    def _check_deadline(self, req: GenerationRequest, deadline_s: float, policy: Any, now_s: float) -> None:
+    def _check_deadline(self, req: GenerationRequest, deadline_s: float, policy: Any, now_s: float,
+                        live: dict[str, Any]) -> None:
         """Ask the policy whether the deadline can be met (`policy.admission_check`): not even alone on
         the widest group ("deadline_impossible"), or not alongside the requests it protects now ("busy",
         with its estimate of when it would fit). Admission "reject" refuses both; "best_effort" takes
         them, and the policy gives up whom it must (the request's "late" output says so)."""
         cached, cfg = req.cache == CacheMode.AUTO, self.cfg_parallel(req)
         answer = policy.admission_check(req.width, req.height, req.denoise_steps, now_s + deadline_s,
-                                        now_s, cached=cached, cfg=cfg)
+                                        now_s, cached=cached, cfg=cfg, pending=pending_requests(live))
         if answer.fits or self.config.admission != AdmissionMode.REJECT:
             return
         size = f"{req.width}x{req.height} in {req.denoise_steps} steps"

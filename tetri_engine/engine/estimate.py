@@ -14,7 +14,7 @@ import math
 from typing import Any
 
 from tetri_engine.config import AdmissionMode
-from tetri_engine.engine.admission import Admission, validate_request
+from tetri_engine.engine.admission import Admission, pending_requests, validate_request
 from tetri_engine.request import CacheMode, GenerationRequest
 from tetri_engine.sched.routing import Quote
 
@@ -23,8 +23,6 @@ def estimate_request(admission: Admission, policy: Any, live: dict[str, Any], dr
                      request: GenerationRequest, now_s: float) -> Quote:
     """The Quote for `request` on an engine whose admission, policy and live requests (request_id ->
     TrackedRequest) these are. ValueError for a request admission would call invalid."""
-    from tetri_engine.sched import SchedRequest
-
     req = validate_request(request, admission.config, admission.limits)
     try:
         admission.cost.check(req.width, req.height)
@@ -32,11 +30,8 @@ def estimate_request(admission: Admission, policy: Any, live: dict[str, Any], dr
         raise ValueError(f"{req.width}x{req.height} cannot be scheduled on this engine: {exc}") from None
     deadline_s = admission._deadline_s(req, policy)  # admission.py owns the deadline rule
     cached = req.cache == CacheMode.AUTO
-    pending = [SchedRequest(t.request_id, t.request.width, t.request.height, t.total_steps, t.arrival_s,
-                            t.deadline_at_s, cached=t.request.cache == CacheMode.AUTO, cfg=t.cfg)
-               for t in live.values() if not t.in_policy and t.first_round_s is None and not t.state.is_terminal]
     e = policy.estimate(req.width, req.height, req.denoise_steps, now_s + deadline_s, now_s, cached,
-                        pending=pending, cfg=admission.cfg_parallel(req))
+                        pending=pending_requests(live), cfg=admission.cfg_parallel(req))
     held = len(live)
     refusal = None
     if draining:

@@ -201,4 +201,4 @@ class _ClusterSim:
         if self.admission == "best_effort":
             return True
         return host.policy.admission_check(req.width, req.height, req.num_steps, req.deadline, now, req.cached,
-                                           req.cfg).fits
+                                           req.cfg, pending=host.encoding).fits

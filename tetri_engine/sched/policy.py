@@ -171,10 +171,12 @@ class Policy:
         return t + (self.cost.encode_s() if include_encode else 0.0)
 
     def admission_check(self, width: int, height: int, num_steps: int, deadline_s: float, now_s: float,
-                        cached: bool = False, cfg: bool = False) -> "Admission":
+                        cached: bool = False, cfg: bool = False,
+                        pending: Sequence[SchedRequest] = ()) -> "Admission":
         """Would a request arriving now with this absolute deadline fit alongside the requests this
-        policy protects? The base answer only checks the request alone (`min_finish_s`); `tetri`
-        answers for the whole machine and estimates when it could fit (tetri.py)."""
+        policy protects, and `pending` (accepted, not added yet: their prompts are being encoded)? The
+        base answer only checks the request alone (`min_finish_s`); `tetri` answers for the whole
+        machine and estimates when it could fit (tetri.py)."""
         if self.min_finish_s(width, height, num_steps, now_s, cached=cached, cfg=cfg) > deadline_s + 1e-9:
             return Admission(False, None, "deadline_impossible")
         return Admission(True, None, "fits")

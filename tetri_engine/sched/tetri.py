@@ -105,12 +105,13 @@ class TetriPolicy(Policy):
         return finished
 
     def admission_check(self, width: int, height: int, num_steps: int, deadline_s: float, now_s: float,
-                        cached: bool = False, cfg: bool = False) -> Admission:
-        """Would a request arriving now (deadline_s absolute) fit alongside the protected ones
-        without giving any of them up? If not, `retry_after_s` estimates when it could: the earliest
+                        cached: bool = False, cfg: bool = False, pending: Sequence[SchedRequest] = ()) -> Admission:
+        """Would a request arriving now (deadline_s absolute) fit alongside the protected ones, and the
+        pending ones (accepted, still encoding: counted as protected), without giving any of them up? If not, `retry_after_s` estimates when it could: the earliest
         moment, as planned now (no further arrivals), at which the same request with the same
         relative deadline would fit; None when it cannot make its deadline even alone."""
-        return self._admit(width, height, num_steps, deadline_s, now_s, cached, cfg, [])[0]
+        return self._admit(width, height, num_steps, deadline_s, now_s, cached, cfg,
+                           self._pending_jobs(pending, now_s))[0]
 
     def estimate(self, width: int, height: int, num_steps: int, deadline_s: float, now_s: float,
                  cached: bool = False, pending: Sequence[SchedRequest] = (), cfg: bool = False) -> Estimate:
@@ -118,9 +119,8 @@ class TetriPolicy(Policy):
         plus what the virtual schedule with the request in it says: its end (given up: one device once
         the protected work is placed, as `_start_late` runs it) and the delay it adds to the planned
         ends of the protected requests. Pure: three triages and admission_check's search at most."""
-        extra = [self._job(p.request_id, now_s + self.cost.encode_s(), p.deadline, p.num_steps,
-                           self._shape_of(p)) for p in pending]
-        answer, jobs, free_at = self._admit(width, height, num_steps, deadline_s, now_s, cached, cfg, extra)
+        answer, jobs, free_at = self._admit(width, height, num_steps, deadline_s, now_s, cached, cfg,
+                                            self._pending_jobs(pending, now_s))
         shape = self._shape(width, height, cached, cfg)
         before, _ = triage(jobs, free_at)
         after, _ = triage(jobs + [self._job(_CANDIDATE, now_s + self.cost.encode_s(), deadline_s, num_steps,
@@ -138,6 +138,11 @@ class TetriPolicy(Policy):
             finish_s = max(profile[0], now_s + self.cost.encode_s()) + num_steps * step_1 + shape.decode_s
             cost_s += min(shape.step_s) * num_steps * step_1 + shape.decode_s
         return Estimate(answer.fits, finish_s, cost_s, delay_s, answer.retry_after_s, answer.reason, displaced)
+
+    def _pending_jobs(self, pending: Sequence[SchedRequest], now_s: float) -> list[Job]:
+        """Triage jobs for requests accepted but not added yet: released once their encode is done."""
+        return [self._job(p.request_id, now_s + self.cost.encode_s(), p.deadline, p.num_steps, self._shape_of(p))
+                for p in pending]
 
     def _job(self, key, release_s: float, deadline_s: float, steps: int, shape: _Shape) -> Job:
         return Job(key, release_s, deadline_s, steps, shape.decode_s, shape.options, shape.decodes)
