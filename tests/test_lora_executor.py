@@ -78,8 +78,12 @@ def test_an_adapter_changes_the_result_and_the_plain_model_comes_back_bit_for_bi
     with_a = run(executor, "a", (LoraRef("a", 1.0),), [((0,), STEPS)])
     assert (with_a - base).abs().max() > 0.1  # the adapter matters
     assert torch.equal(run(executor, "a-again", (LoraRef("a", 1.0),), [((0,), STEPS)]), with_a)
-    # Device 0 holds `a` fused now: a plain request there gets the original weights back, exactly.
+    fused = executor.loras.devices[0].fused
+    assert fused.originals_nbytes > 0  # kept while `a` is fused, for undoing
+    # Device 0 holds `a` fused now: a plain request there gets the original weights back, exactly, and the
+    # device keeps no copy of them any more.
     assert torch.equal(run(executor, "base-again", None, [((0,), STEPS)]), base)
+    assert fused.key == () and fused.originals_nbytes == 0
     assert torch.equal(run(executor, "scale-0", (LoraRef("a", 0.0),), [((0,), STEPS)]), base)
     half = run(executor, "a-half", (LoraRef("a", 0.5),), [((0,), STEPS)])
     assert 0 < (half - base).abs().max() < (with_a - base).abs().max()

@@ -13,8 +13,9 @@ keeps), compiled blocks (dynamo treats the weights as inputs) and every degree r
 plain model's step time; a branch costs two more GEMMs per adapted layer per step and a graph per set. The
 price is a switch when a device's next group wants another set: per adapted layer one GEMM
 (B [out, r] x A [r, in]) added to the original weight, written over the weight (bench/lora_bench.py
-measures it). The originals of every layer an adapter touched stay on the device (copied the first time),
-so undoing is a copy, never a subtraction that would drift by a rounding per switch.
+measures it). The originals of every layer an adapter set changes stay on the device while it is changed
+(copied when it first changes), so undoing is a copy, never a subtraction that would drift by a rounding per
+switch; a device back to the plain model drops them.
 
 Reading uses diffusers' own `lora_state_dict` of the pipeline class (FluxPipeline, StableDiffusion3Pipeline),
 so the formats diffusers converts (kohya, xlabs, ... for FLUX) are read as diffusers reads them; only the
@@ -179,6 +180,11 @@ class FusedLoras:
             self._changed.add(layer)  # (before the write: a write that fails half way is undone too)
             _fuse(self.layers[layer], self.originals[layer], deltas)
         self._changed &= wanted.keys()
+        # Originals are kept only while their layer is changed: a device back to the plain model holds no
+        # copy (~4.7 GiB for every attention projection of FLUX.1-dev), at the price of copying again on
+        # its next switch to an adapter.
+        for layer in self.originals.keys() - self._changed:
+            del self.originals[layer]
         self.key = tuple(key)
 
 
